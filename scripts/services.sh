@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Make the local services herald needs available, idempotently:
+#   RabbitMQ   on 127.0.0.1:5672 (guest/guest)
+#   SecantusDB (MongoDB wire protocol) on 127.0.0.1:27017, data under .services/
+# Installs what is missing, starts what is stopped, waits until each answers.
+# Used by `make services`, `make test`, `make demo`, `make bench` and CI.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.services"
+SECANTUS_VERSION="0.5.3-beta.196"   # pinned: see DEVELOPERS.md
+MONGO_PORT="${HERALD_SERVICES_MONGO_PORT:-27017}"
+mkdir -p "$STATE"
+
+say() { printf 'services: %s\n' "$*"; }
+die() { printf 'services: ERROR: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # name port seconds logfile
+  local name=$1 port=$2 secs=$3 log=$4
+  for _ in $(seq 1 "$((secs * 2))"); do
+    port_open "$port" && { say "$name answers on 127.0.0.1:$port"; return 0; }
+    sleep 0.5
+  done
+  [ -f "$log" ] && tail -n 20 "$log" >&2
+  die "$name did not answer on 127.0.0.1:$port within ${secs}s (log: $log)"
+}
+
+apt_install() {
+  if [ -z "${HERALD_APT_UPDATED:-}" ]; then
+    apt-get update -qq >/dev/null || die "apt-get update failed"
+    export HERALD_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
+}
+
+# --- RabbitMQ ---------------------------------------------------------------
+if ! command -v rabbitmq-server >/dev/null 2>&1; then
+  say "installing rabbitmq-server"
+  apt_install rabbitmq-server
+fi
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  say "starting RabbitMQ"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+fi
+for _ in $(seq 1 120); do
+  rabbitmqctl -q await_startup >/dev/null 2>&1 && break
+  sleep 0.5
+done
+wait_port RabbitMQ 5672 60 /var/log/rabbitmq/rabbit@localhost.log
+
+# --- SecantusDB -------------------------------------------------------------
+if ! command -v secantusd-rs >/dev/null 2>&1 \
+   || ! secantusd-rs --version 2>/dev/null | grep -q "$SECANTUS_VERSION"; then
+  command -v cmake >/dev/null 2>&1 || { say "installing cmake"; apt_install cmake; }
+  say "installing secantus-mdb $SECANTUS_VERSION (a few minutes, once)"
+  cargo install secantus-mdb --version "$SECANTUS_VERSION" --locked --ignore-rust-version \
+    >"$STATE/secantus-install.log" 2>&1 || { tail -n 30 "$STATE/secantus-install.log" >&2; die "cargo install secantus-mdb failed"; }
+fi
+if ! port_open "$MONGO_PORT"; then
+  say "starting secantusd-rs (data in $STATE/mongo)"
+  mkdir -p "$STATE/mongo"
+  setsid nohup secantusd-rs --host 127.0.0.1 --port "$MONGO_PORT" --storage-path "$STATE/mongo" \
+    --cache-size 256M --log-file-max 16MB >"$STATE/secantusd.log" 2>&1 &
+  echo $! >"$STATE/secantusd.pid"
+fi
+wait_port SecantusDB "$MONGO_PORT" 60 "$STATE/secantusd.log"
+
+# --- optional tools ---------------------------------------------------------
+if [ "${1:-}" = "--bench" ] && ! command -v wrk >/dev/null 2>&1; then
+  say "installing wrk"
+  apt_install wrk
+fi
+say "ready"

@@ -1,0 +1,2 @@
+//! herald: a multi-tenant Microsoft Teams notification worker.
+pub mod sim;

@@ -1,0 +1,187 @@
+//! Sliding-window throttling as Microsoft publishes it for Teams bots.
+//!
+//! Per bot per conversation: 7 per 1 s, 8 per 2 s, 60 per 30 s, 1800 per hour.
+//! Per bot app per tenant: 50 per second. A request that would exceed any window
+//! is refused (and not counted); `Retry-After` is the time until the oldest
+//! request of the fullest window leaves it.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Window {
+    pub limit: usize,
+    pub per_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    pub per_conversation: Vec<Window>,
+    pub per_app_tenant: Vec<Window>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let w = |limit, per_secs| Window { limit, per_secs };
+        Self {
+            per_conversation: vec![w(7, 1), w(8, 2), w(60, 30), w(1800, 3600)],
+            per_app_tenant: vec![w(50, 1)],
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    pub enabled: bool,
+    pub limits: Limits,
+    conversations: HashMap<(String, String), VecDeque<Instant>>,
+    tenants: HashMap<(String, String), VecDeque<Instant>>,
+}
+
+impl Throttle {
+    pub fn new(enabled: bool, limits: Limits) -> Self {
+        Self { enabled, limits, ..Default::default() }
+    }
+
+    pub fn clear(&mut self) {
+        self.conversations.clear();
+        self.tenants.clear();
+    }
+
+    /// Admit one request of `app_id` into `conversation_id` of `tenant_id` at
+    /// `now`, or say how long to wait.
+    pub fn admit(&mut self, app_id: &str, tenant_id: &str, conversation_id: &str, now: Instant) -> Result<(), Duration> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let conv_key = (app_id.to_owned(), conversation_id.to_owned());
+        let tenant_key = (app_id.to_owned(), tenant_id.to_owned());
+        let conv = self.conversations.entry(conv_key).or_default();
+        let wait_conv = wait_for(conv, &self.limits.per_conversation, now);
+        let tenant = self.tenants.entry(tenant_key).or_default();
+        let wait_tenant = wait_for(tenant, &self.limits.per_app_tenant, now);
+        match wait_conv.max(wait_tenant) {
+            Some(wait) => Err(wait),
+            None => {
+                tenant.push_back(now);
+                self.conversations
+                    .get_mut(&(app_id.to_owned(), conversation_id.to_owned()))
+                    .expect("inserted above")
+                    .push_back(now);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `None` when one more request fits every window, else the wait until it does.
+fn wait_for(history: &mut VecDeque<Instant>, windows: &[Window], now: Instant) -> Option<Duration> {
+    let longest = windows.iter().map(|w| w.per_secs).max().unwrap_or(0);
+    while let Some(&oldest) = history.front() {
+        if now.saturating_duration_since(oldest) >= Duration::from_secs(longest) {
+            history.pop_front();
+        } else {
+            break;
+        }
+    }
+    let mut wait: Option<Duration> = None;
+    for window in windows {
+        let span = Duration::from_secs(window.per_secs);
+        // `history` is sorted: the entries inside the window are a suffix.
+        let inside = history.len() - history.partition_point(|&t| now.saturating_duration_since(t) >= span);
+        if inside >= window.limit {
+            // The request fits once enough of the oldest entries inside leave.
+            let leaving = history[history.len() - inside + (inside - window.limit)];
+            let until = span.saturating_sub(now.saturating_duration_since(leaving));
+            wait = Some(wait.map_or(until, |w| w.max(until)));
+        }
+    }
+    wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throttle() -> Throttle {
+        Throttle::new(true, Limits::default())
+    }
+
+    #[test]
+    fn seven_per_second_per_conversation() {
+        let mut t = throttle();
+        let now = Instant::now();
+        for _ in 0..7 {
+            t.admit("a", "t", "c", now).unwrap();
+        }
+        let wait = t.admit("a", "t", "c", now).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1));
+        // Another conversation of the same bot is not affected.
+        t.admit("a", "t", "other", now).unwrap();
+        // Another bot in the same conversation is not affected.
+        t.admit("b", "t", "c", now).unwrap();
+    }
+
+    #[test]
+    fn eight_per_two_seconds() {
+        let mut t = throttle();
+        let start = Instant::now();
+        for _ in 0..7 {
+            t.admit("a", "t", "c", start).unwrap();
+        }
+        let later = start + Duration::from_millis(1100);
+        t.admit("a", "t", "c", later).unwrap();
+        let wait = t.admit("a", "t", "c", later).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(900));
+    }
+
+    #[test]
+    fn sixty_per_thirty_seconds_and_1800_per_hour() {
+        let mut t = throttle();
+        let start = Instant::now();
+        let mut now = start;
+        for i in 0..60 {
+            // 4 requests every 2 s stay just inside the 1 s and 2 s windows.
+            if i % 4 == 0 && i > 0 {
+                now += Duration::from_secs(2);
+            }
+            t.admit("a", "t", "c", now).unwrap_or_else(|w| panic!("request {i} throttled for {w:?}"));
+        }
+        let wait = t.admit("a", "t", "c", now + Duration::from_secs(1)).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(1), "the first requests leave the 30 s window at 30 s");
+
+        let mut t = throttle();
+        let mut now = start;
+        for i in 0..1800 {
+            // 2 per second is the most the 30 s window allows for long.
+            if i % 2 == 0 && i > 0 {
+                now += Duration::from_secs(1);
+            }
+            t.admit("a", "t", "c", now).unwrap_or_else(|w| panic!("request {i} throttled for {w:?}"));
+        }
+        let wait = t.admit("a", "t", "c", now + Duration::from_secs(1)).unwrap_err();
+        assert!(wait > Duration::from_secs(30), "the hour window dominates: {wait:?}");
+    }
+
+    #[test]
+    fn fifty_per_second_per_app_and_tenant() {
+        let mut t = throttle();
+        let now = Instant::now();
+        for i in 0..50 {
+            t.admit("a", "t", &format!("c{i}"), now).unwrap();
+        }
+        assert!(t.admit("a", "t", "c-new", now).is_err());
+        t.admit("a", "other-tenant", "c-new", now).unwrap();
+    }
+
+    #[test]
+    fn disabled_admits_everything() {
+        let mut t = Throttle::new(false, Limits::default());
+        let now = Instant::now();
+        for _ in 0..1000 {
+            t.admit("a", "t", "c", now).unwrap();
+        }
+    }
+}
