@@ -1,2 +1,34 @@
 //! herald: a multi-tenant Microsoft Teams notification worker.
+//!
+//! Producers publish notification jobs to RabbitMQ; workers resolve **the
+//! job's own organization's** Teams integration from MongoDB, send through the
+//! Bot Framework Connector with retries, and dead-letter what cannot be
+//! delivered with a reason an operator can act on. See `../shared/contract.md`
+//! for the names everything relies on.
+//!
+//! # Layout
+//! - [`settings`]: typed settings from embedded defaults, a file and `HERALD_` env.
+//! - [`job`]: the wire job parsed at the edge into a validated [`job::Job`].
+//! - [`outcome`]: dead-letter reasons, the one error classifier, the retry schedule.
+//! - [`rabbitmq`]: topology, confirmed publishing, `x-herald-*` headers.
+//! - [`mongo`]: org_integrations, conversations and the deliveries ledger.
+//! - [`teams`]: tokens, the service-URL allowlist, the Connector client, cards.
+//! - [`worker`]: `Pipeline::process(message) -> Disposition` and the consume loop.
+//! - [`producer`]: publishing jobs with publisher confirms (the Rust producer API).
+//! - [`cli`]: the `herald` command line.
+//! - [`dlq`]: reading the dead-letter queue without changing it.
+//! - [`telemetry`]: logging setup.
+//! - [`sim`]: `teams-sim`, the local Microsoft stand-in for tests, demo and bench.
+
+pub mod cli;
+pub mod dlq;
+pub mod job;
+pub mod mongo;
+pub mod outcome;
+pub mod producer;
+pub mod rabbitmq;
+pub mod settings;
 pub mod sim;
+pub mod teams;
+pub mod telemetry;
+pub mod worker;

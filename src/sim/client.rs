@@ -5,7 +5,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{ActivityFilter, ActivityRecord, Bot, ClockAdvance, Conversation, Latency, Rule, Stats, Throttling, TokenSettings, User, World};
+use super::{
+    ActivityFilter, ActivityRecord, Bot, ClockAdvance, Conversation, Latency, Rule, Stats, Throttling, TokenSettings, User, World,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimClientError {

@@ -77,7 +77,13 @@ fn default_code(status: u16) -> &'static str {
 
 impl Sim {
     /// Latency, then any injected fault for this request.
-    async fn inject(&self, route: Route, app_id: Option<&str>, conversation_id: Option<&str>, killer: &ConnectionKiller) -> Option<Response> {
+    async fn inject(
+        &self,
+        route: Route,
+        app_id: Option<&str>,
+        conversation_id: Option<&str>,
+        killer: &ConnectionKiller,
+    ) -> Option<Response> {
         let (delay, action) = {
             let mut state = self.lock();
             (state.faults.delay(), state.faults.next(route, app_id, conversation_id))
@@ -177,7 +183,9 @@ async fn token(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             7000215,
-            &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."),
+            &format!(
+                "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+            ),
         );
     }
     if field("scope") != BOT_SCOPE {
@@ -185,7 +193,10 @@ async fn token(
             StatusCode::BAD_REQUEST,
             "invalid_scope",
             70011,
-            &format!("The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid: '{}'.", field("scope")),
+            &format!(
+                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid: '{}'.",
+                field("scope")
+            ),
         );
     }
     let token = format!("sim.{:032x}", fastrand::u128(..));
@@ -249,7 +260,9 @@ fn invalid_activity(body: &Value) -> Option<String> {
     };
     match activity.get("type").and_then(Value::as_str) {
         Some("message") => {}
-        Some(other) => return Some(format!("Activity type '{other}' cannot be sent to a conversation.")),
+        Some(other) => {
+            return Some(format!("Activity type '{other}' cannot be sent to a conversation."));
+        }
         None => return Some("The Activity has no 'type'.".into()),
     }
     let attachments = match activity.get("attachments") {
@@ -328,7 +341,9 @@ impl Sim {
         }
         let activity: Value = match serde_json::from_slice(&body) {
             Ok(value) => value,
-            Err(err) => return error(StatusCode::BAD_REQUEST, "BadArgument", format!("The request body is not valid JSON: {err}")),
+            Err(err) => {
+                return error(StatusCode::BAD_REQUEST, "BadArgument", format!("The request body is not valid JSON: {err}"));
+            }
         };
         if let Some(reason) = invalid_activity(&activity) {
             return error(StatusCode::BAD_REQUEST, "BadArgument", reason);
@@ -393,7 +408,9 @@ async fn create_conversation(
     };
     let params: Value = match serde_json::from_slice(&body) {
         Ok(value) => value,
-        Err(err) => return error(StatusCode::BAD_REQUEST, "BadArgument", format!("The request body is not valid JSON: {err}")),
+        Err(err) => {
+            return error(StatusCode::BAD_REQUEST, "BadArgument", format!("The request body is not valid JSON: {err}"));
+        }
     };
     if params.get("isGroup").and_then(Value::as_bool) == Some(true) {
         return error(StatusCode::BAD_REQUEST, "BadArgument", "Group conversations cannot be created by a bot in Teams.");
@@ -405,10 +422,7 @@ async fn create_conversation(
     let Some(user_id) = member.get("id").and_then(Value::as_str) else {
         return error(StatusCode::BAD_REQUEST, "BadArgument", "The member has no 'id'.");
     };
-    let tenant = params
-        .get("tenantId")
-        .or_else(|| params.pointer("/channelData/tenant/id"))
-        .and_then(Value::as_str);
+    let tenant = params.get("tenantId").or_else(|| params.pointer("/channelData/tenant/id")).and_then(Value::as_str);
     let Some(tenant) = tenant else {
         return error(StatusCode::BAD_REQUEST, "BadArgument", "The tenant id is required (tenantId or channelData.tenant.id).");
     };
@@ -416,7 +430,9 @@ async fn create_conversation(
     let mut state = sim.lock();
     let user = match state.world.users.get(user_id) {
         Some(user) if user.tenant_id == tenant => user.clone(),
-        _ => return error(StatusCode::BAD_REQUEST, "BadArgument", "Invalid user identity in provided tenant."),
+        _ => {
+            return error(StatusCode::BAD_REQUEST, "BadArgument", "Invalid user identity in provided tenant.");
+        }
     };
     if !user.installed_apps.contains(&grant.app_id) {
         return error(StatusCode::FORBIDDEN, "Forbidden", "The bot is not installed for the user.");

@@ -90,8 +90,13 @@ impl Rule {
 pub enum Latency {
     #[default]
     None,
-    Fixed { ms: u64 },
-    Uniform { min_ms: u64, max_ms: u64 },
+    Fixed {
+        ms: u64,
+    },
+    Uniform {
+        min_ms: u64,
+        max_ms: u64,
+    },
 }
 
 pub(crate) struct Faults {
@@ -140,9 +145,7 @@ impl Faults {
         match self.latency {
             Latency::None => None,
             Latency::Fixed { ms } => Some(Duration::from_millis(ms)),
-            Latency::Uniform { min_ms, max_ms } => {
-                Some(Duration::from_millis(self.rng.u64(min_ms..=max_ms.max(min_ms))))
-            }
+            Latency::Uniform { min_ms, max_ms } => Some(Duration::from_millis(self.rng.u64(min_ms..=max_ms.max(min_ms)))),
         }
     }
 }

@@ -160,10 +160,7 @@ impl Sim {
             faults: faults::Faults::new(options.seed),
             clock_offset: Duration::ZERO,
         };
-        Self {
-            state: Arc::new(Mutex::new(state)),
-            statuses: (0..600).map(|_| AtomicU64::new(0)).collect(),
-        }
+        Self { state: Arc::new(Mutex::new(state)), statuses: (0..600).map(|_| AtomicU64::new(0)).collect() }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -240,8 +237,8 @@ pub async fn serve(listener: TcpListener, sim: Sim, shutdown: CancellationToken)
         });
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             tokio::select! {
                 _ = connection => {}
                 () = kill.notified() => {

@@ -25,10 +25,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         let w = |limit, per_secs| Window { limit, per_secs };
-        Self {
-            per_conversation: vec![w(7, 1), w(8, 2), w(60, 30), w(1800, 3600)],
-            per_app_tenant: vec![w(50, 1)],
-        }
+        Self { per_conversation: vec![w(7, 1), w(8, 2), w(60, 30), w(1800, 3600)], per_app_tenant: vec![w(50, 1)] }
     }
 }
 
@@ -66,10 +63,7 @@ impl Throttle {
             Some(wait) => Err(wait),
             None => {
                 tenant.push_back(now);
-                self.conversations
-                    .get_mut(&(app_id.to_owned(), conversation_id.to_owned()))
-                    .expect("inserted above")
-                    .push_back(now);
+                self.conversations.get_mut(&(app_id.to_owned(), conversation_id.to_owned())).expect("inserted above").push_back(now);
                 Ok(())
             }
         }

@@ -103,11 +103,7 @@ impl Index {
             tenants: world.tenants.into_iter().map(|t| (t.id.clone(), t)).collect(),
             bots: world.bots.into_iter().map(|b| (b.app_id.clone(), b)).collect(),
             users: world.users.into_iter().map(|u| (u.id.clone(), u)).collect(),
-            conversations: world
-                .conversations
-                .into_iter()
-                .map(|c| (c.id.clone(), c))
-                .collect(),
+            conversations: world.conversations.into_iter().map(|c| (c.id.clone(), c)).collect(),
         }
     }
 
@@ -128,11 +124,9 @@ impl Index {
 
     /// The personal conversation between `user_id` and `app_id`, if one exists.
     pub fn personal_conversation(&self, user_id: &str, app_id: &str) -> Option<&Conversation> {
-        self.conversations.values().find(|c| {
-            c.kind == ConversationKind::Personal
-                && c.user_id.as_deref() == Some(user_id)
-                && c.roster.contains(app_id)
-        })
+        self.conversations
+            .values()
+            .find(|c| c.kind == ConversationKind::Personal && c.user_id.as_deref() == Some(user_id) && c.roster.contains(app_id))
     }
 }
 
@@ -156,8 +150,7 @@ mod tests {
 
     #[test]
     fn unknown_fixture_fields_are_refused() {
-        let err = serde_json::from_str::<World>(r#"{"bots": [{"app_id": "a", "app_secret": "s", "secret": 1}]}"#)
-            .unwrap_err();
+        let err = serde_json::from_str::<World>(r#"{"bots": [{"app_id": "a", "app_secret": "s", "secret": 1}]}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }

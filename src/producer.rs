@@ -1,0 +1,50 @@
+//! The Rust producer API: publish a job with publisher confirms.
+
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+
+use crate::job::{Job, JobId, WireJob};
+use crate::rabbitmq::{self, BrokerError, Publisher, ROUTING_KEY, headers};
+
+/// Publishes jobs to `P.jobs` with routing key `msteams`.
+pub struct Producer {
+    publisher: Publisher,
+    exchange: String,
+    _connection: Option<Connection>,
+}
+
+impl Producer {
+    /// Connect to the broker and open a confirm-mode channel.
+    pub async fn connect(amqp_url: &str, topology_prefix: &str) -> Result<Self, BrokerError> {
+        let connection = rabbitmq::connect(amqp_url, "herald producer").await?;
+        let publisher = Publisher::open(&connection).await?;
+        Ok(Self { publisher, exchange: format!("{topology_prefix}.jobs"), _connection: Some(connection) })
+    }
+
+    /// A producer on an existing connection.
+    pub async fn on(connection: &Connection, topology_prefix: &str) -> Result<Self, BrokerError> {
+        let publisher = Publisher::open(connection).await?;
+        Ok(Self { publisher, exchange: format!("{topology_prefix}.jobs"), _connection: None })
+    }
+
+    /// Publish a validated job; returns its id once the broker confirmed it.
+    pub async fn publish(&self, job: &Job) -> Result<JobId, BrokerError> {
+        let body = serde_json::to_vec(&WireJob::from(job)).expect("a job always serializes");
+        self.publish_raw(&body, &job.id.to_string(), None).await?;
+        Ok(job.id)
+    }
+
+    /// Publish bytes as they are (tests and the demo use it for bad input).
+    pub async fn publish_raw(&self, body: &[u8], message_id: &str, traceparent: Option<&str>) -> Result<(), BrokerError> {
+        let mut table = FieldTable::default();
+        if let Some(traceparent) = traceparent {
+            headers::set_str(&mut table, headers::TRACEPARENT, traceparent);
+        }
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into())
+            .with_timestamp(chrono::Utc::now().timestamp() as u64)
+            .with_headers(table);
+        self.publisher.publish(&self.exchange, ROUTING_KEY, body, properties).await
+    }
+}

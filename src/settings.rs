@@ -1,0 +1,233 @@
+//! Typed settings: embedded defaults (`config/default.toml`), an optional file,
+//! then `HERALD_` environment variables; validated once at start.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The documented defaults, embedded in the binary.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid settings: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid setting `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub amqp_url: SecretString,
+    pub mongodb_uri: SecretString,
+    pub mongodb_database: String,
+    pub topology_prefix: String,
+    pub worker: WorkerSettings,
+    pub retry: RetrySettings,
+    pub teams: TeamsSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub prefetch: u16,
+    pub concurrency: usize,
+    pub shutdown_deadline_secs: u64,
+    pub delivery_limit: u32,
+    pub resolution_cache_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetrySettings {
+    pub quick_attempts: usize,
+    pub quick_min_delay_ms: u64,
+    pub quick_max_delay_ms: u64,
+    pub max_in_process_wait_secs: u64,
+    pub tiers_secs: Vec<u64>,
+    pub max_hops: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TeamsSettings {
+    pub token_endpoint: String,
+    pub token_refresh_margin_secs: u64,
+    pub request_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub allowed_service_hosts: Vec<String>,
+    pub insecure_loopback_hosts: Vec<String>,
+    pub max_activity_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+    Auto,
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the `HERALD_` environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        Self::from_figment(figment.merge(Env::prefixed("HERALD_").ignore(&["CONFIG"]).split("__")))
+    }
+
+    /// Settings from the defaults plus explicit overrides (tests, tools).
+    pub fn from_figment(figment: Figment) -> Result<Self, SettingsError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The embedded defaults as a figment, to merge overrides onto.
+    pub fn defaults() -> Figment {
+        Figment::from(Toml::string(DEFAULTS))
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key, problem: String| Err(SettingsError::Invalid { key, problem });
+        let prefix_ok =
+            !self.topology_prefix.is_empty() && self.topology_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !prefix_ok {
+            return invalid(
+                "topology_prefix",
+                format!("{:?} must be non-empty ASCII letters, digits, '-', '_' or '.'", self.topology_prefix),
+            );
+        }
+        if !self.amqp_url.expose_secret().starts_with("amqp://") && !self.amqp_url.expose_secret().starts_with("amqps://") {
+            return invalid("amqp_url", "must start with amqp:// or amqps://".into());
+        }
+        if !self.mongodb_uri.expose_secret().starts_with("mongodb://") && !self.mongodb_uri.expose_secret().starts_with("mongodb+srv://") {
+            return invalid("mongodb_uri", "must start with mongodb:// or mongodb+srv://".into());
+        }
+        if self.mongodb_database.is_empty() || self.mongodb_database.contains(['/', '.', ' ', '"', '$']) {
+            return invalid("mongodb_database", format!("{:?} is not a valid database name", self.mongodb_database));
+        }
+        if self.worker.prefetch == 0 {
+            return invalid("worker.prefetch", "must be at least 1".into());
+        }
+        if self.worker.concurrency == 0 {
+            return invalid("worker.concurrency", "must be at least 1".into());
+        }
+        if self.retry.quick_attempts == 0 {
+            return invalid("retry.quick_attempts", "must be at least 1 (the first try)".into());
+        }
+        if self.retry.tiers_secs.is_empty() || self.retry.tiers_secs.contains(&0) {
+            return invalid("retry.tiers_secs", "needs at least one tier, each longer than 0 s".into());
+        }
+        if !self.retry.tiers_secs.is_sorted() {
+            return invalid("retry.tiers_secs", "must be in ascending order".into());
+        }
+        for host in &self.teams.insecure_loopback_hosts {
+            if !is_loopback(host) {
+                return invalid(
+                    "teams.insecure_loopback_hosts",
+                    format!("{host:?} is not a loopback host; plain http is only for 127.0.0.0/8, ::1 and localhost"),
+                );
+            }
+        }
+        match url::Url::parse(&self.teams.token_endpoint) {
+            Ok(url) if url.scheme() == "https" => {}
+            Ok(url)
+                if url.scheme() == "http" && url.host_str().is_some_and(|h| self.teams.insecure_loopback_hosts.iter().any(|l| l == h)) => {}
+            Ok(_) => {
+                return invalid("teams.token_endpoint", "must be https (http only for a host in teams.insecure_loopback_hosts)".into());
+            }
+            Err(err) => return invalid("teams.token_endpoint", err.to_string()),
+        }
+        if self.teams.request_timeout_secs == 0 {
+            return invalid("teams.request_timeout_secs", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn retry_tiers(&self) -> Vec<Duration> {
+        self.retry.tiers_secs.iter().map(|s| Duration::from_secs(*s)).collect()
+    }
+
+    pub fn resolution_ttl(&self) -> Duration {
+        Duration::from_secs(self.worker.resolution_cache_ttl_secs)
+    }
+
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs(self.worker.shutdown_deadline_secs)
+    }
+}
+
+/// `host` names the loopback interface.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A URL with its password replaced, for messages and `herald doctor`.
+pub fn redact_url(url: &SecretString) -> String {
+    match url::Url::parse(url.expose_secret()) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable URL>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn with(key: &str, value: impl serde::Serialize) -> Result<Settings, SettingsError> {
+        Settings::from_figment(Settings::defaults().merge(Serialized::default(key, value)))
+    }
+
+    #[test]
+    fn the_embedded_defaults_are_valid() {
+        let settings = Settings::from_figment(Settings::defaults()).unwrap();
+        assert_eq!(settings.topology_prefix, "herald");
+        assert_eq!(settings.mongodb_database, "herald");
+        assert_eq!(settings.retry_tiers()[0], Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_bad_setting() {
+        let err = with("worker.prefetch", 0).unwrap_err().to_string();
+        assert!(err.contains("worker.prefetch"), "{err}");
+        let err = with("retry.tiers_secs", [30, 5]).unwrap_err().to_string();
+        assert!(err.contains("retry.tiers_secs") && err.contains("ascending"), "{err}");
+        let err = with("teams.insecure_loopback_hosts", ["example.com"]).unwrap_err().to_string();
+        assert!(err.contains("insecure_loopback_hosts"), "{err}");
+        let err = with("worker.concurrency", "many").unwrap_err().to_string();
+        assert!(err.contains("worker.concurrency"), "{err}");
+        let err = with("teams.token_endpoint", "http://login.example.com").unwrap_err().to_string();
+        assert!(err.contains("teams.token_endpoint"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output_and_urls_are_redacted() {
+        let settings = with("amqp_url", "amqp://user:hunter2@rabbit:5672/%2f").unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        assert_eq!(redact_url(&settings.amqp_url), "amqp://user:***@rabbit:5672/%2f");
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        assert!(is_loopback("127.0.0.1") && is_loopback("localhost") && is_loopback("[::1]") && is_loopback("127.9.9.9"));
+        assert!(!is_loopback("10.0.0.1") && !is_loopback("example.com"));
+    }
+}

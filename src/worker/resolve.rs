@@ -1,0 +1,234 @@
+//! Resolving a job's organization context: its org_integration, strictly by
+//! `(organization_id, integration_id)`, and a recipient that belongs to that
+//! organization (contract §1). Never a fallback, never a guess.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use super::cache::TtlCache;
+use crate::job::{ConversationId, IntegrationId, Job, OrganizationId, UserId};
+use crate::mongo::{ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
+use crate::outcome::DeliveryError;
+use crate::teams::{BotCredentials, Teams};
+
+pub const MULTI_TENANT_AUTHORITY: &str = "botframework.com";
+
+/// An active org_integration with its secret resolved.
+#[derive(Debug, Clone)]
+pub struct OrgIntegration {
+    pub id: String,
+    pub organization_id: OrganizationId,
+    pub integration_id: IntegrationId,
+    pub tenant_id: String,
+    pub service_url: String,
+    pub bot: BotCredentials,
+}
+
+/// What the cache remembers of a lookup, misses included, so that a storm of
+/// jobs for a missing or disabled org_integration does not hit MongoDB either.
+#[derive(Debug, Clone)]
+enum Resolution {
+    Active(Arc<OrgIntegration>),
+    NotFound,
+    Disabled,
+    Misconfigured(String),
+}
+
+type Key = (OrganizationId, IntegrationId);
+
+pub struct Resolver {
+    integrations: TtlCache<Key, Resolution>,
+    conversations: TtlCache<(Key, ConversationId), Option<ConversationDoc>>,
+    personal: TtlCache<(Key, UserId), Option<ConversationDoc>>,
+}
+
+/// Where the job goes, and whether the recipient was corrected.
+#[derive(Debug, Clone)]
+pub struct Recipient {
+    pub conversation_id: String,
+    /// The stale conversation id the job named, when it was corrected.
+    pub corrected_from: Option<String>,
+}
+
+impl Resolver {
+    pub fn new(ttl: Duration) -> Self {
+        Self { integrations: TtlCache::new(ttl), conversations: TtlCache::new(ttl), personal: TtlCache::new(ttl) }
+    }
+
+    /// (hits, misses) of the org_integration cache.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        self.integrations.stats()
+    }
+
+    pub async fn org_integration(&self, store: &Store, job: &Job) -> Result<Arc<OrgIntegration>, DeliveryError> {
+        let key = (job.organization_id.clone(), job.integration_id.clone());
+        let resolution = match self.integrations.get(&key) {
+            Some(resolution) => resolution,
+            None => {
+                let resolution = match store.org_integration(&key.0, &key.1).await? {
+                    None => Resolution::NotFound,
+                    Some(doc) if doc.status == IntegrationStatus::Disabled => Resolution::Disabled,
+                    Some(doc) => match active(doc) {
+                        Ok(integration) => Resolution::Active(Arc::new(integration)),
+                        Err(problem) => Resolution::Misconfigured(problem),
+                    },
+                };
+                self.integrations.insert(key.clone(), resolution.clone());
+                resolution
+            }
+        };
+        let (organization_id, integration_id) = (key.0.to_string(), key.1.to_string());
+        match resolution {
+            Resolution::Active(integration) => Ok(integration),
+            Resolution::NotFound => Err(DeliveryError::OrgIntegrationNotFound { organization_id, integration_id }),
+            Resolution::Disabled => Err(DeliveryError::OrgIntegrationDisabled { organization_id, integration_id }),
+            Resolution::Misconfigured(problem) => Err(DeliveryError::OrgIntegrationMisconfigured(problem)),
+        }
+    }
+
+    async fn conversation(&self, store: &Store, key: &Key, id: &ConversationId) -> Result<Option<ConversationDoc>, DeliveryError> {
+        let cache_key = (key.clone(), id.clone());
+        if let Some(found) = self.conversations.get(&cache_key) {
+            return Ok(found);
+        }
+        let found = store.conversation(&key.0, &key.1, id).await?;
+        self.conversations.insert(cache_key, found.clone());
+        Ok(found)
+    }
+
+    async fn personal(&self, store: &Store, key: &Key, user: &UserId) -> Result<Option<ConversationDoc>, DeliveryError> {
+        let cache_key = (key.clone(), user.clone());
+        if let Some(found) = self.personal.get(&cache_key) {
+            return Ok(found);
+        }
+        let mut found = store.personal_conversations(&key.0, &key.1, user).await?;
+        if found.len() > 1 {
+            return Err(DeliveryError::RecipientNotInOrganization(format!(
+                "user {user} has more than one personal conversation in organization {} (integration {}); refusing to guess",
+                key.0, key.1
+            )));
+        }
+        let found = found.pop();
+        self.personal.insert(cache_key, found.clone());
+        Ok(found)
+    }
+
+    /// Forget what is cached about a conversation (after a quarantine).
+    pub fn forget_conversation(&self, job: &Job, conversation_id: &str) {
+        let key = (job.organization_id.clone(), job.integration_id.clone());
+        if let Some(id) = ConversationId::parse(conversation_id) {
+            self.conversations.remove(&(key.clone(), id));
+        }
+        if let Some(user) = &job.recipient.user_id {
+            self.personal.remove(&(key, user.clone()));
+        }
+    }
+
+    /// The conversation of this organization the job goes to.
+    ///
+    /// - A `conversation_id` must be registered for the job's org_integration.
+    /// - If it is not, but the job also names a user who has a personal
+    ///   conversation here, the job is corrected to that conversation (the
+    ///   stale-context case, logged and counted by the caller).
+    /// - A `user_id` alone resolves to the user's personal conversation here,
+    ///   created through the Connector in the org_integration's tenant when
+    ///   none is stored yet.
+    /// - Anything else is refused.
+    pub async fn recipient(
+        &self,
+        store: &Store,
+        teams: &Teams,
+        job: &Job,
+        integration: &OrgIntegration,
+    ) -> Result<Recipient, DeliveryError> {
+        let key = (job.organization_id.clone(), job.integration_id.clone());
+        if let Some(conversation_id) = &job.recipient.conversation_id {
+            if let Some(found) = self.conversation(store, &key, conversation_id).await? {
+                return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: None });
+            }
+            if let Some(user) = &job.recipient.user_id
+                && let Some(found) = self.personal(store, &key, user).await?
+            {
+                return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: Some(conversation_id.to_string()) });
+            }
+            return Err(DeliveryError::RecipientNotInOrganization(format!(
+                "conversation {conversation_id} is not registered for organization {} (integration {})",
+                key.0, key.1
+            )));
+        }
+        let user = job.recipient.user_id.as_ref().expect("a validated job names a conversation or a user");
+        if let Some(found) = self.personal(store, &key, user).await? {
+            return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: None });
+        }
+        let service_url = teams.policy().check(&integration.service_url)?;
+        let conversation_id =
+            teams.create_personal_conversation(&service_url, &integration.bot, &integration.tenant_id, user.as_str()).await?;
+        let doc = ConversationDoc {
+            organization_id: key.0.to_string(),
+            integration_id: key.1.to_string(),
+            conversation_id: conversation_id.clone(),
+            kind: ConversationKind::Personal,
+            user_id: Some(user.to_string()),
+            status: ConversationStatus::Active,
+            quarantine: None,
+            created_at: Some(mongodb::bson::DateTime::now()),
+        };
+        store.upsert_conversation(&doc).await?;
+        self.personal.insert((key, user.clone()), Some(doc));
+        Ok(Recipient { conversation_id, corrected_from: None })
+    }
+}
+
+fn usable(conversation: ConversationDoc) -> Result<String, DeliveryError> {
+    match conversation.status {
+        ConversationStatus::Active => Ok(conversation.conversation_id),
+        ConversationStatus::Quarantined => Err(DeliveryError::ConversationQuarantined {
+            reason: conversation.quarantine.map(|q| q.teams_code.unwrap_or(q.reason)).unwrap_or_else(|| "quarantined".into()),
+            conversation_id: conversation.conversation_id,
+        }),
+    }
+}
+
+/// The bot's secret: stored, or referenced by environment variable or file.
+fn active(doc: OrgIntegrationDoc) -> Result<OrgIntegration, String> {
+    let id = doc.id_string();
+    let bot = &doc.bot;
+    let secret = match (&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file) {
+        (Some(secret), None, None) => secret.clone(),
+        (None, Some(var), None) => {
+            std::env::var(var).map_err(|_| format!("org_integration {id}: environment variable {var} (bot.app_secret_env) is not set"))?
+        }
+        (None, None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|err| format!("org_integration {id}: cannot read bot.app_secret_file {path}: {err}"))?
+            .trim()
+            .to_owned(),
+        (None, None, None) => {
+            return Err(format!("org_integration {id}: bot has no app_secret, app_secret_env or app_secret_file"));
+        }
+        _ => {
+            return Err(format!("org_integration {id}: bot must have exactly one of app_secret, app_secret_env, app_secret_file"));
+        }
+    };
+    if secret.is_empty() {
+        return Err(format!("org_integration {id}: the bot secret is empty"));
+    }
+    let (Some(organization_id), Some(integration_id)) =
+        (OrganizationId::parse(doc.organization_id), IntegrationId::parse(doc.integration_id))
+    else {
+        return Err(format!("org_integration {id}: blank organization_id or integration_id"));
+    };
+    Ok(OrgIntegration {
+        id,
+        organization_id,
+        integration_id,
+        tenant_id: doc.tenant_id,
+        service_url: doc.service_url,
+        bot: BotCredentials {
+            app_id: doc.bot.app_id,
+            app_secret: SecretString::from(secret),
+            authority: doc.bot.authority.unwrap_or_else(|| MULTI_TENANT_AUTHORITY.to_owned()),
+        },
+    })
+}
