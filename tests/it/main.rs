@@ -1,2 +1,4 @@
 mod pipeline;
+mod shutdown;
+mod sim;
 mod support;

@@ -1,0 +1,65 @@
+//! SIGTERM drains the `herald worker` process without losing or repeating a job.
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald::sim;
+
+use crate::support::*;
+
+const CONV_A: &str = "19:conv-a@thread.tacv2";
+
+fn titles(records: &[sim::ActivityRecord]) -> Vec<String> {
+    records.iter().map(|r| r.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_jobs_and_loses_none() {
+    let env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    let client = env.sim.client();
+    client.set_throttling(&sim::Throttling { enabled: false, limits: None }).await.unwrap();
+    client.set_latency(sim::Latency::Fixed { ms: 200 }).await.unwrap();
+    const JOBS: usize = 40;
+    for i in 0..JOBS {
+        env.publish(&job("org-a", CONV_A, &format!("job-{i}"))).await;
+    }
+
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("worker")
+        .envs(env.env_vars())
+        .env("HERALD_WORKER__CONCURRENCY", "4")
+        .env("HERALD_WORKER__PREFETCH", "8")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("herald worker starts");
+    env.activities(6).await;
+    let pid = process.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(15), process.wait()).await.expect("exits within the drain deadline").unwrap();
+    assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
+
+    let delivered = client.all_activities().await.unwrap();
+    assert!(delivered.len() < JOBS, "the test must stop the worker mid-run ({} delivered)", delivered.len());
+    let queue = env.topology.work_queue();
+    let remaining = eventually("unacked jobs to return to the queue", Duration::from_secs(10), || async {
+        let n = env.queue_len(&queue).await as usize;
+        (n + delivered.len() == JOBS).then_some(n)
+    })
+    .await;
+    assert_eq!(remaining + delivered.len(), JOBS, "every job is either delivered or back in the queue");
+
+    // A new worker delivers the rest; nothing twice.
+    let worker = env.spawn_worker();
+    let records = env.activities(JOBS).await;
+    env.drained().await;
+    let distinct: HashSet<String> = titles(&records).into_iter().collect();
+    assert_eq!(records.len(), JOBS);
+    assert_eq!(distinct.len(), JOBS);
+    worker.stop().await;
+    env.teardown().await;
+}
