@@ -45,7 +45,7 @@ pub enum Command {
     Setup,
     /// Publish jobs with publisher confirms: one from flags, one from --file,
     /// or many from --stdin as JSON lines. Every job is validated first.
-    Enqueue(EnqueueArgs),
+    Enqueue(Box<EnqueueArgs>),
     /// Inspect the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -126,7 +126,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             worker.setup(&connection).await?;
             println!("topology {} declared, MongoDB indexes ensured", worker.topology.prefix);
         }
-        Command::Enqueue(args) => enqueue(&settings, args).await?,
+        Command::Enqueue(args) => enqueue(&settings, *args).await?,
         Command::Dlq(DlqCommand::List { limit, json }) => {
             let connection = rabbitmq::connect(settings.amqp_url.expose_secret(), "herald dlq").await?;
             let queue = worker::run::topology(&settings).dead_queue();

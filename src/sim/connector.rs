@@ -293,6 +293,7 @@ fn invalid_activity(body: &Value) -> Option<String> {
 
 impl Sim {
     /// The grant behind the request's bearer token, or the 401 Microsoft answers.
+    #[allow(clippy::result_large_err, reason = "the error is the HTTP answer itself, built once per refused request")]
     fn authenticate(&self, headers: &HeaderMap) -> Result<Grant, Response> {
         let state = self.lock();
         let Some(token) = bearer(headers) else {

@@ -111,7 +111,9 @@ async fn token_endpoint_issues_tokens_and_refuses_like_the_identity_platform() {
     assert_eq!(body["ext_expires_in"], 3599);
     assert!(body["access_token"].as_str().unwrap().len() > 20);
 
-    let cases: [(&str, Vec<(&str, &str)>, u16, &str, u64); 6] = [
+    // (authority, form, status, error, AADSTS code)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str, u64);
+    let cases: [Case; 6] = [
         (
             "botframework.com",
             vec![("grant_type", "client_credentials"), ("client_id", "app1"), ("client_secret", "wrong"), ("scope", SCOPE)],

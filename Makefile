@@ -1,0 +1,27 @@
+# herald: the commands a developer and CI use. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: help services demo test bench bench-smoke lint
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+services: ## Install (if missing) and start RabbitMQ and SecantusDB, wait until both answer
+	@bash scripts/services.sh
+
+demo: services ## Two organizations, one shared Teams integration: deliveries and dead letters, end to end
+	$(CARGO) build --bins --examples
+	./target/debug/examples/demo
+
+test: services ## Unit and integration tests against the real services and teams-sim
+	$(CARGO) test --all-targets --no-fail-fast
+
+bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
+	@bash scripts/services.sh --bench
+	$(CARGO) build --release --bins --examples
+	./target/release/examples/bench
+
+lint: ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
