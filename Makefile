@@ -15,7 +15,9 @@ demo: services ## Two organizations, one shared Teams integration: deliveries an
 	./target/debug/examples/demo
 
 test: services ## Unit and integration tests against the real services and teams-sim
-	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) build --bins --examples
+	$(CARGO) test --lib --bins --no-fail-fast
+	$(CARGO) test --test it --no-fail-fast
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
 	@bash scripts/services.sh --bench
