@@ -342,3 +342,41 @@ async fn an_expired_job_is_dead_lettered_not_sent() {
     worker.stop().await;
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_refreshed_before_it_expires() {
+    let options = sim::Options { token_ttl: Duration::from_secs(4), ..Default::default() };
+    let env = TestEnv::with(two_org_world(), options, |f| f).await;
+    env.seed_two_orgs().await;
+    let worker = env.spawn_worker();
+    env.publish(&job("org-a", CONV_A, "first")).await;
+    env.activities(1).await;
+    // Past half of a 4 s lifetime the worker fetches a new token unasked.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    env.publish(&job("org-a", CONV_A, "second")).await;
+    env.activities(2).await;
+    let stats = env.sim.client().stats().await.unwrap();
+    assert_eq!(stats.tokens_issued.get("app-a"), Some(&2));
+    assert_eq!(stats.responses_by_status.get(&401), None, "refreshed before Teams refused it");
+    worker.stop().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_an_org_integration_stops_deliveries_within_the_cache_ttl() {
+    let env =
+        TestEnv::with(two_org_world(), sim::Options::default(), |f| f.merge(Serialized::default("worker.resolution_cache_ttl_secs", 1)))
+            .await;
+    env.seed_two_orgs().await;
+    let worker = env.spawn_worker();
+    env.publish(&job("org-a", CONV_A, "before")).await;
+    env.activities(1).await;
+    env.store.org_integrations().update_one(doc! { "organization_id": "org-a" }, doc! { "$set": { "status": "disabled" } }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    env.publish(&job("org-a", CONV_A, "after")).await;
+    let letter = env.dead_letters(1).await.remove(0);
+    assert_eq!(letter.headers["x-herald-reason"], "org_integration_disabled");
+    assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1);
+    worker.stop().await;
+    env.teardown().await;
+}
