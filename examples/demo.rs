@@ -57,6 +57,7 @@ fn org_integration(org: &str, tenant: &str, app: &str, secret: &str, service_url
         integration_id: INTEGRATION.into(),
         status: IntegrationStatus::Active,
         tenant_id: tenant.into(),
+        cloud: None,
         service_url: service_url.into(),
         bot: BotDoc { app_id: app.into(), app_secret: Some(secret.into()), app_secret_env: None, app_secret_file: None, authority: None },
         created_at: Some(mongodb::bson::DateTime::now()),
@@ -96,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let env = [
         ("HERALD_TOPOLOGY_PREFIX", PREFIX.to_owned()),
         ("HERALD_MONGODB_DATABASE", DATABASE.to_owned()),
-        ("HERALD_TEAMS__TOKEN_ENDPOINT", sim_url.clone()),
+        ("HERALD_TEAMS__CLOUDS__PUBLIC__TOKEN_ENDPOINT", sim_url.clone()),
         ("HERALD_TEAMS__INSECURE_LOOPBACK_HOSTS", "[\"127.0.0.1\"]".to_owned()),
         ("HERALD_LOG__FORMAT", "json".to_owned()),
     ];

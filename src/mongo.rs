@@ -81,8 +81,8 @@ pub struct BotDoc {
     /// Path of a file (e.g. a mounted Kubernetes secret) holding the secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_secret_file: Option<String>,
-    /// `botframework.com` for a multi-tenant bot (the default), or the tenant id
-    /// of a single-tenant bot.
+    /// The tenant id of a single-tenant bot; absent for a multi-tenant bot
+    /// (its cloud's multi-tenant authority, `botframework.com` in public).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
 }
@@ -96,6 +96,9 @@ pub struct OrgIntegrationDoc {
     pub integration_id: String,
     pub status: IntegrationStatus,
     pub tenant_id: String,
+    /// A key of `teams.clouds`; `public` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
     pub service_url: String,
     pub bot: BotDoc,
     #[serde(default, skip_serializing_if = "Option::is_none")]

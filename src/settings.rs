@@ -1,6 +1,7 @@
 //! Typed settings: embedded defaults (`config/default.toml`), an optional file,
 //! then `HERALD_` environment variables; validated once at start.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub enum SettingsError {
     #[error("invalid settings: {0}")]
     Load(#[from] Box<figment::Error>),
     #[error("invalid setting `{key}`: {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Invalid { key: String, problem: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,14 +55,25 @@ pub struct RetrySettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct TeamsSettings {
-    pub token_endpoint: String,
     pub token_refresh_margin_secs: u64,
     pub request_timeout_secs: u64,
     pub connect_timeout_secs: u64,
-    pub allowed_service_hosts: Vec<String>,
     pub insecure_loopback_hosts: Vec<String>,
     pub max_activity_bytes: usize,
+    pub clouds: BTreeMap<String, CloudSettings>,
 }
+
+/// One Microsoft cloud: where tokens come from and where they may go.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CloudSettings {
+    pub token_endpoint: String,
+    pub multi_tenant_authority: String,
+    pub scope: String,
+    pub service_hosts: Vec<String>,
+}
+
+/// The cloud of an org_integration that names none.
+pub const DEFAULT_CLOUD: &str = "public";
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct LogSettings {
@@ -100,7 +112,7 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        let invalid = |key, problem: String| Err(SettingsError::Invalid { key, problem });
+        let invalid = |key: &str, problem: String| Err(SettingsError::Invalid { key: key.to_owned(), problem });
         let prefix_ok =
             !self.topology_prefix.is_empty() && self.topology_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !prefix_ok {
@@ -141,14 +153,22 @@ impl Settings {
                 );
             }
         }
-        match url::Url::parse(&self.teams.token_endpoint) {
-            Ok(url) if url.scheme() == "https" => {}
-            Ok(url)
-                if url.scheme() == "http" && url.host_str().is_some_and(|h| self.teams.insecure_loopback_hosts.iter().any(|l| l == h)) => {}
-            Ok(_) => {
-                return invalid("teams.token_endpoint", "must be https (http only for a host in teams.insecure_loopback_hosts)".into());
+        if !self.teams.clouds.contains_key(DEFAULT_CLOUD) {
+            return invalid("teams.clouds", format!("the `{DEFAULT_CLOUD}` cloud must be configured"));
+        }
+        for (name, cloud) in &self.teams.clouds {
+            let key = format!("teams.clouds.{name}.token_endpoint");
+            match url::Url::parse(&cloud.token_endpoint) {
+                Ok(url) if url.scheme() == "https" => {}
+                Ok(url)
+                    if url.scheme() == "http"
+                        && url.host_str().is_some_and(|h| self.teams.insecure_loopback_hosts.iter().any(|l| l == h)) => {}
+                Ok(_) => return invalid(&key, "must be https (http only for a host in teams.insecure_loopback_hosts)".into()),
+                Err(err) => return invalid(&key, err.to_string()),
             }
-            Err(err) => return invalid("teams.token_endpoint", err.to_string()),
+            if cloud.service_hosts.is_empty() {
+                return invalid(&format!("teams.clouds.{name}.service_hosts"), "needs at least one host".into());
+            }
         }
         if self.teams.request_timeout_secs == 0 {
             return invalid("teams.request_timeout_secs", "must be at least 1".into());
@@ -202,6 +222,9 @@ mod tests {
         assert_eq!(settings.topology_prefix, "herald");
         assert_eq!(settings.mongodb_database, "herald");
         assert_eq!(settings.retry_tiers()[0], Duration::from_secs(5));
+        let clouds: Vec<&str> = settings.teams.clouds.keys().map(String::as_str).collect();
+        assert_eq!(clouds, ["dod", "gcc", "gcch", "public"]);
+        assert_eq!(settings.teams.clouds["gcch"].service_hosts, ["smba.infra.gov.teams.microsoft.us"]);
     }
 
     #[test]
@@ -214,8 +237,8 @@ mod tests {
         assert!(err.contains("insecure_loopback_hosts"), "{err}");
         let err = with("worker.concurrency", "many").unwrap_err().to_string();
         assert!(err.contains("worker.concurrency"), "{err}");
-        let err = with("teams.token_endpoint", "http://login.example.com").unwrap_err().to_string();
-        assert!(err.contains("teams.token_endpoint"), "{err}");
+        let err = with("teams.clouds.gcch.token_endpoint", "http://login.example.com").unwrap_err().to_string();
+        assert!(err.contains("teams.clouds.gcch.token_endpoint"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod card;
 pub mod token;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -20,16 +21,33 @@ use crate::settings::{TeamsSettings, is_loopback};
 /// Which bot signs a request, and where its token comes from.
 #[derive(Clone)]
 pub struct BotCredentials {
+    /// The Microsoft cloud (a key of `teams.clouds`).
+    pub cloud: String,
     pub app_id: String,
     pub app_secret: SecretString,
-    /// `botframework.com` (multi-tenant bot) or the bot's tenant id.
+    /// The cloud's multi-tenant authority, or the bot's tenant id.
     pub authority: String,
 }
 
 impl std::fmt::Debug for BotCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BotCredentials").field("app_id", &self.app_id).field("authority", &self.authority).finish_non_exhaustive()
+        f.debug_struct("BotCredentials")
+            .field("cloud", &self.cloud)
+            .field("app_id", &self.app_id)
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
     }
+}
+
+/// One Microsoft cloud: its token endpoint and scope, and the only hosts its
+/// tokens may be sent to.
+#[derive(Debug, Clone)]
+pub struct Cloud {
+    pub name: String,
+    pub token_endpoint: String,
+    pub multi_tenant_authority: String,
+    pub scope: String,
+    pub policy: ServiceUrlPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +159,7 @@ pub struct Sent {
 pub struct Teams {
     http: reqwest::Client,
     tokens: token::Tokens,
-    policy: ServiceUrlPolicy,
+    clouds: HashMap<String, Cloud>,
     max_activity_bytes: usize,
 }
 
@@ -172,16 +190,38 @@ impl Teams {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let clouds = settings
+            .clouds
+            .iter()
+            .map(|(name, cloud)| {
+                let cloud = Cloud {
+                    name: name.clone(),
+                    token_endpoint: cloud.token_endpoint.trim_end_matches('/').to_owned(),
+                    multi_tenant_authority: cloud.multi_tenant_authority.clone(),
+                    scope: cloud.scope.clone(),
+                    policy: ServiceUrlPolicy::new(cloud.service_hosts.clone(), settings.insecure_loopback_hosts.clone()),
+                };
+                (name.clone(), cloud)
+            })
+            .collect();
         Ok(Self {
-            tokens: token::Tokens::new(http.clone(), &settings.token_endpoint, Duration::from_secs(settings.token_refresh_margin_secs)),
+            tokens: token::Tokens::new(http.clone(), Duration::from_secs(settings.token_refresh_margin_secs)),
             http,
-            policy: ServiceUrlPolicy::new(settings.allowed_service_hosts.clone(), settings.insecure_loopback_hosts.clone()),
+            clouds,
             max_activity_bytes: settings.max_activity_bytes,
         })
     }
 
-    pub fn policy(&self) -> &ServiceUrlPolicy {
-        &self.policy
+    pub fn cloud(&self, name: &str) -> Option<&Cloud> {
+        self.clouds.get(name)
+    }
+
+    /// The parsed service URL, if `bot`'s cloud allows sending its token there.
+    pub fn check_service_url(&self, bot: &BotCredentials, service_url: &str) -> Result<Url, TeamsError> {
+        match self.clouds.get(&bot.cloud) {
+            Some(cloud) => cloud.policy.check(service_url),
+            None => Err(TeamsError::ServiceUrlNotAllowed { url: service_url.to_owned(), why: format!("unknown cloud {:?}", bot.cloud) }),
+        }
     }
 
     pub fn token_requests(&self) -> u64 {
@@ -232,11 +272,12 @@ impl Teams {
 
     async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8]) -> Result<reqwest::Response, TeamsError> {
         // Checked here too, so that no caller can skip it.
-        self.policy.check(url.as_str())?;
-        let token = self.tokens.get(bot).await?;
+        self.check_service_url(bot, url.as_str())?;
+        let cloud = &self.clouds[&bot.cloud];
+        let token = self.tokens.get(cloud, bot).await?;
         match self.post(url, &token, body).await {
             Err(TeamsError::Api { status: 401, .. }) => {
-                let fresh = self.tokens.refresh(bot, &token).await?;
+                let fresh = self.tokens.refresh(cloud, bot, &token).await?;
                 self.post(url, &fresh, body).await
             }
             other => other,
@@ -312,6 +353,27 @@ mod tests {
     }
 
     #[test]
+    fn each_cloud_sends_tokens_only_to_its_own_hosts() {
+        let mut settings = crate::settings::Settings::from_figment(crate::settings::Settings::defaults()).unwrap().teams;
+        settings.insecure_loopback_hosts.clear();
+        let teams = Teams::new(&settings).unwrap();
+        let bot = |cloud: &str| BotCredentials {
+            cloud: cloud.into(),
+            app_id: "a".into(),
+            app_secret: SecretString::from("s"),
+            authority: "botframework.com".into(),
+        };
+        assert!(teams.check_service_url(&bot("public"), "https://smba.trafficmanager.net/teams/").is_ok());
+        assert!(teams.check_service_url(&bot("gcch"), "https://smba.infra.gov.teams.microsoft.us/teams").is_ok());
+        assert!(teams.check_service_url(&bot("dod"), "https://smba.infra.dod.teams.microsoft.us/teams").is_ok());
+        assert!(teams.check_service_url(&bot("gcc"), "https://smba.infra.gcc.teams.microsoft.com/teams").is_ok());
+        // A government bot's token never goes to the public cloud, and back.
+        assert!(teams.check_service_url(&bot("gcch"), "https://smba.trafficmanager.net/teams/").is_err());
+        assert!(teams.check_service_url(&bot("public"), "https://smba.infra.gov.teams.microsoft.us/teams").is_err());
+        assert!(teams.check_service_url(&bot("mars"), "https://smba.trafficmanager.net/teams/").is_err());
+    }
+
+    #[test]
     fn conversation_ids_are_one_path_segment() {
         let base = Url::parse("https://smba.trafficmanager.net/teams/").unwrap();
         let mut url = base.join("v3/conversations/").unwrap();
@@ -321,7 +383,12 @@ mod tests {
 
     #[test]
     fn credentials_never_show_their_secret() {
-        let bot = BotCredentials { app_id: "app".into(), app_secret: SecretString::from("hunter2"), authority: "botframework.com".into() };
+        let bot = BotCredentials {
+            cloud: "public".into(),
+            app_id: "app".into(),
+            app_secret: SecretString::from("hunter2"),
+            authority: "botframework.com".into(),
+        };
         assert!(!format!("{bot:?}").contains("hunter2"));
     }
 }

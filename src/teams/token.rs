@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{BotCredentials, TeamsError};
-
-/// The scope of every Bot Connector token.
-pub const BOT_SCOPE: &str = "https://api.botframework.com/.default";
+use super::{BotCredentials, Cloud, TeamsError};
 
 struct Cached {
     token: SecretString,
@@ -22,11 +19,13 @@ struct Cached {
 
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
+/// (cloud, bot app, authority)
+type Key = (String, String, String);
+
 pub struct Tokens {
     http: reqwest::Client,
-    endpoint: String,
     margin: Duration,
-    slots: Mutex<HashMap<(String, String), Slot>>,
+    slots: Mutex<HashMap<Key, Slot>>,
     requests: AtomicU64,
 }
 
@@ -45,14 +44,8 @@ struct AadError {
 }
 
 impl Tokens {
-    pub fn new(http: reqwest::Client, endpoint: &str, margin: Duration) -> Self {
-        Self {
-            http,
-            endpoint: endpoint.trim_end_matches('/').to_owned(),
-            margin,
-            slots: Mutex::new(HashMap::new()),
-            requests: AtomicU64::new(0),
-        }
+    pub fn new(http: reqwest::Client, margin: Duration) -> Self {
+        Self { http, margin, slots: Mutex::new(HashMap::new()), requests: AtomicU64::new(0) }
     }
 
     /// Token requests made so far (for metrics and the benchmark).
@@ -61,20 +54,20 @@ impl Tokens {
     }
 
     fn slot(&self, bot: &BotCredentials) -> Slot {
-        let key = (bot.app_id.clone(), bot.authority.clone());
+        let key = (bot.cloud.clone(), bot.app_id.clone(), bot.authority.clone());
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.entry(key).or_default().clone()
     }
 
     /// A valid token for `bot`. Concurrent callers for the same key wait for
     /// the one request in flight instead of each making their own.
-    pub async fn get(&self, bot: &BotCredentials) -> Result<SecretString, TeamsError> {
+    pub async fn get(&self, cloud: &Cloud, bot: &BotCredentials) -> Result<SecretString, TeamsError> {
         let slot = self.slot(bot);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
             return Ok(c.token.clone());
         }
-        let fresh = self.fetch(bot).await?;
+        let fresh = self.fetch(cloud, bot).await?;
         let token = fresh.token.clone();
         *cached = Some(fresh);
         Ok(token)
@@ -82,7 +75,7 @@ impl Tokens {
 
     /// After a 401 with `rejected`: drop it (unless another caller already
     /// replaced it) and return a fresh token.
-    pub async fn refresh(&self, bot: &BotCredentials, rejected: &SecretString) -> Result<SecretString, TeamsError> {
+    pub async fn refresh(&self, cloud: &Cloud, bot: &BotCredentials, rejected: &SecretString) -> Result<SecretString, TeamsError> {
         let slot = self.slot(bot);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref()
@@ -91,20 +84,20 @@ impl Tokens {
         {
             return Ok(c.token.clone());
         }
-        let fresh = self.fetch(bot).await?;
+        let fresh = self.fetch(cloud, bot).await?;
         let token = fresh.token.clone();
         *cached = Some(fresh);
         Ok(token)
     }
 
-    async fn fetch(&self, bot: &BotCredentials) -> Result<Cached, TeamsError> {
+    async fn fetch(&self, cloud: &Cloud, bot: &BotCredentials) -> Result<Cached, TeamsError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let url = format!("{}/{}/oauth2/v2.0/token", self.endpoint, bot.authority);
+        let url = format!("{}/{}/oauth2/v2.0/token", cloud.token_endpoint, bot.authority);
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", bot.app_id.as_str()),
             ("client_secret", bot.app_secret.expose_secret()),
-            ("scope", BOT_SCOPE),
+            ("scope", cloud.scope.as_str()),
         ];
         let started = Instant::now();
         let response = self.http.post(&url).form(&form).send().await.map_err(|source| TeamsError::TokenTransport { source })?;

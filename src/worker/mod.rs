@@ -206,10 +206,10 @@ impl Pipeline {
         if claim == Claim::AlreadySent {
             return Ok(None);
         }
-        let integration = self.resolver.org_integration(&self.store, job).await?;
+        let integration = self.resolver.org_integration(&self.store, &self.teams, job).await?;
         progress.set_integration(&integration.id);
         // Checked before any request (the recipient lookup may create a chat).
-        let service_url = self.teams.policy().check(&integration.service_url)?;
+        let service_url = self.teams.check_service_url(&integration.bot, &integration.service_url)?;
         let recipient = self.resolver.recipient(&self.store, &self.teams, job, &integration).await?;
         progress.set_conversation(&recipient.conversation_id);
         if let Some(stale) = &recipient.corrected_from {

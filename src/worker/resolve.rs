@@ -11,9 +11,8 @@ use super::cache::TtlCache;
 use crate::job::{ConversationId, IntegrationId, Job, OrganizationId, UserId};
 use crate::mongo::{ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
 use crate::outcome::DeliveryError;
+use crate::settings::DEFAULT_CLOUD;
 use crate::teams::{BotCredentials, Teams};
-
-pub const MULTI_TENANT_AUTHORITY: &str = "botframework.com";
 
 /// An active org_integration with its secret resolved.
 #[derive(Debug, Clone)]
@@ -62,7 +61,7 @@ impl Resolver {
         self.integrations.stats()
     }
 
-    pub async fn org_integration(&self, store: &Store, job: &Job) -> Result<Arc<OrgIntegration>, DeliveryError> {
+    pub async fn org_integration(&self, store: &Store, teams: &Teams, job: &Job) -> Result<Arc<OrgIntegration>, DeliveryError> {
         let key = (job.organization_id.clone(), job.integration_id.clone());
         let resolution = match self.integrations.get(&key) {
             Some(resolution) => resolution,
@@ -70,7 +69,7 @@ impl Resolver {
                 let resolution = match store.org_integration(&key.0, &key.1).await? {
                     None => Resolution::NotFound,
                     Some(doc) if doc.status == IntegrationStatus::Disabled => Resolution::Disabled,
-                    Some(doc) => match active(doc) {
+                    Some(doc) => match active(doc, teams) {
                         Ok(integration) => Resolution::Active(Arc::new(integration)),
                         Err(problem) => Resolution::Misconfigured(problem),
                     },
@@ -162,7 +161,7 @@ impl Resolver {
         if let Some(found) = self.personal(store, &key, user).await? {
             return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: None });
         }
-        let service_url = teams.policy().check(&integration.service_url)?;
+        let service_url = teams.check_service_url(&integration.bot, &integration.service_url)?;
         let conversation_id =
             teams.create_personal_conversation(&service_url, &integration.bot, &integration.tenant_id, user.as_str()).await?;
         let doc = ConversationDoc {
@@ -192,8 +191,12 @@ fn usable(conversation: ConversationDoc) -> Result<String, DeliveryError> {
 }
 
 /// The bot's secret: stored, or referenced by environment variable or file.
-fn active(doc: OrgIntegrationDoc) -> Result<OrgIntegration, String> {
+fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
     let id = doc.id_string();
+    let cloud_name = doc.cloud.clone().unwrap_or_else(|| DEFAULT_CLOUD.to_owned());
+    let Some(cloud) = teams.cloud(&cloud_name) else {
+        return Err(format!("org_integration {id}: cloud {cloud_name:?} is not configured (teams.clouds)"));
+    };
     let bot = &doc.bot;
     let secret = match (&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file) {
         (Some(secret), None, None) => secret.clone(),
@@ -226,9 +229,10 @@ fn active(doc: OrgIntegrationDoc) -> Result<OrgIntegration, String> {
         tenant_id: doc.tenant_id,
         service_url: doc.service_url,
         bot: BotCredentials {
+            authority: doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone()),
+            cloud: cloud_name,
             app_id: doc.bot.app_id,
             app_secret: SecretString::from(secret),
-            authority: doc.bot.authority.unwrap_or_else(|| MULTI_TENANT_AUTHORITY.to_owned()),
         },
     })
 }

@@ -96,7 +96,7 @@ impl TestEnv {
         let figment = Settings::defaults()
             .merge(Serialized::default("topology_prefix", format!("it-{id}")))
             .merge(Serialized::default("mongodb_database", format!("it_{id}")))
-            .merge(Serialized::default("teams.token_endpoint", sim.base_url()))
+            .merge(Serialized::default("teams.clouds.public.token_endpoint", sim.base_url()))
             .merge(Serialized::default("teams.insecure_loopback_hosts", ["127.0.0.1"]))
             .merge(Serialized::default("teams.request_timeout_secs", 2))
             .merge(Serialized::default("retry.tiers_secs", [1, 2]))
@@ -120,7 +120,7 @@ impl TestEnv {
         vec![
             ("HERALD_TOPOLOGY_PREFIX".into(), self.settings.topology_prefix.clone()),
             ("HERALD_MONGODB_DATABASE".into(), self.settings.mongodb_database.clone()),
-            ("HERALD_TEAMS__TOKEN_ENDPOINT".into(), self.sim.base_url()),
+            ("HERALD_TEAMS__CLOUDS__PUBLIC__TOKEN_ENDPOINT".into(), self.sim.base_url()),
             ("HERALD_TEAMS__INSECURE_LOOPBACK_HOSTS".into(), "[\"127.0.0.1\"]".into()),
             ("HERALD_RETRY__TIERS_SECS".into(), "[1,2]".into()),
             ("HERALD_LOG__FORMAT".into(), "json".into()),
@@ -134,6 +134,7 @@ impl TestEnv {
             integration_id: INTEGRATION.into(),
             status: IntegrationStatus::Active,
             tenant_id: tenant.into(),
+            cloud: None,
             service_url: self.sim.service_url(),
             bot: BotDoc {
                 app_id: app.into(),
