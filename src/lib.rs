@@ -17,12 +17,16 @@
 //! - [`producer`]: publishing jobs with publisher confirms (the Rust producer API).
 //! - [`cli`]: the `herald` command line.
 //! - [`dlq`]: reading the dead-letter queue without changing it.
+//! - [`metrics`]: the one metrics struct, rendered for Prometheus.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logging setup.
 //! - [`sim`]: `teams-sim`, the local Microsoft stand-in for tests, demo and bench.
 
 pub mod cli;
 pub mod dlq;
+pub mod http;
 pub mod job;
+pub mod metrics;
 pub mod mongo;
 pub mod outcome;
 pub mod producer;

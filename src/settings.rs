@@ -31,7 +31,14 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub retry: RetrySettings,
     pub teams: TeamsSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    /// `host:port` of the health and metrics endpoint; empty disables it.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +176,9 @@ impl Settings {
             if cloud.service_hosts.is_empty() {
                 return invalid(&format!("teams.clouds.{name}.service_hosts"), "needs at least one host".into());
             }
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("http.listen", format!("{:?} is not host:port (or empty to disable)", self.http.listen));
         }
         if self.teams.request_timeout_secs == 0 {
             return invalid("teams.request_timeout_secs", "must be at least 1".into());

@@ -19,6 +19,7 @@ use tracing::{Instrument, info, info_span, warn};
 pub use run::{Worker, run};
 
 use crate::job::{Job, JobId};
+use crate::metrics::Metrics;
 use crate::mongo::{Claim, Store};
 use crate::outcome::{DeliveryError, Reason, Verdict, classify, quarantines};
 use crate::rabbitmq::headers;
@@ -125,6 +126,7 @@ pub struct Pipeline {
     pub store: Store,
     pub teams: Teams,
     pub resolver: Resolver,
+    pub metrics: Metrics,
     quick: ExponentialBuilder,
     max_in_process_wait: Duration,
     shutdown: CancellationToken,
@@ -142,6 +144,7 @@ impl Pipeline {
             store,
             teams,
             resolver: Resolver::new(settings.resolution_ttl()),
+            metrics: Metrics::default(),
             quick,
             max_in_process_wait: Duration::from_secs(retry.max_in_process_wait_secs),
             shutdown,
@@ -213,6 +216,7 @@ impl Pipeline {
         let recipient = self.resolver.recipient(&self.store, &self.teams, job, &integration).await?;
         progress.set_conversation(&recipient.conversation_id);
         if let Some(stale) = &recipient.corrected_from {
+            self.metrics.recipient_corrected();
             warn!(
                 stale_conversation_id = %stale,
                 conversation_id = %recipient.conversation_id,
@@ -224,7 +228,13 @@ impl Pipeline {
         let destination = Destination { service_url: &service_url, conversation_id: &recipient.conversation_id, bot: &integration.bot };
         let send = || async {
             let attempt = progress.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            let started = std::time::Instant::now();
             let result = self.teams.send(&destination, &body).await;
+            let status = match &result {
+                Ok(_) => Some(201),
+                Err(err) => err.http_status(),
+            };
+            self.metrics.teams_request(status, started.elapsed());
             match &result {
                 Ok(sent) => info!(
                     attempt, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id,
@@ -277,6 +287,7 @@ impl Pipeline {
             let (org, integration) = (job.organization_id.as_str(), job.integration_id.as_str());
             match self.store.quarantine(org, integration, &conversation, reason.as_str(), teams_code.as_deref()).await {
                 Ok(_) => {
+                    self.metrics.conversation_quarantined();
                     warn!(%conversation, org_integration_id = progress.integration(), teams_code = teams_code.as_deref(), "conversation quarantined for this org_integration");
                     self.resolver.forget_conversation(job, &conversation);
                 }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::{Disposition, Failure, Incoming, Pipeline};
+use crate::metrics::JobOutcome;
 use crate::mongo::{DeliveryState, Store};
 use crate::outcome::{Reason, retry_tier};
 use crate::rabbitmq::{self, BrokerError, Publisher, ROUTING_KEY, Topology, headers, tier_label};
@@ -31,6 +32,12 @@ pub enum WorkerError {
     Store(#[from] crate::mongo::StoreError),
     #[error("cannot build the HTTP client")]
     Http(#[from] reqwest::Error),
+    #[error("cannot listen on {addr} (http.listen)")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A worker process: the pipeline plus what it needs to settle outcomes.
@@ -58,6 +65,12 @@ impl Worker {
 
     /// Consume until `shutdown`; reconnect with backoff when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        if !self.settings.http.listen.is_empty() {
+            let addr = crate::http::serve(&self.settings.http.listen, self.pipeline.clone(), shutdown.clone())
+                .await
+                .map_err(|source| WorkerError::Listen { addr: self.settings.http.listen.clone(), source })?;
+            info!(%addr, "serving /healthz, /readyz and /metrics");
+        }
         let mut backoff = reconnect_backoff();
         loop {
             match self.session(&shutdown).await {
@@ -92,6 +105,7 @@ impl Worker {
             .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
+        self.pipeline.metrics.consumer_active(true);
         info!(queue = %queue, prefetch = self.settings.worker.prefetch, concurrency = self.settings.worker.concurrency, "consuming");
 
         let concurrency = self.settings.worker.concurrency;
@@ -130,6 +144,7 @@ impl Worker {
             });
         };
 
+        self.pipeline.metrics.consumer_active(false);
         // Stop consuming, then give in-flight jobs the deadline to finish.
         // Deliveries not acked by then go back to the queue when the channel
         // closes: nothing is lost.
@@ -177,10 +192,14 @@ struct Settler {
 
 impl Settler {
     async fn handle(&self, delivery: Delivery) {
+        let started = std::time::Instant::now();
+        let metrics = &self.pipeline.metrics;
+        metrics.job_started();
         let incoming = Incoming { body: delivery.data.clone(), properties: delivery.properties.clone(), redelivered: delivery.redelivered };
         let disposition = self.pipeline.process(&incoming).await;
         match self.settle(&incoming, disposition).await {
-            Ok(()) => {
+            Ok(outcome) => {
+                metrics.job_finished(outcome, started.elapsed());
                 if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
                     // The channel is gone; the broker redelivers, the ledger
                     // keeps a sent job from being posted twice.
@@ -188,6 +207,7 @@ impl Settler {
                 }
             }
             Err(err) => {
+                metrics.job_finished(JobOutcome::Retried, started.elapsed());
                 error!(error = %super::error_chain(&err), "could not publish the outcome; returning the message to the queue");
                 // Requeue after a pause so that a broken exchange does not spin.
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -196,15 +216,18 @@ impl Settler {
         }
     }
 
-    async fn settle(&self, incoming: &Incoming, disposition: Disposition) -> Result<(), BrokerError> {
+    /// Publish what the disposition needs (confirmed); the caller acks after.
+    async fn settle(&self, incoming: &Incoming, disposition: Disposition) -> Result<JobOutcome, BrokerError> {
         match disposition {
-            Disposition::Delivered { .. } | Disposition::AlreadySent => Ok(()),
-            Disposition::DeadLetter(failure) => self.dead_letter(incoming, failure).await,
+            Disposition::Delivered { .. } => Ok(JobOutcome::Delivered),
+            Disposition::AlreadySent => Ok(JobOutcome::AlreadySent),
+            Disposition::DeadLetter(failure) => self.dead_letter(incoming, failure).await.map(|()| JobOutcome::DeadLettered),
             Disposition::Retry(failure) => {
                 let hops = incoming.hops();
                 if hops >= self.max_hops {
                     let error = format!("{} after {} delayed retries: {}", failure.reason, hops, failure.error);
-                    return self.dead_letter(incoming, Failure { reason: Reason::RetriesExhausted, error, ..failure }).await;
+                    let exhausted = Failure { reason: Reason::RetriesExhausted, error, ..failure };
+                    return self.dead_letter(incoming, exhausted).await.map(|()| JobOutcome::DeadLettered);
                 }
                 let tier = retry_tier(hops, failure.retry_after, &self.topology.tiers);
                 let mut table = headers::copy_without(incoming.headers(), &[]);
@@ -217,7 +240,7 @@ impl Settler {
                     .await?;
                 self.record(&failure, DeliveryState::Retrying).await;
                 warn!(reason = %failure.reason, tier = %tier_label(tier), hop = hops + 1, "job scheduled for a delayed retry");
-                Ok(())
+                Ok(JobOutcome::Retried)
             }
         }
     }
@@ -254,6 +277,7 @@ impl Settler {
             }
         }
         self.publisher.publish(&self.topology.dead_exchange(), ROUTING_KEY, &incoming.body, properties(incoming, table)).await?;
+        self.pipeline.metrics.job_dead_lettered(failure.reason);
         self.record(&failure, DeliveryState::DeadLettered).await;
         warn!(
             reason = %failure.reason, teams_code = failure.teams_code.as_deref(), http_status = failure.http_status,

@@ -1,3 +1,4 @@
+mod observe;
 mod pipeline;
 mod shutdown;
 mod sim;

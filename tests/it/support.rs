@@ -103,6 +103,7 @@ impl TestEnv {
             .merge(Serialized::default("retry.quick_min_delay_ms", 10))
             .merge(Serialized::default("retry.quick_max_delay_ms", 50))
             .merge(Serialized::default("worker.shutdown_deadline_secs", 5))
+            .merge(Serialized::default("http.listen", ""))
             .merge(Serialized::default("log.format", "pretty"));
         let settings = Settings::from_figment(tweak(figment)).expect("test settings are valid");
         let store = Store::connect(&settings).await.expect("MongoDB answers (run `make services`)");
@@ -124,6 +125,7 @@ impl TestEnv {
             ("HERALD_TEAMS__INSECURE_LOOPBACK_HOSTS".into(), "[\"127.0.0.1\"]".into()),
             ("HERALD_RETRY__TIERS_SECS".into(), "[1,2]".into()),
             ("HERALD_LOG__FORMAT".into(), "json".into()),
+            ("HERALD_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ]
     }
 
@@ -235,6 +237,11 @@ impl TestEnv {
         let _ = self.store.database().drop().await;
         let _ = self.connection.close(200, "".into()).await;
     }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A job as a producer would build it.

@@ -1,0 +1,211 @@
+//! One metrics struct with intent-named methods, rendered in the Prometheus
+//! text format. Labels stay low-cardinality: outcomes, reasons, status
+//! classes; never an organization or a job id.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::outcome::Reason;
+
+/// Latency buckets in seconds (job and request durations).
+const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self { counts: std::array::from_fn(|_| AtomicU64::new(0)), count: AtomicU64::new(0), sum_micros: AtomicU64::new(0) }
+    }
+
+    fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(value.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bucket, count) in BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bucket}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// The outcome of a job, as counted.
+#[derive(Debug, Clone, Copy)]
+pub enum JobOutcome {
+    Delivered,
+    AlreadySent,
+    Retried,
+    DeadLettered,
+}
+
+const OUTCOMES: [&str; 4] = ["delivered", "already_sent", "retried", "dead_lettered"];
+const CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "transport"];
+
+pub struct Metrics {
+    jobs: [AtomicU64; 4],
+    dead_letters: [AtomicU64; Reason::ALL.len()],
+    teams_requests: [AtomicU64; 5],
+    job_seconds: Histogram,
+    request_seconds: Histogram,
+    in_flight: AtomicI64,
+    recipients_corrected: AtomicU64,
+    conversations_quarantined: AtomicU64,
+    consumer_active: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            jobs: std::array::from_fn(|_| AtomicU64::new(0)),
+            dead_letters: std::array::from_fn(|_| AtomicU64::new(0)),
+            teams_requests: std::array::from_fn(|_| AtomicU64::new(0)),
+            job_seconds: Histogram::new(),
+            request_seconds: Histogram::new(),
+            in_flight: AtomicI64::new(0),
+            recipients_corrected: AtomicU64::new(0),
+            conversations_quarantined: AtomicU64::new(0),
+            consumer_active: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Values owned elsewhere, read when rendering.
+pub struct Gauges {
+    pub token_requests: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+impl Metrics {
+    pub fn job_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn job_finished(&self, outcome: JobOutcome, took: Duration) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.jobs[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.job_seconds.observe(took);
+    }
+
+    pub fn job_dead_lettered(&self, reason: Reason) {
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            self.dead_letters[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One Connector request: its HTTP status, or `None` for a transport error.
+    pub fn teams_request(&self, status: Option<u16>, took: Duration) {
+        let class = match status {
+            Some(200..=299) => 0,
+            Some(300..=399) => 1,
+            Some(400..=499) => 2,
+            Some(_) => 3,
+            None => 4,
+        };
+        self.teams_requests[class].fetch_add(1, Ordering::Relaxed);
+        self.request_seconds.observe(took);
+    }
+
+    pub fn recipient_corrected(&self) {
+        self.recipients_corrected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn conversation_quarantined(&self) {
+        self.conversations_quarantined.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn consumer_active(&self, active: bool) {
+        self.consumer_active.store(active, Ordering::Relaxed);
+    }
+
+    pub fn is_consuming(&self) -> bool {
+        self.consumer_active.load(Ordering::Relaxed)
+    }
+
+    pub fn dead_lettered(&self, reason: Reason) -> u64 {
+        Reason::ALL.iter().position(|r| *r == reason).map_or(0, |i| self.dead_letters[i].load(Ordering::Relaxed))
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        };
+        counter(&mut out, "herald_jobs_total", "Jobs processed, by outcome.");
+        for (outcome, n) in OUTCOMES.iter().zip(&self.jobs) {
+            let _ = writeln!(out, "herald_jobs_total{{outcome=\"{outcome}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        counter(&mut out, "herald_dead_letters_total", "Dead letters published, by x-herald-reason.");
+        for (reason, n) in Reason::ALL.iter().zip(&self.dead_letters) {
+            let _ = writeln!(out, "herald_dead_letters_total{{reason=\"{reason}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        counter(&mut out, "herald_teams_requests_total", "Bot Connector requests, by HTTP status class.");
+        for (class, n) in CLASSES.iter().zip(&self.teams_requests) {
+            let _ = writeln!(out, "herald_teams_requests_total{{class=\"{class}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        self.job_seconds.render(&mut out, "herald_job_duration_seconds", "Time from taking a job to its disposition.");
+        self.request_seconds.render(&mut out, "herald_teams_request_duration_seconds", "Duration of Bot Connector requests.");
+        let _ = writeln!(out, "# HELP herald_jobs_in_flight Jobs being processed.\n# TYPE herald_jobs_in_flight gauge");
+        let _ = writeln!(out, "herald_jobs_in_flight {}", self.in_flight.load(Ordering::Relaxed));
+        counter(&mut out, "herald_token_requests_total", "Requests to the token endpoint.");
+        let _ = writeln!(out, "herald_token_requests_total {}", gauges.token_requests);
+        counter(&mut out, "herald_resolution_cache_total", "org_integration resolutions, served from the cache or not.");
+        let _ = writeln!(out, "herald_resolution_cache_total{{result=\"hit\"}} {}", gauges.cache_hits);
+        let _ = writeln!(out, "herald_resolution_cache_total{{result=\"miss\"}} {}", gauges.cache_misses);
+        counter(
+            &mut out,
+            "herald_recipients_corrected_total",
+            "Stale recipients corrected to the user's conversation in the job's organization.",
+        );
+        let _ = writeln!(out, "herald_recipients_corrected_total {}", self.recipients_corrected.load(Ordering::Relaxed));
+        counter(&mut out, "herald_conversations_quarantined_total", "Conversations quarantined after a Teams refusal.");
+        let _ = writeln!(out, "herald_conversations_quarantined_total {}", self.conversations_quarantined.load(Ordering::Relaxed));
+        let _ =
+            writeln!(out, "# HELP herald_consumer_active 1 while the worker consumes the work queue.\n# TYPE herald_consumer_active gauge");
+        let _ = writeln!(out, "herald_consumer_active {}", u8::from(self.consumer_active.load(Ordering::Relaxed)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.job_started();
+        m.job_finished(JobOutcome::Delivered, Duration::from_millis(30));
+        m.job_dead_lettered(Reason::TeamsForbidden);
+        m.teams_request(Some(201), Duration::from_millis(20));
+        m.teams_request(Some(503), Duration::from_millis(20));
+        m.teams_request(None, Duration::from_secs(2));
+        let text = m.render(&Gauges { token_requests: 3, cache_hits: 10, cache_misses: 1 });
+        assert!(text.contains("herald_jobs_total{outcome=\"delivered\"} 1"));
+        assert!(text.contains("herald_dead_letters_total{reason=\"teams_forbidden\"} 1"));
+        assert!(text.contains("herald_teams_requests_total{class=\"5xx\"} 1"));
+        assert!(text.contains("herald_teams_requests_total{class=\"transport\"} 1"));
+        assert!(text.contains("herald_job_duration_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("herald_teams_request_duration_seconds_count 3"));
+        assert!(text.contains("herald_jobs_in_flight 0"));
+        assert!(text.contains("herald_token_requests_total 3"));
+        assert!(text.contains("herald_resolution_cache_total{result=\"hit\"} 10"));
+    }
+}
