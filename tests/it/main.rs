@@ -3,3 +3,4 @@ mod pipeline;
 mod shutdown;
 mod sim;
 mod support;
+mod tenancy;
