@@ -333,12 +333,11 @@ impl Store {
             "conversation_id": &conversation.conversation_id,
         };
         let fields = bson::to_document(conversation).map_err(|e| StoreError { operation: "encode conversation", source: e.into() })?;
-        self.conversations()
-            .update_one(filter, doc! { "$setOnInsert": fields })
-            .upsert(true)
-            .await
-            .map(drop)
-            .map_err(StoreError::new("upsert conversation"))
+        match self.conversations().update_one(filter, doc! { "$setOnInsert": fields }).upsert(true).await {
+            // A concurrent upsert of the same conversation inserted it first.
+            Err(err) if is_duplicate_key(&err) => Ok(()),
+            other => other.map(drop).map_err(StoreError::new("upsert conversation")),
+        }
     }
 
     /// Mark a conversation quarantined for this org_integration.

@@ -1,5 +1,6 @@
 mod observe;
 mod pipeline;
+mod property;
 mod shutdown;
 mod sim;
 mod support;
