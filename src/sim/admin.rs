@@ -29,7 +29,7 @@ pub(super) fn router(sim: Sim) -> Router {
         .route("/_admin/faults", get(faults).post(add_fault).delete(clear_faults))
         .route("/_admin/latency", put(set_latency))
         .route("/_admin/throttling", get(throttling).put(set_throttling))
-        .route("/_admin/tokens", put(set_tokens).delete(revoke_tokens))
+        .route("/_admin/tokens", get(tokens).put(set_tokens).delete(revoke_tokens))
         .route("/_admin/clock", post(advance_clock))
         .with_state(sim)
 }
@@ -200,6 +200,32 @@ async fn set_throttling(State(sim): State<Sim>, Json(settings): Json<Throttling>
     StatusCode::NO_CONTENT
 }
 
+/// One issued token (for tests that check a token never leaks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IssuedToken {
+    pub access_token: String,
+    pub app_id: String,
+    pub authority: String,
+    pub expired: bool,
+}
+
+async fn tokens(State(sim): State<Sim>) -> Json<Vec<IssuedToken>> {
+    let state = sim.lock();
+    let now = state.now();
+    let mut tokens: Vec<IssuedToken> = state
+        .tokens
+        .iter()
+        .map(|(token, grant)| IssuedToken {
+            access_token: token.clone(),
+            app_id: grant.app_id.clone(),
+            authority: grant.authority.clone(),
+            expired: grant.expires_at <= now,
+        })
+        .collect();
+    tokens.sort_by(|a, b| a.access_token.cmp(&b.access_token));
+    Json(tokens)
+}
+
 /// Body of `PUT /_admin/tokens`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenSettings {
@@ -212,9 +238,15 @@ async fn set_tokens(State(sim): State<Sim>, Json(settings): Json<TokenSettings>)
     StatusCode::NO_CONTENT
 }
 
-/// Every issued token stops working at once (answers 401 from now on).
+/// Every issued token stops working at once (answers 401 from now on). The
+/// revoked tokens are still listed by `GET`, so tests can look for them.
 async fn revoke_tokens(State(sim): State<Sim>) -> StatusCode {
-    sim.lock().tokens.clear();
+    let mut state = sim.lock();
+    let now = state.now();
+    let past = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+    for grant in state.tokens.values_mut() {
+        grant.expires_at = grant.expires_at.min(past);
+    }
     StatusCode::NO_CONTENT
 }
 

@@ -6,7 +6,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    ActivityFilter, ActivityRecord, Bot, ClockAdvance, Conversation, Latency, Rule, Stats, Throttling, TokenSettings, User, World,
+    ActivityFilter, ActivityRecord, Bot, ClockAdvance, Conversation, IssuedToken, Latency, Rule, Stats, Throttling, TokenSettings, User,
+    World,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +144,11 @@ impl SimClient {
 
     pub async fn set_token_ttl(&self, ttl: Duration) -> Result<()> {
         self.put("/_admin/tokens", &TokenSettings { ttl_secs: ttl.as_secs() }).await
+    }
+
+    /// Every token issued since start (revoked and expired ones included).
+    pub async fn tokens(&self) -> Result<Vec<IssuedToken>> {
+        self.get("/_admin/tokens").await
     }
 
     /// Every issued token answers 401 from now on.

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use admin::{ActivityFilter, ClockAdvance, Throttling, TokenSettings};
+pub use admin::{ActivityFilter, ClockAdvance, IssuedToken, Throttling, TokenSettings};
 pub use faults::{Action, Latency, Route, Rule};
 pub use throttle::Limits;
 pub use world::{Bot, Conversation, ConversationKind, Tenant, User, World};

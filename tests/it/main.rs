@@ -1,6 +1,7 @@
 mod observe;
 mod pipeline;
 mod property;
+mod secrets;
 mod shutdown;
 mod sim;
 mod support;
