@@ -1,20 +1,26 @@
-//! Reading the dead-letter queue without changing it.
+//! Dead-letter operations: browse, filter, replay, purge, export, import.
 //!
-//! Browsing takes messages with `basic.get` and never acks them; closing the
-//! channel hands every one back to the queue, so a listing removes nothing and
-//! duplicates nothing.
+//! Every pass over the dead-letter queue takes messages with `basic.get` on
+//! its own channel and keeps the ones it does not move unacked; closing the
+//! channel hands those back. A message is acked (removed) only after what
+//! replaces it was confirmed by the broker, so a crash at any point leaves
+//! each message in the dead-letter queue, in the work queue, or (for the
+//! in-flight window only) in both.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use lapin::Connection;
-use lapin::options::BasicGetOptions;
-use lapin::types::AMQPValue;
-use serde::Serialize;
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::rabbitmq::{BrokerError, amqp, headers};
+use crate::rabbitmq::{BrokerError, Publisher, ROUTING_KEY, Topology, amqp, headers};
 
 /// One dead letter as an operator sees it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeadLetter {
     pub message_id: Option<String>,
     pub reason: Option<String>,
@@ -24,6 +30,46 @@ pub struct DeadLetter {
     pub headers: BTreeMap<String, String>,
     /// The original body, unchanged (lossy UTF-8 for display).
     pub body: String,
+}
+
+impl DeadLetter {
+    fn from_message(properties: &BasicProperties, data: &[u8]) -> Self {
+        let table = properties.headers().as_ref();
+        DeadLetter {
+            message_id: properties.message_id().as_ref().map(|m| m.to_string()),
+            reason: headers::get_str(table, headers::REASON).or_else(|| broker_reason(table)),
+            organization_id: headers::get_str(table, headers::ORGANIZATION_ID),
+            teams_code: headers::get_str(table, headers::TEAMS_CODE),
+            headers: table.map(|t| t.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect()).unwrap_or_default(),
+            body: String::from_utf8_lossy(data).into_owned(),
+        }
+    }
+
+    pub fn dead_lettered_at(&self) -> Option<DateTime<Utc>> {
+        self.headers.get(headers::DEAD_LETTERED_AT).and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc))
+    }
+
+    pub fn replays(&self) -> u32 {
+        self.headers.get(headers::REPLAYS).and_then(|r| r.parse().ok()).unwrap_or(0)
+    }
+
+    /// The job's integration id, read from the body (the headers name the record, not the integration).
+    pub fn integration_id(&self) -> Option<String> {
+        serde_json::from_str::<Value>(&self.body).ok()?.get("integration_id")?.as_str().map(str::to_owned)
+    }
+
+    /// The conversation the job was addressed to, read from the body.
+    pub fn conversation_id(&self) -> Option<String> {
+        serde_json::from_str::<Value>(&self.body).ok()?.pointer("/recipient/conversation_id")?.as_str().map(str::to_owned)
+    }
+}
+
+/// A message the broker itself dead-lettered (delivery limit) has no
+/// `x-herald-reason`; its `x-death` says why.
+fn broker_reason(table: Option<&FieldTable>) -> Option<String> {
+    let deaths = table?.inner().get("x-death")?;
+    let text = format!("{deaths:?}");
+    text.contains("delivery_limit").then(|| crate::outcome::Reason::DeliveryLimitExceeded.as_str().to_owned())
 }
 
 fn text(value: &AMQPValue) -> String {
@@ -40,29 +86,309 @@ fn text(value: &AMQPValue) -> String {
     }
 }
 
-/// Up to `limit` messages of `queue`, left in place.
-pub async fn browse(connection: &Connection, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
-    let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
+/// Which dead letters an operation applies to. Every field narrows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub organization_id: Option<String>,
+    pub integration_id: Option<String>,
+    /// The conversation the job was addressed to (from the body).
+    pub conversation_id: Option<String>,
+    pub reason: Option<String>,
+    pub teams_code: Option<String>,
+    pub job_id: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Dead-lettered longer ago than this.
+    pub older_than: Option<Duration>,
+}
+
+impl Filter {
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        let at = letter.dead_lettered_at();
+        let eq = |want: &Option<String>, got: Option<String>| want.as_ref().is_none_or(|w| Some(w) == got.as_ref());
+        eq(&self.organization_id, letter.organization_id.clone())
+            && eq(&self.reason, letter.reason.clone())
+            && eq(&self.teams_code, letter.teams_code.clone())
+            && eq(&self.job_id, letter.message_id.clone())
+            && (self.integration_id.is_none() || eq(&self.integration_id, letter.integration_id()))
+            && (self.conversation_id.is_none() || eq(&self.conversation_id, letter.conversation_id()))
+            && self.since.is_none_or(|since| at.is_some_and(|at| at >= since))
+            && self.until.is_none_or(|until| at.is_some_and(|at| at <= until))
+            && self.older_than.is_none_or(|age| at.is_some_and(|at| Utc::now().signed_duration_since(at).to_std().is_ok_and(|d| d >= age)))
+    }
+}
+
+/// A pass over the dead-letter queue: each message is offered once.
+pub struct Pass {
+    channel: lapin::Channel,
+    queue: String,
+    remaining: Option<u32>,
+}
+
+/// A message taken by a pass; left in the queue unless acked.
+pub struct Taken {
+    pub letter: DeadLetter,
+    pub properties: BasicProperties,
+    pub data: Vec<u8>,
+    acker: lapin::Acker,
+}
+
+impl Pass {
+    pub async fn open(connection: &Connection, queue: &str) -> Result<Self, BrokerError> {
+        let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
+        Ok(Self { channel, queue: queue.to_owned(), remaining: None })
+    }
+
+    /// The next message, or `None` once every message that was in the queue
+    /// when the pass began has been offered.
+    pub async fn next(&mut self) -> Result<Option<Taken>, BrokerError> {
+        if self.remaining == Some(0) {
+            return Ok(None);
+        }
+        let got = self
+            .channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(amqp(format!("get from {}", self.queue)))?;
+        let Some(message) = got else { return Ok(None) };
+        // The count after the first get bounds the pass, so that letters
+        // arriving meanwhile (or handed back) are not offered twice.
+        self.remaining = Some(match self.remaining {
+            None => message.message_count,
+            Some(n) => n - 1,
+        });
+        let delivery = message.delivery;
+        Ok(Some(Taken {
+            letter: DeadLetter::from_message(&delivery.properties, &delivery.data),
+            properties: delivery.properties,
+            data: delivery.data,
+            acker: delivery.acker,
+        }))
+    }
+
+    /// Hand every unacked message back to the queue.
+    pub async fn close(self) -> Result<(), BrokerError> {
+        self.channel.close(200, "pass done".into()).await.map_err(amqp("close pass channel"))
+    }
+}
+
+impl Taken {
+    /// Remove the message from the dead-letter queue.
+    pub async fn remove(&self) -> Result<(), BrokerError> {
+        self.acker.ack(BasicAckOptions::default()).await.map(drop).map_err(amqp("ack dead letter"))
+    }
+}
+
+/// Up to `limit` dead letters matching `filter`, left in place.
+pub async fn list(connection: &Connection, queue: &str, filter: &Filter, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+    let mut pass = Pass::open(connection, queue).await?;
     let mut letters = Vec::new();
     while letters.len() < limit {
-        let Some(message) =
-            channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map_err(amqp(format!("get from {queue}")))?
-        else {
-            break;
-        };
-        let table = message.delivery.properties.headers().as_ref();
-        let all: BTreeMap<String, String> =
-            table.map(|t| t.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect()).unwrap_or_default();
-        letters.push(DeadLetter {
-            message_id: message.delivery.properties.message_id().as_ref().map(|m| m.to_string()),
-            reason: headers::get_str(table, headers::REASON),
-            organization_id: headers::get_str(table, headers::ORGANIZATION_ID),
-            teams_code: headers::get_str(table, headers::TEAMS_CODE),
-            headers: all,
-            body: String::from_utf8_lossy(&message.delivery.data).into_owned(),
-        });
+        let Some(taken) = pass.next().await? else { break };
+        if filter.matches(&taken.letter) {
+            letters.push(taken.letter);
+        }
     }
-    // Unacked: closing the channel returns every message to the queue.
-    channel.close(200, "browse done".into()).await.map_err(amqp("close browse channel"))?;
+    pass.close().await?;
     Ok(letters)
+}
+
+/// Up to `limit` dead letters, left in place.
+pub async fn browse(connection: &Connection, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+    list(connection, queue, &Filter::default(), limit).await
+}
+
+/// The headers of a replayed job: the dead letter's verdict and retry
+/// bookkeeping removed (the worker decides afresh), the replay counted.
+pub fn replay_headers(original: Option<&FieldTable>) -> FieldTable {
+    let drop = [
+        headers::REASON,
+        headers::ERROR,
+        headers::TEAMS_CODE,
+        headers::HTTP_STATUS,
+        headers::CORRELATION_ID,
+        headers::DEAD_LETTERED_AT,
+        headers::HOPS,
+        headers::LAST_REASON,
+        headers::ORG_INTEGRATION_ID,
+    ];
+    let replays = headers::get_u32(original, headers::REPLAYS).unwrap_or(0);
+    let mut table = headers::copy_without(original, &drop);
+    headers::set_u32(&mut table, headers::REPLAYS, replays + 1);
+    table
+}
+
+/// Publish taken dead letters back to the work exchange, wait until the
+/// broker confirmed every one, then remove them from the dead-letter queue.
+/// On an error nothing of the batch is removed (the confirmed ones may then
+/// exist twice; the ledger keeps a sent job from being posted again).
+pub async fn replay(publisher: &Publisher, topology: &Topology, batch: &[Taken]) -> Result<(), BrokerError> {
+    let mut pending = Vec::with_capacity(batch.len());
+    for taken in batch {
+        let properties = taken.properties.clone().with_headers(replay_headers(taken.properties.headers().as_ref()));
+        pending.push(publisher.start(&topology.jobs_exchange(), ROUTING_KEY, &taken.data, properties).await?);
+    }
+    for confirm in pending {
+        confirm.confirmed().await?;
+    }
+    for taken in batch {
+        taken.remove().await?;
+    }
+    Ok(())
+}
+
+/// One line of `herald dlq export`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Exported {
+    pub message_id: Option<String>,
+    /// Header values: strings and integers as JSON strings and numbers.
+    pub headers: BTreeMap<String, Value>,
+    /// The body as text when it is UTF-8 ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// ... else as base64-free hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_hex: Option<String>,
+}
+
+impl Exported {
+    pub fn from_taken(taken: &Taken) -> Self {
+        let headers = taken
+            .properties
+            .headers()
+            .as_ref()
+            .map(|t| {
+                t.inner()
+                    .iter()
+                    .filter(|(k, _)| !headers::BROKER_BOOKKEEPING.contains(&k.as_str()))
+                    .map(|(k, v)| {
+                        let value = match v {
+                            AMQPValue::LongLongInt(n) => Value::from(*n),
+                            AMQPValue::LongInt(n) => Value::from(*n),
+                            AMQPValue::LongUInt(n) => Value::from(*n),
+                            other => Value::String(text(other)),
+                        };
+                        (k.to_string(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (body, body_hex) = match std::str::from_utf8(&taken.data) {
+            Ok(text) => (Some(text.to_owned()), None),
+            Err(_) => (None, Some(taken.data.iter().map(|b| format!("{b:02x}")).collect())),
+        };
+        Self { message_id: taken.letter.message_id.clone(), headers, body, body_hex }
+    }
+
+    /// The message to publish back into the dead-letter queue.
+    pub fn to_message(&self) -> Result<(Vec<u8>, BasicProperties), String> {
+        let data = match (&self.body, &self.body_hex) {
+            (Some(text), None) => text.as_bytes().to_vec(),
+            (None, Some(hex)) => (0..hex.len())
+                .step_by(2)
+                .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .ok_or("body_hex is not hex")?,
+            _ => return Err("a line needs exactly one of `body` and `body_hex`".into()),
+        };
+        let mut table = FieldTable::default();
+        for (key, value) in &self.headers {
+            match value {
+                Value::Number(n) if n.is_i64() => {
+                    table.insert(key.as_str().into(), AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()));
+                }
+                Value::String(s) => headers::set_str(&mut table, key, s),
+                other => headers::set_str(&mut table, key, &other.to_string()),
+            }
+        }
+        let mut properties = BasicProperties::default().with_content_type("application/json".into()).with_headers(table);
+        if let Some(id) = &self.message_id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        Ok((data, properties))
+    }
+}
+
+/// Counts of the dead-letter queue.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Stats {
+    pub total: usize,
+    pub by_reason: BTreeMap<String, usize>,
+    pub by_organization: BTreeMap<String, usize>,
+    pub by_teams_code: BTreeMap<String, usize>,
+    pub oldest: Option<DateTime<Utc>>,
+    pub newest: Option<DateTime<Utc>>,
+}
+
+impl Stats {
+    pub fn add(&mut self, letter: &DeadLetter) {
+        let key = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        self.total += 1;
+        *self.by_reason.entry(key(&letter.reason)).or_default() += 1;
+        *self.by_organization.entry(key(&letter.organization_id)).or_default() += 1;
+        *self.by_teams_code.entry(key(&letter.teams_code)).or_default() += 1;
+        if let Some(at) = letter.dead_lettered_at() {
+            self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+            self.newest = Some(self.newest.map_or(at, |n| n.max(at)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(reason: &str, org: &str, at: &str) -> DeadLetter {
+        let mut headers = BTreeMap::new();
+        headers.insert(headers::DEAD_LETTERED_AT.to_owned(), at.to_owned());
+        DeadLetter {
+            message_id: Some("j1".into()),
+            reason: Some(reason.into()),
+            organization_id: Some(org.into()),
+            teams_code: None,
+            headers,
+            body: r#"{"integration_id": "int-1"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn filters_narrow() {
+        let l = letter("teams_forbidden", "org-a", "2026-11-20T10:00:00Z");
+        assert!(Filter::default().matches(&l));
+        assert!(Filter { reason: Some("teams_forbidden".into()), organization_id: Some("org-a".into()), ..Default::default() }.matches(&l));
+        assert!(!Filter { reason: Some("invalid_job".into()), ..Default::default() }.matches(&l));
+        assert!(Filter { integration_id: Some("int-1".into()), ..Default::default() }.matches(&l));
+        assert!(!Filter { integration_id: Some("int-2".into()), ..Default::default() }.matches(&l));
+        let since = DateTime::parse_from_rfc3339("2026-11-21T00:00:00Z").unwrap().with_timezone(&Utc);
+        assert!(!Filter { since: Some(since), ..Default::default() }.matches(&l));
+        assert!(Filter { until: Some(since), ..Default::default() }.matches(&l));
+        assert!(Filter { older_than: Some(Duration::from_secs(3600)), ..Default::default() }.matches(&l));
+    }
+
+    #[test]
+    fn replay_headers_count_the_replay_and_drop_the_verdict() {
+        let mut table = FieldTable::default();
+        headers::set_str(&mut table, headers::REASON, "teams_forbidden");
+        headers::set_u32(&mut table, headers::REPLAYS, 2);
+        headers::set_u32(&mut table, headers::ATTEMPTS, 4);
+        headers::set_str(&mut table, headers::TRACEPARENT, "00-abc-def-01");
+        let out = replay_headers(Some(&table));
+        assert_eq!(headers::get_u32(Some(&out), headers::REPLAYS), Some(3));
+        assert_eq!(headers::get_u32(Some(&out), headers::ATTEMPTS), Some(4));
+        assert_eq!(headers::get_str(Some(&out), headers::TRACEPARENT).as_deref(), Some("00-abc-def-01"));
+        assert!(!out.contains_key(headers::REASON));
+    }
+
+    #[test]
+    fn stats_count_and_span() {
+        let mut stats = Stats::default();
+        stats.add(&letter("teams_forbidden", "org-a", "2026-11-20T10:00:00Z"));
+        stats.add(&letter("teams_forbidden", "org-b", "2026-11-21T10:00:00Z"));
+        stats.add(&letter("invalid_job", "org-a", "2026-11-19T10:00:00Z"));
+        assert_eq!(stats.total, 3);
+        assert_eq!(stats.by_reason["teams_forbidden"], 2);
+        assert_eq!(stats.by_organization["org-a"], 2);
+        assert_eq!(stats.oldest.unwrap().to_rfc3339(), "2026-11-19T10:00:00+00:00");
+        assert_eq!(stats.newest.unwrap().to_rfc3339(), "2026-11-21T10:00:00+00:00");
+    }
 }

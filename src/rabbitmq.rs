@@ -174,26 +174,44 @@ impl Publisher {
     /// Publish persistently with `mandatory` and wait for the confirm. An
     /// unroutable message or a nack is an error, never a silent drop.
     pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<(), BrokerError> {
+        let pending = self.start(exchange, routing_key, body, properties).await?;
+        pending.confirmed().await
+    }
+
+    /// Send a message and return without waiting for its confirm, so that
+    /// a batch can be confirmed together (`Pending::confirmed`).
+    pub async fn start(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<Pending, BrokerError> {
         let properties = properties.with_delivery_mode(2);
         let confirm = self
             .channel
             .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory: true, immediate: false }, body, properties)
             .await
-            .map_err(amqp(format!("publish to {exchange}")))?
-            .await
-            .map_err(amqp(format!("confirm of publish to {exchange}")))?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => {
-                Err(BrokerError::Unroutable { exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
-            }
-            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: exchange.to_owned() }),
-            Confirmation::NotRequested => unreachable!("the channel is in confirm mode"),
-        }
+            .map_err(amqp(format!("publish to {exchange}")))?;
+        Ok(Pending { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
     }
 
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+}
+
+/// A published message whose confirm has not been awaited yet.
+pub struct Pending {
+    confirm: lapin::PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+}
+
+impl Pending {
+    /// Wait for the broker: an ack of a routed message is success.
+    pub async fn confirmed(self) -> Result<(), BrokerError> {
+        let confirm = self.confirm.await.map_err(amqp(format!("confirm of publish to {}", self.exchange)))?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable { exchange: self.exchange, routing_key: self.routing_key }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: self.exchange }),
+            Confirmation::NotRequested => unreachable!("the channel is in confirm mode"),
+        }
     }
 }
 

@@ -32,7 +32,13 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub teams: TeamsSettings,
     pub http: HttpSettings,
+    pub dlq: DlqSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DlqSettings {
+    pub max_replays: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,3 +1,4 @@
+mod dlq;
 mod observe;
 mod pipeline;
 mod property;

@@ -1,0 +1,117 @@
+//! `herald conversations`: see, quarantine and release conversations.
+
+use clap::Subcommand;
+use futures_util::TryStreamExt;
+use mongodb::bson::{Document, doc};
+
+use crate::mongo::{ConversationStatus, Store};
+use crate::settings::Settings;
+
+#[derive(Debug, Subcommand)]
+pub enum ConversationsCommand {
+    /// List registered conversations (quarantined ones with their reason).
+    List {
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        integration: Option<String>,
+        /// Only `active` or `quarantined` conversations.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop deliveries to a conversation of an org_integration.
+    Quarantine {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        integration: String,
+        #[arg(long)]
+        conversation: String,
+        #[arg(long, default_value = "operator")]
+        reason: String,
+    },
+    /// Lift a quarantine (after re-adding the bot to the team, for example).
+    Release {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        integration: String,
+        #[arg(long)]
+        conversation: String,
+    },
+}
+
+pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::Result<()> {
+    let store = Store::connect(settings).await?;
+    let ttl = settings.worker.resolution_cache_ttl_secs;
+    match command {
+        ConversationsCommand::List { org, integration, status, limit, json } => {
+            let mut filter = Document::new();
+            if let Some(org) = org {
+                filter.insert("organization_id", org);
+            }
+            if let Some(integration) = integration {
+                filter.insert("integration_id", integration);
+            }
+            if let Some(status) = status {
+                anyhow::ensure!(matches!(status.as_str(), "active" | "quarantined"), "--status must be active or quarantined");
+                filter.insert("status", status);
+            }
+            let list: Vec<_> = store.conversations().find(filter).limit(limit).await?.try_collect().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!("{:<16} {:<16} {:<40} {:<9} {:<12} REASON", "ORGANIZATION", "INTEGRATION", "CONVERSATION", "KIND", "STATUS");
+            for c in &list {
+                let reason = c
+                    .quarantine
+                    .as_ref()
+                    .map(|q| format!("{} {} since {}", q.reason, q.teams_code.as_deref().unwrap_or(""), q.at))
+                    .unwrap_or_default();
+                let status = if c.status == ConversationStatus::Active { "active" } else { "quarantined" };
+                println!(
+                    "{:<16} {:<16} {:<40} {:<9} {:<12} {reason}",
+                    c.organization_id,
+                    c.integration_id,
+                    c.conversation_id,
+                    format!("{:?}", c.kind).to_lowercase(),
+                    status
+                );
+            }
+            println!("{} conversation(s)", list.len());
+        }
+        ConversationsCommand::Quarantine { org, integration, conversation, reason } => {
+            anyhow::ensure!(
+                store.quarantine(&org, &integration, &conversation, &reason, None).await?,
+                "no conversation {conversation} for organization {org} and integration {integration}"
+            );
+            println!(
+                "quarantined {conversation} for {org}/{integration}; workers stop sending to it within {ttl} s (worker.resolution_cache_ttl_secs)"
+            );
+        }
+        ConversationsCommand::Release { org, integration, conversation } => {
+            let found = store
+                .conversations()
+                .find_one(doc! { "organization_id": &org, "integration_id": &integration, "conversation_id": &conversation })
+                .await?;
+            let Some(found) = found else {
+                anyhow::bail!("no conversation {conversation} for organization {org} and integration {integration}")
+            };
+            store.release(&org, &integration, &conversation).await?;
+            println!("released {conversation} for {org}/{integration}; workers send to it again within {ttl} s");
+            if let Some(q) = found.quarantine {
+                println!("it was quarantined for {} ({}) since {}", q.reason, q.teams_code.as_deref().unwrap_or("-"), q.at);
+            }
+            println!("its parked dead letters can now be replayed:");
+            println!("  herald dlq list   --org {org} --integration {integration} --reason conversation_quarantined");
+            println!("  herald dlq replay --org {org} --integration {integration} --reason conversation_quarantined");
+            println!("  herald dlq replay --org {org} --integration {integration} --reason teams_forbidden");
+        }
+    }
+    Ok(())
+}

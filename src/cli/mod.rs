@@ -1,0 +1,143 @@
+//! The `herald` command line.
+
+mod conversations;
+mod dlq;
+mod enqueue;
+mod ops;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+use crate::worker::{self, Worker};
+use crate::{rabbitmq, telemetry};
+
+/// herald: delivers notification jobs from RabbitMQ to Microsoft Teams, each
+/// with its own organization's credentials, and dead-letters what cannot be
+/// delivered with a reason an operator can act on.
+///
+/// Settings come from the embedded defaults, then `--config FILE` (or
+/// HERALD_CONFIG), then HERALD_* environment variables (e.g. HERALD_AMQP_URL,
+/// HERALD_MONGODB_URI, HERALD_MONGODB_DATABASE, HERALD_TOPOLOGY_PREFIX,
+/// HERALD_WORKER__CONCURRENCY). See config/default.toml for every key.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version)]
+pub struct Cli {
+    /// A TOML settings file, merged over the defaults.
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume jobs and deliver them (declares the topology and indexes first).
+    /// Stops on SIGTERM/SIGINT after finishing in-flight jobs.
+    Worker,
+    /// Declare the RabbitMQ topology and the MongoDB indexes; safe to repeat.
+    Setup,
+    /// Publish jobs with publisher confirms: one from flags, one from --file,
+    /// or many from --stdin as JSON lines. Every job is validated first.
+    Enqueue(Box<EnqueueArgs>),
+    /// See, understand, replay, purge, export and import dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// See, quarantine and release conversations of org_integrations.
+    #[command(subcommand)]
+    Conversations(conversations::ConversationsCommand),
+    /// Load org_integrations and conversations from a JSON file (upsert).
+    Seed {
+        /// {"org_integrations": [...], "conversations": [...]}
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Check the settings and the connections to RabbitMQ and MongoDB.
+    Doctor,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Organization the job belongs to.
+    #[arg(long = "org")]
+    pub organization_id: Option<String>,
+    /// The Teams integration of that organization.
+    #[arg(long = "integration")]
+    pub integration_id: Option<String>,
+    /// Recipient: a registered conversation id.
+    #[arg(long)]
+    pub conversation: Option<String>,
+    /// Recipient: a user id (their personal chat with the bot).
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub title: Option<String>,
+    #[arg(long)]
+    pub text: Option<String>,
+    /// info, warning, error or critical.
+    #[arg(long, default_value = "info")]
+    pub severity: String,
+    #[arg(long)]
+    pub url: Option<String>,
+    /// A fact as NAME=VALUE (repeatable).
+    #[arg(long = "fact")]
+    pub facts: Vec<String>,
+    /// The job expires this many seconds after creation.
+    #[arg(long)]
+    pub expires_in: Option<u64>,
+    /// Publish the job in this JSON file instead.
+    #[arg(long, conflicts_with = "stdin")]
+    pub file: Option<PathBuf>,
+    /// Publish one job per line of standard input (JSON lines).
+    #[arg(long)]
+    pub stdin: bool,
+    /// At most this many jobs per second (for large batches).
+    #[arg(long)]
+    pub rate: Option<u32>,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    match cli.command {
+        Command::Worker => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            worker::run(settings, shutdown).await?;
+        }
+        Command::Setup => {
+            let connection = rabbitmq::connect(settings.amqp_url.expose_secret(), "herald setup").await?;
+            let worker = Worker::build(settings, CancellationToken::new()).await?;
+            worker.setup(&connection).await?;
+            println!("topology {} declared, MongoDB indexes ensured", worker.topology.prefix);
+        }
+        Command::Enqueue(args) => enqueue::enqueue(&settings, *args).await?,
+        Command::Dlq(command) => return dlq::run(&settings, command).await,
+        Command::Conversations(command) => conversations::run(&settings, command).await?,
+        Command::Seed { file } => ops::seed(&settings, &file).await?,
+        Command::Doctor => return ops::doctor(&settings).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received: finishing in-flight jobs");
+        shutdown.cancel();
+    });
+}

@@ -1,0 +1,275 @@
+//! `herald dlq` on the real broker: every verb and filter, and no loss when a
+//! replay is killed half-way.
+
+use std::collections::HashMap;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use herald::rabbitmq::{Publisher, ROUTING_KEY, headers};
+use lapin::BasicProperties;
+use lapin::types::FieldTable;
+use serde_json::Value;
+
+use crate::support::*;
+
+const CONV_A: &str = "19:conv-a@thread.tacv2";
+const CONV_B: &str = "19:conv-b@thread.tacv2";
+
+async fn herald(env: &TestEnv, args: &[&str]) -> Output {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .envs(env.env_vars())
+        .env("HERALD_LOG__FILTER", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("herald runs");
+    assert!(output.status.success(), "herald {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Put a dead letter straight into the dead-letter queue, as the worker would.
+async fn dead_letter(
+    publisher: &Publisher,
+    env: &TestEnv,
+    job: &herald::job::Job,
+    reason: &str,
+    code: Option<&str>,
+    at: &str,
+    replays: u32,
+) {
+    let mut table = FieldTable::default();
+    headers::set_str(&mut table, headers::REASON, reason);
+    headers::set_str(&mut table, headers::ORGANIZATION_ID, job.organization_id.as_str());
+    headers::set_str(&mut table, headers::DEAD_LETTERED_AT, at);
+    headers::set_u32(&mut table, headers::REPLAYS, replays);
+    if let Some(code) = code {
+        headers::set_str(&mut table, headers::TEAMS_CODE, code);
+    }
+    let properties = BasicProperties::default().with_message_id(job.id.to_string().into()).with_headers(table);
+    publisher.publish(&env.topology.dead_exchange(), ROUTING_KEY, &wire(job), properties).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_stats_and_show_remove_nothing_and_filter() {
+    let env = TestEnv::new(two_org_world()).await;
+    let publisher = Publisher::open(&env.connection).await.unwrap();
+    let a1 = job("org-a", CONV_A, "a1");
+    let a2 = job("org-a", CONV_A, "a2");
+    let b1 = job("org-b", CONV_B, "b1");
+    dead_letter(&publisher, &env, &a1, "teams_forbidden", Some("BotNotInConversationRoster"), "2026-11-20T10:00:00Z", 0).await;
+    dead_letter(&publisher, &env, &a2, "org_integration_disabled", None, "2026-11-21T10:00:00Z", 0).await;
+    dead_letter(&publisher, &env, &b1, "teams_forbidden", Some("ConversationBlockedByUser"), "2026-11-22T10:00:00Z", 0).await;
+
+    for _ in 0..3 {
+        let all = json(&herald(&env, &["dlq", "list", "--json"]).await);
+        assert_eq!(all.as_array().unwrap().len(), 3, "listing removes nothing and duplicates nothing");
+    }
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|l| l["message_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let by_org = json(&herald(&env, &["dlq", "list", "--org", "org-a", "--json"]).await);
+    assert_eq!(ids(&by_org).len(), 2);
+    let by_reason = json(&herald(&env, &["dlq", "list", "--reason", "teams_forbidden", "--json"]).await);
+    assert_eq!(ids(&by_reason).len(), 2);
+    let by_code = json(&herald(&env, &["dlq", "list", "--teams-code", "ConversationBlockedByUser", "--json"]).await);
+    assert_eq!(ids(&by_code), [b1.id.to_string()]);
+    let by_integration = json(&herald(&env, &["dlq", "list", "--integration", INTEGRATION, "--org", "org-b", "--json"]).await);
+    assert_eq!(ids(&by_integration), [b1.id.to_string()]);
+    let since = json(&herald(&env, &["dlq", "list", "--since", "2026-11-21T00:00:00Z", "--until", "2026-11-21T23:00:00Z", "--json"]).await);
+    assert_eq!(ids(&since), [a2.id.to_string()]);
+    let limited = json(&herald(&env, &["dlq", "list", "--limit", "1", "--json"]).await);
+    assert_eq!(limited.as_array().unwrap().len(), 1);
+    let table = stdout(&herald(&env, &["dlq", "list"]).await);
+    assert!(table.contains("BotNotInConversationRoster") && table.contains("3 dead letter(s)"), "{table}");
+
+    let stats = json(&herald(&env, &["dlq", "stats", "--json"]).await);
+    assert_eq!(stats["total"], 3);
+    assert_eq!(stats["by_reason"]["teams_forbidden"], 2);
+    assert_eq!(stats["by_organization"]["org-a"], 2);
+    assert_eq!(stats["by_teams_code"]["BotNotInConversationRoster"], 1);
+    assert_eq!(stats["oldest"], "2026-11-20T10:00:00Z");
+    assert_eq!(stats["newest"], "2026-11-22T10:00:00Z");
+
+    let shown = json(&herald(&env, &["dlq", "show", &a1.id.to_string(), "--json"]).await);
+    assert_eq!(shown["dead_letter"]["headers"]["x-herald-teams-code"], "BotNotInConversationRoster");
+    assert!(shown["dead_letter"]["body"].as_str().unwrap().contains("a1"));
+    assert!(shown["delivery"].is_null());
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 3);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
+    let env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    env.sim.client().remove_from_roster(CONV_A, "app-a").await.unwrap();
+    let worker = env.spawn_worker();
+    let refused = job("org-a", CONV_A, "parked");
+    env.publish(&refused).await;
+    env.publish(&job("org-unknown", CONV_A, "stays")).await;
+    env.dead_letters(2).await;
+
+    // The operator re-adds the bot and releases the quarantine.
+    env.sim.client().add_to_roster(CONV_A, "app-a").await.unwrap();
+    let released = stdout(
+        &herald(&env, &["conversations", "release", "--org", "org-a", "--integration", INTEGRATION, "--conversation", CONV_A]).await,
+    );
+    assert!(released.contains("herald dlq replay"), "{released}");
+    // Workers trust their cache for resolution_cache_ttl_secs; a new worker reads afresh.
+    worker.stop().await;
+    let worker = env.spawn_worker();
+
+    let dry = stdout(&herald(&env, &["dlq", "replay", "--org", "org-a", "--dry-run"]).await);
+    assert!(dry.contains(&refused.id.to_string()) && dry.contains("would replay 1"), "{dry}");
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 2, "a dry run changes nothing");
+    let out = stdout(&herald(&env, &["dlq", "replay", "--org", "org-a", "--reason", "teams_forbidden"]).await);
+    assert!(out.contains("replayed 1") && out.contains("1 did not match"), "{out}");
+    let records = env.activities(1).await;
+    assert_eq!(records[0].app_id, "app-a");
+    let left = env.dead_letters(1).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].reason.as_deref(), Some("org_integration_not_found"));
+    worker.stop().await;
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_the_limit() {
+    let env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    let worker = env.spawn_worker();
+    let lost = job("org-unknown", CONV_A, "x");
+    env.publish(&lost).await;
+    env.dead_letters(1).await;
+    for round in 1..=2 {
+        herald(&env, &["dlq", "replay"]).await;
+        let letter = eventually("the job to fail again", Duration::from_secs(20), || async {
+            herald::dlq::browse(&env.connection, &env.topology.dead_queue(), 5).await.ok()?.into_iter().find(|l| l.replays() == round)
+        })
+        .await;
+        assert_eq!(letter.reason.as_deref(), Some("org_integration_not_found"));
+    }
+    worker.stop().await;
+    // Past dlq.max_replays (2 here) replay refuses it unless forced.
+    let mut env_vars = env.env_vars();
+    env_vars.push(("HERALD_DLQ__MAX_REPLAYS".into(), "2".into()));
+    let refused =
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald")).args(["dlq", "replay"]).envs(env_vars.clone()).output().await.unwrap();
+    let text = String::from_utf8_lossy(&refused.stdout);
+    assert!(text.contains("replayed 0") && text.contains("already replayed 2 times"), "{text}");
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 1);
+    let forced = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["dlq", "replay", "--force"])
+        .envs(env_vars)
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&forced.stdout).contains("replayed 1"));
+    assert_eq!(env.queue_len(&env.topology.work_queue()).await, 1);
+    env.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_needs_yes_and_export_import_round_trips() {
+    let env = TestEnv::new(two_org_world()).await;
+    let publisher = Publisher::open(&env.connection).await.unwrap();
+    let old = job("org-a", CONV_A, "old");
+    let new = job("org-b", CONV_B, "new");
+    dead_letter(&publisher, &env, &old, "teams_forbidden", Some("BotNotInConversationRoster"), "2026-01-01T00:00:00Z", 1).await;
+    let now = chrono::Utc::now().to_rfc3339();
+    dead_letter(&publisher, &env, &new, "invalid_job", None, &now, 0).await;
+
+    let dir = std::env::temp_dir().join(format!("herald-it-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dlq.jsonl");
+    let out = stdout(&herald(&env, &["dlq", "export", "--out", file.to_str().unwrap()]).await);
+    assert!(out.contains("exported 2"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 2);
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 2, "export removes nothing");
+
+    let dry = stdout(&herald(&env, &["dlq", "purge", "--older-than", "30d"]).await);
+    assert!(dry.contains("1 dead letter(s) match; nothing removed"), "{dry}");
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 2);
+    let purged = stdout(&herald(&env, &["dlq", "purge", "--older-than", "30d", "--yes"]).await);
+    assert!(purged.contains(&format!("removed {}", old.id)) && purged.contains("removed 1 dead letter(s)"), "{purged}");
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 1);
+    herald(&env, &["dlq", "purge", "--yes"]).await;
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
+
+    let imported = stdout(&herald(&env, &["dlq", "import", file.to_str().unwrap()]).await);
+    assert!(imported.contains("imported 2"), "{imported}");
+    let letters = env.dead_letters(2).await;
+    let by_id: HashMap<_, _> = letters.iter().map(|l| (l.message_id.clone().unwrap(), l)).collect();
+    let back = by_id[&old.id.to_string()];
+    assert_eq!(back.headers["x-herald-teams-code"], "BotNotInConversationRoster");
+    assert_eq!(back.headers["x-herald-replays"], "1");
+    assert_eq!(back.body.as_bytes(), wire(&old).as_slice());
+    std::fs::remove_dir_all(&dir).unwrap();
+    env.teardown().await;
+}
+
+/// SIGKILL a replay of 10,000 dead letters half-way: afterwards each message
+/// is in the dead-letter queue or the work queue (both only for the in-flight
+/// batch), none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_half_way_loses_nothing() {
+    const LETTERS: usize = 10_000;
+    let env = TestEnv::new(two_org_world()).await;
+    let publisher = Publisher::open(&env.connection).await.unwrap();
+    let mut ids = Vec::with_capacity(LETTERS);
+    for chunk in 0..LETTERS / 500 {
+        let mut pending = Vec::new();
+        for i in 0..500 {
+            let job = job("org-a", CONV_A, &format!("{chunk}-{i}"));
+            ids.push(job.id.to_string());
+            let mut table = FieldTable::default();
+            headers::set_str(&mut table, headers::REASON, "teams_forbidden");
+            let properties = BasicProperties::default().with_message_id(job.id.to_string().into()).with_headers(table);
+            pending.push(publisher.start(&env.topology.dead_exchange(), ROUTING_KEY, &wire(&job), properties).await.unwrap());
+        }
+        for p in pending {
+            p.confirmed().await.unwrap();
+        }
+    }
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await as usize, LETTERS);
+
+    let mut replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["dlq", "replay", "--rate", "2000"])
+        .envs(env.env_vars())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let work = env.topology.work_queue();
+    eventually("the replay to be under way", Duration::from_secs(60), || async { (env.queue_len(&work).await >= 2000).then_some(()) })
+        .await;
+    replay.start_kill().unwrap();
+    replay.wait().await.unwrap();
+
+    let dead = env.topology.dead_queue();
+    let (in_dead, in_work) = eventually("unacked letters to return", Duration::from_secs(10), || async {
+        let (d, w) = (env.queue_len(&dead).await as usize, env.queue_len(&work).await as usize);
+        (d + w >= LETTERS).then_some((d, w))
+    })
+    .await;
+    assert!(in_work < LETTERS, "killed half-way ({in_work} replayed)");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for queue in [&dead, &work] {
+        for letter in herald::dlq::browse(&env.connection, queue, LETTERS + 1000).await.unwrap() {
+            *seen.entry(letter.message_id.unwrap()).or_default() += 1;
+        }
+    }
+    let missing = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    let twice = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(missing, 0, "{missing} dead letters lost ({in_dead} in the DLQ, {in_work} in the work queue)");
+    assert!(twice <= 256, "duplicates only for the one batch in flight: {twice}");
+    env.teardown().await;
+}
