@@ -127,6 +127,7 @@ pub enum Content {
 #[serde(deny_unknown_fields)]
 pub struct WireJob {
     pub version: u64,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     pub job_id: Uuid,
     pub organization_id: String,
     pub integration_id: String,
@@ -138,6 +139,16 @@ pub struct WireJob {
     pub created_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Only the canonical 36-character form, as the schema's `format: uuid` says
+/// (the `uuid` crate alone would also take braced, URN and simple forms).
+fn hyphenated_uuid<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Uuid, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text.len() != 36 {
+        return Err(serde::de::Error::custom(format!("`job_id` {text:?} is not a UUID in its hyphenated form")));
+    }
+    Uuid::parse_str(&text).map_err(|err| serde::de::Error::custom(format!("`job_id` {text:?} is not a UUID: {err}")))
 }
 
 /// A validated job.
@@ -242,11 +253,6 @@ impl TryFrom<WireJob> for Job {
             (Some(_), Some(_)) => return Err(invalid("give either `message` or `card`, not both")),
             (None, None) => return Err(invalid("missing `message` (or `card`)")),
         };
-        if let Some(expires_at) = wire.expires_at
-            && expires_at < wire.created_at
-        {
-            return Err(invalid("`expires_at` is before `created_at`"));
-        }
         Ok(Job {
             id: JobId(wire.job_id),
             organization_id,

@@ -2,6 +2,8 @@ mod dlq;
 mod observe;
 mod pipeline;
 mod property;
+mod python;
+mod schema;
 mod secrets;
 mod shutdown;
 mod sim;
