@@ -27,10 +27,12 @@ impl Producer {
         Ok(Self { publisher, exchange: format!("{topology_prefix}.jobs"), _connection: None })
     }
 
-    /// Publish a validated job; returns its id once the broker confirmed it.
+    /// Publish a validated job with the current span's W3C `traceparent`;
+    /// returns its id once the broker confirmed it.
     pub async fn publish(&self, job: &Job) -> Result<JobId, BrokerError> {
         let body = serde_json::to_vec(&WireJob::from(job)).expect("a job always serializes");
-        self.publish_raw(&body, &job.id.to_string(), None).await?;
+        let traceparent = crate::telemetry::current_traceparent();
+        self.publish_raw(&body, &job.id.to_string(), traceparent.as_deref()).await?;
         Ok(job.id)
     }
 

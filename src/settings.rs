@@ -33,7 +33,14 @@ pub struct Settings {
     pub teams: TeamsSettings,
     pub http: HttpSettings,
     pub dlq: DlqSettings,
+    pub telemetry: TelemetrySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TelemetrySettings {
+    pub otlp_endpoint: String,
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -102,7 +102,7 @@ pub struct EnqueueArgs {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
-    telemetry::init(&settings.log);
+    let _telemetry = telemetry::init(&settings);
     match cli.command {
         Command::Worker => {
             let shutdown = CancellationToken::new();

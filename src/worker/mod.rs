@@ -176,7 +176,23 @@ impl Pipeline {
                 });
             }
         };
-        let span = info_span!("job", job_id = %job.id, organization_id = %job.organization_id, attempt = message.attempts() + 1);
+        let span = info_span!(
+            "job",
+            otel.name = "msteams process",
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = "msteams",
+            messaging.message.id = %job.id,
+            job_id = %job.id,
+            organization_id = %job.organization_id,
+            attempt = message.attempts() + 1,
+            trace_id = tracing::field::Empty,
+        );
+        let traceparent = headers::get_str(message.headers(), headers::TRACEPARENT);
+        if let Some(trace_id) = crate::telemetry::continue_trace(&span, traceparent.as_deref()) {
+            span.record("trace_id", trace_id);
+        }
         self.process_job(&job, message).instrument(span).await
     }
 

@@ -53,3 +53,64 @@ async fn health_readiness_and_metrics() {
     assert!(after.is_err() || after.unwrap().status() != 200, "not ready once stopped");
     env.teardown().await;
 }
+
+/// The producer's W3C trace continues in the worker: the job's span carries
+/// the published trace id in the logs, and is exported over OTLP/HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_of_a_published_job_continues_in_the_worker_and_is_exported() {
+    use std::sync::{Arc, Mutex};
+
+    let env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    // A minimal OTLP/HTTP collector that keeps every request body.
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let keep = bodies.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let keep = keep.clone();
+            async move {
+                keep.lock().unwrap().push(body.to_vec());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let dir = std::env::temp_dir().join(format!("herald-it-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log_path = dir.join("worker.log");
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("worker")
+        .envs(env.env_vars())
+        .env("HERALD_TELEMETRY__OTLP_ENDPOINT", format!("http://{collector_addr}"))
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let job = job("org-a", CONV_A, "traced");
+    env.producer.publish_raw(&wire(&job), &job.id.to_string(), Some(&format!("00-{trace_id}-00f067aa0ba902b7-01"))).await.unwrap();
+    env.activities(1).await;
+    // The batch exporter flushes at shutdown.
+    std::process::Command::new("kill").args(["-TERM", &process.id().unwrap().to_string()]).status().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(15), process.wait()).await.unwrap().unwrap();
+
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let delivered = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "delivered")
+        .unwrap_or_else(|| panic!("no delivered line in\n{log}"));
+    assert_eq!(delivered["span"]["trace_id"], trace_id, "{delivered}");
+    assert_eq!(delivered["span"]["job_id"], job.id.to_string());
+
+    let raw_trace_id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap()).collect();
+    let exported = bodies.lock().unwrap().iter().any(|b| b.windows(16).any(|w| w == raw_trace_id.as_slice()));
+    assert!(exported, "the job's span was exported over OTLP with the producer's trace id");
+    std::fs::remove_dir_all(&dir).unwrap();
+    env.teardown().await;
+}
