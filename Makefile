@@ -25,6 +25,8 @@ bench: ## The benchmark (release build, real services, throttling off); writes b
 	$(CARGO) build --release --bins --examples
 	./target/release/examples/bench
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: ## rustfmt, clippy (warnings are errors), and the deploy/ manifests, rules and dashboard
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	@bash scripts/deploy-tools.sh
+	python3 deploy/check.py

@@ -100,6 +100,8 @@ async fn main() -> anyhow::Result<()> {
         ("HERALD_TEAMS__CLOUDS__PUBLIC__TOKEN_ENDPOINT", sim_url.clone()),
         ("HERALD_TEAMS__INSECURE_LOOPBACK_HOSTS", "[\"127.0.0.1\"]".to_owned()),
         ("HERALD_LOG__FORMAT", "json".to_owned()),
+        // Any free port: the demo must not depend on 9090 being free.
+        ("HERALD_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
     ];
     for (key, value) in &env {
         // SAFETY: set before any other thread of this program reads the environment.

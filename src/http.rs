@@ -31,7 +31,8 @@ async fn readyz(State(pipeline): State<Arc<Pipeline>>) -> impl IntoResponse {
 
 async fn metrics(State(pipeline): State<Arc<Pipeline>>) -> impl IntoResponse {
     let (cache_hits, cache_misses) = pipeline.resolver.cache_stats();
-    let gauges = Gauges { token_requests: pipeline.teams.token_requests(), cache_hits, cache_misses };
+    let (mongodb_reads, mongodb_writes) = pipeline.store.op_counts();
+    let gauges = Gauges { token_requests: pipeline.teams.token_requests(), cache_hits, cache_misses, mongodb_reads, mongodb_writes };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], pipeline.metrics.render(&gauges))
 }
 

@@ -90,6 +90,8 @@ pub struct Gauges {
     pub token_requests: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    pub mongodb_reads: u64,
+    pub mongodb_writes: u64,
 }
 
 impl Metrics {
@@ -169,6 +171,9 @@ impl Metrics {
         counter(&mut out, "herald_resolution_cache_total", "org_integration resolutions, served from the cache or not.");
         let _ = writeln!(out, "herald_resolution_cache_total{{result=\"hit\"}} {}", gauges.cache_hits);
         let _ = writeln!(out, "herald_resolution_cache_total{{result=\"miss\"}} {}", gauges.cache_misses);
+        counter(&mut out, "herald_mongodb_operations_total", "MongoDB operations, by kind.");
+        let _ = writeln!(out, "herald_mongodb_operations_total{{kind=\"read\"}} {}", gauges.mongodb_reads);
+        let _ = writeln!(out, "herald_mongodb_operations_total{{kind=\"write\"}} {}", gauges.mongodb_writes);
         counter(
             &mut out,
             "herald_recipients_corrected_total",
@@ -197,7 +202,7 @@ mod tests {
         m.teams_request(Some(201), Duration::from_millis(20));
         m.teams_request(Some(503), Duration::from_millis(20));
         m.teams_request(None, Duration::from_secs(2));
-        let text = m.render(&Gauges { token_requests: 3, cache_hits: 10, cache_misses: 1 });
+        let text = m.render(&Gauges { token_requests: 3, cache_hits: 10, cache_misses: 1, mongodb_reads: 2, mongodb_writes: 5 });
         assert!(text.contains("herald_jobs_total{outcome=\"delivered\"} 1"));
         assert!(text.contains("herald_dead_letters_total{reason=\"teams_forbidden\"} 1"));
         assert!(text.contains("herald_teams_requests_total{class=\"5xx\"} 1"));
@@ -207,5 +212,6 @@ mod tests {
         assert!(text.contains("herald_jobs_in_flight 0"));
         assert!(text.contains("herald_token_requests_total 3"));
         assert!(text.contains("herald_resolution_cache_total{result=\"hit\"} 10"));
+        assert!(text.contains("herald_mongodb_operations_total{kind=\"write\"} 5"));
     }
 }

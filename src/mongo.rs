@@ -201,6 +201,14 @@ pub enum Claim {
 #[derive(Clone)]
 pub struct Store {
     db: Database,
+    ops: std::sync::Arc<OpCounts>,
+}
+
+/// MongoDB operations made by this process (for metrics and the benchmark).
+#[derive(Debug, Default)]
+pub struct OpCounts {
+    reads: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -212,7 +220,21 @@ impl Store {
         options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).map_err(StoreError::new("connect"))?;
-        Ok(Self { db: client.database(&settings.mongodb_database) })
+        Ok(Self { db: client.database(&settings.mongodb_database), ops: Default::default() })
+    }
+
+    fn read(&self) {
+        self.ops.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn write(&self) {
+        self.ops.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (reads, writes) made through this store.
+    pub fn op_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ops.reads.load(Relaxed), self.ops.writes.load(Relaxed))
     }
 
     pub fn database(&self) -> &Database {
@@ -285,6 +307,7 @@ impl Store {
         org: &OrganizationId,
         integration: &IntegrationId,
     ) -> Result<Option<OrgIntegrationDoc>, StoreError> {
+        self.read();
         self.org_integrations()
             .find_one(doc! { "organization_id": org.as_str(), "integration_id": integration.as_str() })
             .await
@@ -297,6 +320,7 @@ impl Store {
         integration: &IntegrationId,
         conversation: &ConversationId,
     ) -> Result<Option<ConversationDoc>, StoreError> {
+        self.read();
         self.conversations()
             .find_one(doc! {
                 "organization_id": org.as_str(), "integration_id": integration.as_str(), "conversation_id": conversation.as_str(),
@@ -312,6 +336,7 @@ impl Store {
         integration: &IntegrationId,
         user: &UserId,
     ) -> Result<Vec<ConversationDoc>, StoreError> {
+        self.read();
         use futures_util::TryStreamExt;
         self.conversations()
             .find(doc! {
@@ -327,6 +352,7 @@ impl Store {
 
     /// Record a conversation (created through the Connector); idempotent.
     pub async fn upsert_conversation(&self, conversation: &ConversationDoc) -> Result<(), StoreError> {
+        self.write();
         let filter = doc! {
             "organization_id": &conversation.organization_id,
             "integration_id": &conversation.integration_id,
@@ -349,6 +375,7 @@ impl Store {
         reason: &str,
         teams_code: Option<&str>,
     ) -> Result<bool, StoreError> {
+        self.write();
         let result = self
             .conversations()
             .update_one(
@@ -365,6 +392,7 @@ impl Store {
 
     /// Lift a quarantine.
     pub async fn release(&self, org: &str, integration: &str, conversation: &str) -> Result<bool, StoreError> {
+        self.write();
         let result = self
             .conversations()
             .update_one(
@@ -380,6 +408,7 @@ impl Store {
     /// One round trip: the upsert's filter excludes a `sent` record, so a sent
     /// job makes the insert collide with its own `_id`.
     pub async fn claim(&self, job: JobId, org: &OrganizationId, integration: &IntegrationId) -> Result<Claim, StoreError> {
+        self.write();
         let now = DateTime::now();
         let result = self
             .deliveries()
@@ -403,6 +432,7 @@ impl Store {
     }
 
     pub async fn mark_sent(&self, job: JobId, conversation_id: &str, activity_id: &str, attempts: u32) -> Result<(), StoreError> {
+        self.write();
         self.deliveries()
             .update_one(
                 doc! { "_id": job.to_string() },
@@ -420,6 +450,7 @@ impl Store {
     /// Record a retry or a dead letter. A job that never got as far as a claim
     /// (invalid, expired) gets no record.
     pub async fn mark_failed(&self, job: JobId, state: DeliveryState, reason: &str, error: &str, attempts: u32) -> Result<(), StoreError> {
+        self.write();
         let state = bson::to_bson(&state).map_err(|e| StoreError { operation: "encode delivery state", source: e.into() })?;
         self.deliveries()
             .update_one(
@@ -435,6 +466,7 @@ impl Store {
     }
 
     pub async fn delivery(&self, job: &str) -> Result<Option<DeliveryDoc>, StoreError> {
+        self.read();
         self.deliveries().find_one(doc! { "_id": job }).await.map_err(StoreError::new("find delivery"))
     }
 }

@@ -1,0 +1,516 @@
+//! `make bench`: herald against the broker's own limit, measured side by side
+//! in one run on this machine. Writes `bench/results/latest.md` and prints it.
+//!
+//! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
+//! so the benchmark cannot rot); the default is the full run of issue 8.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use herald::dlq;
+use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
+use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology, headers};
+use herald::settings::Settings;
+use herald::sim::client::SimClient;
+use herald::sim::{self, Action, Bot, Conversation, Rule, Tenant, World};
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+
+const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+struct Scale {
+    name: &'static str,
+    backlog: usize,
+    orgs: usize,
+    conversations_per_org: usize,
+    latency_rate: u32,
+    latency_secs: u64,
+    mix_jobs: usize,
+    replay: usize,
+}
+
+const FULL: Scale =
+    Scale { name: "full", backlog: 50_000, orgs: 500, conversations_per_org: 4, latency_rate: 500, latency_secs: 60, mix_jobs: 10_000, replay: 10_000 };
+const SMOKE: Scale =
+    Scale { name: "smoke", backlog: 2_000, orgs: 20, conversations_per_org: 4, latency_rate: 100, latency_secs: 3, mix_jobs: 500, replay: 500 };
+
+struct Guard(Vec<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.parent().and_then(Path::parent).context("target dir")?.join(name);
+    anyhow::ensure!(path.exists(), "{} not built", path.display());
+    Ok(path)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn shell(cmd: &str) -> String {
+    Command::new("sh").args(["-c", cmd]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}
+
+/// (CPU seconds, peak RSS in MiB) of a process, from /proc.
+fn usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0) + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (ticks / 100.0, hwm_kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Env {
+    prefix: String,
+    database: String,
+    sim_url: String,
+    connection: lapin::Connection,
+    topology: Topology,
+    store: Store,
+}
+
+impl Env {
+    fn worker_env(&self, http_port: u16) -> Vec<(String, String)> {
+        vec![
+            ("HERALD_TOPOLOGY_PREFIX".into(), self.prefix.clone()),
+            ("HERALD_MONGODB_DATABASE".into(), self.database.clone()),
+            ("HERALD_TEAMS__CLOUDS__PUBLIC__TOKEN_ENDPOINT".into(), self.sim_url.clone()),
+            ("HERALD_TEAMS__INSECURE_LOOPBACK_HOSTS".into(), "[\"127.0.0.1\"]".into()),
+            ("HERALD_HTTP__LISTEN".into(), format!("127.0.0.1:{http_port}")),
+            ("HERALD_RETRY__TIERS_SECS".into(), "[1,2]".into()),
+            ("HERALD_WORKER__CONCURRENCY".into(), "64".into()),
+            ("HERALD_WORKER__PREFETCH".into(), "128".into()),
+            ("HERALD_LOG__FILTER".into(), "warn".into()),
+            ("HERALD_LOG__FORMAT".into(), "json".into()),
+        ]
+    }
+
+    fn spawn_worker(&self, http_port: u16) -> anyhow::Result<Child> {
+        Ok(Command::new(bin("herald")?).arg("worker").envs(self.worker_env(http_port)).stderr(Stdio::null()).spawn()?)
+    }
+
+    async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
+        let channel = self.connection.create_channel().await?;
+        let q = channel.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await?;
+        let _ = channel.close(200, "".into()).await;
+        Ok(q.message_count())
+    }
+
+    async fn purge_all(&self) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        for queue in self.topology.queues() {
+            channel.queue_purge(queue.as_str().into(), Default::default()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Publish `bodies` with pipelined confirms (windows of 500).
+async fn publish_all(publisher: &Publisher, exchange: &str, bodies: Vec<(String, Vec<u8>)>, headers_of: impl Fn() -> FieldTable) -> anyhow::Result<()> {
+    for chunk in bodies.chunks(500) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (id, body) in chunk {
+            let properties = BasicProperties::default().with_content_type("application/json".into()).with_message_id(id.as_str().into()).with_headers(headers_of());
+            pending.push(publisher.start(exchange, ROUTING_KEY, body, properties).await?);
+        }
+        for p in pending {
+            p.confirmed().await?;
+        }
+    }
+    Ok(())
+}
+
+fn job_body(org: usize, conversation: &str, created_at: chrono::DateTime<chrono::Utc>) -> (String, Vec<u8>) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = json!({
+        "version": 1, "job_id": id, "organization_id": format!("org-{org}"), "integration_id": "teams-main",
+        "recipient": {"conversation_id": conversation},
+        "message": {"title": format!("alert {id}"), "text": "CPU above 95% for 5 minutes on db-7", "severity": "warning",
+                    "facts": [{"name": "host", "value": "db-7"}, {"name": "region", "value": "eu-west-1"}]},
+        "created_at": created_at,
+    });
+    (id, serde_json::to_vec(&body).unwrap())
+}
+
+fn conversation(org: usize, c: usize) -> String {
+    format!("19:org{org}-c{c}@thread.tacv2")
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metric(port: u16, line_prefix: &str) -> f64 {
+    let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => return f64::NAN,
+    };
+    text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let scale = if std::env::var("BENCH_SCALE").as_deref() == Ok("smoke") { SMOKE } else { FULL };
+    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    eprintln!("bench ({} scale): backlog {}, {} orgs, {} conversations", scale.name, scale.backlog, scale.orgs, scale.orgs * scale.conversations_per_org);
+
+    // ---- 1. bare baseline -------------------------------------------------
+    let connection = rabbitmq::connect(AMQP, "herald bench").await?;
+    let publisher = Publisher::open(&connection).await?;
+    let bare_queue = format!("bench-bare-{id}");
+    let channel = connection.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel.queue_declare(bare_queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args).await?;
+    let now = chrono::Utc::now();
+    let bodies: Vec<_> = (0..scale.backlog).map(|i| job_body(i % scale.orgs, &conversation(i % scale.orgs, 0), now)).collect();
+    let started = Instant::now();
+    // The default exchange routes by queue name.
+    for chunk in bodies.chunks(500) {
+        let mut pending = Vec::new();
+        for (mid, body) in chunk {
+            pending.push(publisher.start("", &bare_queue, body, BasicProperties::default().with_message_id(mid.as_str().into())).await?);
+        }
+        for p in pending {
+            p.confirmed().await?;
+        }
+    }
+    let publish_rate = scale.backlog as f64 / started.elapsed().as_secs_f64();
+    channel.basic_qos(128, BasicQosOptions::default()).await?;
+    let mut consumer = channel.basic_consume(bare_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+    let started = Instant::now();
+    for _ in 0..scale.backlog {
+        let delivery = consumer.next().await.context("consumer ended")??;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    let bare_secs = started.elapsed().as_secs_f64();
+    let bare_rate = scale.backlog as f64 / bare_secs;
+    channel.queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    eprintln!("bare consumer: {bare_rate:.0} msg/s (publish {publish_rate:.0}/s)");
+
+    // ---- shared set-up for herald ---------------------------------------
+    let sim_port = free_port();
+    let sim_url = format!("http://127.0.0.1:{sim_port}");
+    let mut world = World::default();
+    for org in 0..scale.orgs {
+        world.tenants.push(Tenant { id: format!("tenant-{org}"), name: None });
+        world.bots.push(Bot { app_id: format!("app-{org}"), app_secret: format!("secret-{org}"), authority: "botframework.com".into(), disabled: false });
+        for c in 0..scale.conversations_per_org {
+            world.conversations.push(Conversation {
+                id: conversation(org, c),
+                tenant_id: format!("tenant-{org}"),
+                kind: sim::ConversationKind::Channel,
+                roster: [format!("app-{org}")].into(),
+                blocked: false,
+                user_id: None,
+            });
+        }
+    }
+    let world_path = std::env::temp_dir().join(format!("herald-bench-world-{id}.json"));
+    std::fs::write(&world_path, serde_json::to_vec(&world)?)?;
+    let mut guard = Guard(Vec::new());
+    guard.0.push(
+        Command::new(bin("teams-sim")?)
+            .args(["--listen", &format!("127.0.0.1:{sim_port}"), "--no-throttle", "--max-records", "200000", "--world"])
+            .arg(&world_path)
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let sim = SimClient::new(&sim_url);
+    wait_for("teams-sim", Duration::from_secs(10), || async { Ok(sim.health().await.is_ok()) }).await?;
+
+    let prefix = format!("bench-{id}");
+    let database = format!("bench_{id}");
+    // SAFETY: single-threaded at this point of start-up; read by Settings::load below.
+    unsafe {
+        std::env::set_var("HERALD_TOPOLOGY_PREFIX", &prefix);
+        std::env::set_var("HERALD_MONGODB_DATABASE", &database);
+        std::env::set_var("HERALD_RETRY__TIERS_SECS", "[1,2]");
+    }
+    let settings = Settings::load(None)?;
+    let topology = herald::worker::run::topology(&settings);
+    topology.declare(&connection).await?;
+    let store = Store::connect(&settings).await?;
+    store.ensure_indexes().await?;
+    let integrations: Vec<OrgIntegrationDoc> = (0..scale.orgs)
+        .map(|org| OrgIntegrationDoc {
+            id: None,
+            organization_id: format!("org-{org}"),
+            integration_id: "teams-main".into(),
+            status: IntegrationStatus::Active,
+            tenant_id: format!("tenant-{org}"),
+            cloud: None,
+            service_url: format!("{sim_url}/teams/"),
+            bot: BotDoc { app_id: format!("app-{org}"), app_secret: Some(format!("secret-{org}")), app_secret_env: None, app_secret_file: None, authority: None },
+            created_at: None,
+            updated_at: None,
+        })
+        .collect();
+    store.org_integrations().insert_many(integrations).await?;
+    let conversations: Vec<ConversationDoc> = (0..scale.orgs)
+        .flat_map(|org| {
+            (0..scale.conversations_per_org).map(move |c| ConversationDoc {
+                organization_id: format!("org-{org}"),
+                integration_id: "teams-main".into(),
+                conversation_id: conversation(org, c),
+                kind: ConversationKind::Channel,
+                user_id: None,
+                status: ConversationStatus::Active,
+                quarantine: None,
+                created_at: None,
+            })
+        })
+        .collect();
+    store.conversations().insert_many(conversations).await?;
+    let env = Env { prefix, database, sim_url, connection, topology, store };
+
+    // ---- 2. throughput ---------------------------------------------------
+    let mut rng = fastrand::Rng::with_seed(42);
+    let now = chrono::Utc::now();
+    let bodies: Vec<_> = (0..scale.backlog)
+        .map(|_| {
+            let org = rng.usize(..scale.orgs);
+            job_body(org, &conversation(org, rng.usize(..scale.conversations_per_org)), now)
+        })
+        .collect();
+    publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
+    let http_port = free_port();
+    let mut worker = env.spawn_worker(http_port)?;
+    let pid = worker.id();
+    let backlog = scale.backlog as u64;
+    let took = wait_for("the backlog to drain", Duration::from_secs(1800), || async { Ok(sim.stats().await?.activities_total >= backlog) }).await?;
+    let herald_rate = scale.backlog as f64 / took.as_secs_f64();
+    let reads = metric(http_port, "herald_mongodb_operations_total{kind=\"read\"}").await;
+    let writes = metric(http_port, "herald_mongodb_operations_total{kind=\"write\"}").await;
+    let (cpu, rss) = usage(pid);
+    let stats = sim.stats().await?;
+    let token_max = stats.tokens_issued.values().copied().max().unwrap_or(0);
+    let token_apps = stats.tokens_issued.len();
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = worker.wait();
+    eprintln!("herald: {herald_rate:.0} jobs/s, {:.2} CPU s per 1000 jobs, peak RSS {rss:.0} MiB", cpu / scale.backlog as f64 * 1000.0);
+    let ratio = herald_rate / bare_rate;
+    rows.push(("bare lapin consumer (quorum queue, ack each)".into(), format!("{bare_rate:.0} msg/s"), "the broker's limit here".into()));
+    rows.push((format!("herald draining {} jobs ({} orgs, {} conversations)", scale.backlog, scale.orgs, scale.orgs * scale.conversations_per_org), format!("{herald_rate:.0} jobs/s"), String::new()));
+    rows.push(("herald / bare".into(), format!("{ratio:.2}"), verdict(ratio >= 0.5, "≥ 0.5")));
+    rows.push(("worker CPU per 1,000 jobs".into(), format!("{:.2} s", cpu / scale.backlog as f64 * 1000.0), String::new()));
+    rows.push(("worker peak RSS (VmHWM)".into(), format!("{rss:.0} MiB"), verdict(rss <= 100.0, "≤ 100 MB")));
+    rows.push((
+        "token requests per bot app".into(),
+        format!("max {token_max} over {token_apps} apps"),
+        verdict(token_max == 1 && token_apps == scale.orgs, "1 per app per token lifetime"),
+    ));
+    rows.push((
+        "MongoDB operations per job".into(),
+        format!("{:.3} reads, {:.2} writes", reads / scale.backlog as f64, writes / scale.backlog as f64),
+        verdict(reads / (scale.backlog as f64) < 0.05, "no read per job in steady state"),
+    ));
+
+    // ---- 3. latency --------------------------------------------------------
+    sim.reset().await?;
+    env.purge_all().await?;
+    let http_port = free_port();
+    let worker = env.spawn_worker(http_port)?;
+    guard.0.push(worker);
+    wait_for("the worker to be ready", Duration::from_secs(20), || async {
+        Ok(reqwest::get(format!("http://127.0.0.1:{http_port}/readyz")).await.is_ok_and(|r| r.status().is_success()))
+    })
+    .await?;
+    // Warm-up: one job per organization, so that tokens are cached as in steady state.
+    let warm: Vec<_> = (0..scale.orgs).map(|org| job_body(org, &conversation(org, 0), chrono::Utc::now())).collect();
+    publish_all(&publisher, &env.topology.jobs_exchange(), warm, FieldTable::default).await?;
+    let orgs = scale.orgs as u64;
+    wait_for("the warm-up", Duration::from_secs(60), || async { Ok(sim.stats().await?.activities_total >= orgs) }).await?;
+    sim.reset().await?;
+    sim.set_latency(sim::Latency::Fixed { ms: 50 }).await?;
+    let total = scale.latency_rate as u64 * scale.latency_secs;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(scale.latency_rate)));
+    let mut sent_at = BTreeMap::new();
+    for i in 0..total {
+        tick.tick().await;
+        let org = (i as usize) % scale.orgs;
+        let (mid, body) = job_body(org, &conversation(org, (i as usize / scale.orgs) % scale.conversations_per_org), chrono::Utc::now());
+        sent_at.insert(format!("alert {mid}"), chrono::Utc::now());
+        let properties = BasicProperties::default().with_content_type("application/json".into()).with_message_id(mid.as_str().into());
+        publisher.publish(&env.topology.jobs_exchange(), ROUTING_KEY, &body, properties).await?;
+    }
+    wait_for("the latency jobs", Duration::from_secs(120), || async { Ok(sim.stats().await?.activities_total >= total) }).await?;
+    // The simulator stamps `received_at` after its own 50 ms.
+    let mut latencies: Vec<f64> = sim
+        .all_activities()
+        .await?
+        .iter()
+        .filter_map(|record| {
+            let title = record.body["attachments"][0]["content"]["body"][0]["text"].as_str()?;
+            let sent = sent_at.get(title)?;
+            Some((record.received_at - *sent).num_microseconds()? as f64 / 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let (p50, p95, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.95), percentile(&latencies, 0.99));
+    eprintln!("latency: p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms over {} jobs", latencies.len());
+    rows.push((
+        format!("publish → simulator receipt, {} jobs/s for {} s, simulator latency 50 ms", scale.latency_rate, scale.latency_secs),
+        format!("p50 {p50:.1} / p95 {p95:.1} / p99 {p99:.1} ms"),
+        String::new(),
+    ));
+    rows.push(("p99 overhead over the simulator's 50 ms".into(), format!("{:.1} ms", p99 - 50.0), verdict(p99 - 50.0 <= 10.0, "≤ 10 ms")));
+    if let Some(mut worker) = guard.0.pop() {
+        let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+        let _ = worker.wait();
+    }
+
+    // ---- 4. real-world mix ------------------------------------------------
+    sim.reset().await?;
+    env.purge_all().await?;
+    let fault = |probability: f64, status: u16, code: Option<&str>, retry_after: Option<u64>| Rule {
+        route: sim::Route::Send,
+        probability: Some(probability),
+        action: Some(Action::Status { status, code: code.map(str::to_owned), retry_after }),
+        ..Default::default()
+    };
+    // A generic 403 (not a quarantine code), so that every 403 is one dead letter.
+    sim.add_fault(&fault(0.01, 403, Some("Forbidden"), None)).await?;
+    sim.add_fault(&fault(0.02, 503, None, None)).await?;
+    sim.add_fault(&fault(0.05, 429, Some("Throttled"), Some(1))).await?;
+    let now = chrono::Utc::now();
+    let bodies: Vec<_> = (0..scale.mix_jobs)
+        .map(|_| {
+            let org = rng.usize(..scale.orgs);
+            job_body(org, &conversation(org, rng.usize(..scale.conversations_per_org)), now)
+        })
+        .collect();
+    publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
+    let http_port = free_port();
+    guard.0.push(env.spawn_worker(http_port)?);
+    let dead_queue = env.topology.dead_queue();
+    let mix = scale.mix_jobs as u64;
+    let took = wait_for("the mix to settle", Duration::from_secs(900), || async {
+        Ok(sim.stats().await?.activities_total + u64::from(env.queue_len(&dead_queue).await?) >= mix)
+    })
+    .await?;
+    let stats = sim.stats().await?;
+    let letters = dlq::browse(&env.connection, &dead_queue, scale.mix_jobs).await?;
+    let forbidden = stats.responses_by_status.get(&403).copied().unwrap_or(0);
+    let all_forbidden = letters.iter().all(|l| l.reason.as_deref() == Some("teams_forbidden"));
+    let goodput = stats.activities_total as f64 / took.as_secs_f64();
+    eprintln!("mix: goodput {goodput:.0}/s, {} dead letters, {forbidden} 403s", letters.len());
+    rows.push((
+        format!("real-world mix, {} jobs: 5% 429 (Retry-After 1 s), 2% 503, 1% 403", scale.mix_jobs),
+        format!(
+            "goodput {goodput:.0} jobs/s; {} delivered; 429s {}, 503s {}",
+            stats.activities_total,
+            stats.responses_by_status.get(&429).copied().unwrap_or(0),
+            stats.responses_by_status.get(&503).copied().unwrap_or(0)
+        ),
+        String::new(),
+    ));
+    rows.push((
+        "dead letters are exactly the 403s".into(),
+        format!("{} dead letters, {forbidden} 403 answers, all `teams_forbidden`: {all_forbidden}", letters.len()),
+        verdict(letters.len() as u64 == forbidden && all_forbidden, "equal"),
+    ));
+    if let Some(mut worker) = guard.0.pop() {
+        let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+        let _ = worker.wait();
+    }
+
+    // ---- 5. replay ----------------------------------------------------------
+    env.purge_all().await?;
+    let now = chrono::Utc::now();
+    let bodies: Vec<_> = (0..scale.replay).map(|i| job_body(i % scale.orgs, &conversation(i % scale.orgs, 0), now)).collect();
+    let reason = || {
+        let mut table = FieldTable::default();
+        headers::set_str(&mut table, headers::REASON, "teams_forbidden");
+        table
+    };
+    publish_all(&publisher, &env.topology.dead_exchange(), bodies, reason).await?;
+    let started = Instant::now();
+    let status = Command::new(bin("herald")?).args(["dlq", "replay"]).envs(env.worker_env(0)).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let replay_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "herald dlq replay failed");
+    let moved = env.queue_len(&env.topology.work_queue()).await?;
+    anyhow::ensure!(moved as usize == scale.replay, "replay moved {moved} of {}", scale.replay);
+    eprintln!("replay: {} dead letters in {replay_secs:.1} s", scale.replay);
+    rows.push((
+        format!("`herald dlq replay` of {} dead letters", scale.replay),
+        format!("{replay_secs:.1} s ({:.0}/s)", scale.replay as f64 / replay_secs),
+        verdict(replay_secs < 60.0, "well under a minute"),
+    ));
+    env.purge_all().await?;
+    let channel = env.connection.create_channel().await?;
+    for queue in env.topology.queues() {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = env.store.database().drop().await;
+    let _ = std::fs::remove_file(&world_path);
+
+    write_report(&scale, rows)?;
+    drop(guard);
+    Ok(())
+}
+
+fn verdict(met: bool, target: &str) -> String {
+    if met { format!("met ({target})") } else { format!("**missed** ({target})") }
+}
+
+fn write_report(scale: &Scale, rows: Vec<(String, String, String)>) -> anyhow::Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(md, "# herald benchmark ({} scale)\n", scale.name);
+    let _ = writeln!(md, "Run: {} (`make bench`, one run, every figure side by side on this machine)\n", chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let _ = writeln!(md, "| machine | |\n|---|---|");
+    let _ = writeln!(md, "| CPU | {} × {} |", shell("nproc"), shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"));
+    let _ = writeln!(md, "| memory | {} |", shell("free -h | awk '/Mem:/{print $2}'"));
+    let _ = writeln!(md, "| rustc | {} |", shell("rustc -V"));
+    let _ = writeln!(md, "| RabbitMQ | {} |", shell("rabbitmqctl version 2>/dev/null"));
+    let _ = writeln!(md, "| SecantusDB | {} |", shell("secantusd-rs --version | head -1"));
+    let _ = writeln!(md, "| herald | {} |", shell("git rev-parse --short HEAD"));
+    let _ = writeln!(md, "| settings | release build; worker concurrency 64, prefetch 128; teams-sim throttling off |\n");
+    let _ = writeln!(md, "| measure | result | target |\n|---|---|---|");
+    for (what, result, target) in rows {
+        let _ = writeln!(md, "| {what} | {result} | {target} |");
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let file = if scale.name == "full" { "latest.md" } else { "smoke.md" };
+    std::fs::write(dir.join(file), &md)?;
+    println!("{md}");
+    Ok(())
+}
