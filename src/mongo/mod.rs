@@ -2,6 +2,8 @@
 //! ledger (contract §5). Only standard driver features, so that herald runs on
 //! MongoDB 6+, Atlas, or any server speaking the wire protocol.
 
+mod ledger;
+
 use std::time::Duration;
 
 use mongodb::bson::{self, Bson, DateTime, doc};
@@ -202,6 +204,7 @@ pub enum Claim {
 pub struct Store {
     db: Database,
     ops: std::sync::Arc<OpCounts>,
+    ledger: ledger::Ledger,
 }
 
 /// MongoDB operations made by this process (for metrics and the benchmark).
@@ -220,7 +223,8 @@ impl Store {
         options.server_selection_timeout.get_or_insert(Duration::from_secs(5));
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).map_err(StoreError::new("connect"))?;
-        Ok(Self { db: client.database(&settings.mongodb_database), ops: Default::default() })
+        let db = client.database(&settings.mongodb_database);
+        Ok(Self { ledger: ledger::Ledger::start(db.clone()), db, ops: Default::default() })
     }
 
     fn read(&self) {
@@ -405,46 +409,25 @@ impl Store {
     }
 
     /// Record that `job` is about to be sent, unless it was sent already.
-    /// One round trip: the upsert's filter excludes a `sent` record, so a sent
-    /// job makes the insert collide with its own `_id`.
+    /// Claims of concurrent jobs share one command (see `ledger`).
     pub async fn claim(&self, job: JobId, org: &OrganizationId, integration: &IntegrationId) -> Result<Claim, StoreError> {
         self.write();
-        let now = DateTime::now();
-        let result = self
-            .deliveries()
-            .update_one(
-                doc! { "_id": job.to_string(), "state": { "$ne": "sent" } },
-                doc! {
-                    "$set": { "state": "sending", "updated_at": now },
-                    "$setOnInsert": {
-                        "organization_id": org.as_str(), "integration_id": integration.as_str(),
-                        "attempts": 0_i64, "created_at": now,
-                    },
-                },
-            )
-            .upsert(true)
-            .await;
-        match result {
-            Ok(_) => Ok(Claim::Fresh),
-            Err(err) if is_duplicate_key(&err) => Ok(Claim::AlreadySent),
-            Err(err) => Err(StoreError { operation: "claim delivery", source: err }),
+        let op = ledger::Op::Claim { job: job.to_string(), organization_id: org.to_string(), integration_id: integration.to_string() };
+        match self.ledger.run("claim delivery", op).await? {
+            ledger::Done::Claimed(claim) => Ok(claim),
+            ledger::Done::Marked => unreachable!("a claim answers with a claim"),
         }
     }
 
     pub async fn mark_sent(&self, job: JobId, conversation_id: &str, activity_id: &str, attempts: u32) -> Result<(), StoreError> {
         self.write();
-        self.deliveries()
-            .update_one(
-                doc! { "_id": job.to_string() },
-                doc! {
-                    "$set": { "state": "sent", "conversation_id": conversation_id, "activity_id": activity_id, "updated_at": DateTime::now() },
-                    "$inc": { "attempts": i64::from(attempts) },
-                    "$unset": { "last_error": "", "reason": "" },
-                },
-            )
-            .await
-            .map(drop)
-            .map_err(StoreError::new("mark delivery sent"))
+        let op = ledger::Op::Sent {
+            job: job.to_string(),
+            conversation_id: conversation_id.to_owned(),
+            activity_id: activity_id.to_owned(),
+            attempts: i64::from(attempts),
+        };
+        self.ledger.run("mark delivery sent", op).await.map(drop)
     }
 
     /// Record a retry or a dead letter. A job that never got as far as a claim
