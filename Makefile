@@ -17,6 +17,7 @@ demo: services ## Two organizations, one shared Teams integration: deliveries an
 test: services ## Unit and integration tests against the real services and teams-sim
 	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt
 	$(CARGO) build --bins --examples
+	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --lib --bins --no-fail-fast
 	$(CARGO) test --test it --no-fail-fast
 
