@@ -34,10 +34,13 @@ pub enum Reason {
     TeamsThrottled,
     TeamsUnavailable,
     StoreUnavailable,
+    StoreFailed,
+    /// herald's own per-conversation / per-tenant rate limit said "later".
+    RateLimited,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 23] = [
         Reason::InvalidJob,
         Reason::MissingOrganization,
         Reason::JobExpired,
@@ -59,6 +62,8 @@ impl Reason {
         Reason::TeamsThrottled,
         Reason::TeamsUnavailable,
         Reason::StoreUnavailable,
+        Reason::StoreFailed,
+        Reason::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,7 +89,17 @@ impl Reason {
             Reason::TeamsThrottled => "teams_throttled",
             Reason::TeamsUnavailable => "teams_unavailable",
             Reason::StoreUnavailable => "store_unavailable",
+            Reason::StoreFailed => "store_failed",
+            Reason::RateLimited => "rate_limited",
         }
+    }
+
+    /// Whether a delayed retry for this reason uses up one of the job's
+    /// `retry.max_hops`. A MongoDB outage or herald's own rate limit is no
+    /// fault of the job: such jobs wait, however long it takes, and are then
+    /// delivered (or expire by their `expires_at`).
+    pub fn consumes_retry_budget(self) -> bool {
+        !matches!(self, Reason::StoreUnavailable | Reason::RateLimited)
     }
 
     pub fn parse(text: &str) -> Option<Self> {
@@ -147,7 +162,7 @@ pub fn classify(err: &DeliveryError, max_in_process_wait: Duration) -> Verdict {
         DeliveryError::ConversationQuarantined { .. } => DeadLetter(Reason::ConversationQuarantined),
         DeliveryError::Store(err) if err.is_transient() => Retry { reason: Reason::StoreUnavailable, quick: true, after: None },
         // Not known to be transient: a few delayed retries, then retries_exhausted.
-        DeliveryError::Store(_) => Retry { reason: Reason::StoreUnavailable, quick: false, after: None },
+        DeliveryError::Store(_) => Retry { reason: Reason::StoreFailed, quick: false, after: None },
         DeliveryError::Teams(err) => classify_teams(err, max_in_process_wait),
     }
 }

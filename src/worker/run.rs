@@ -224,7 +224,8 @@ impl Settler {
             Disposition::DeadLetter(failure) => self.dead_letter(incoming, failure).await.map(|()| JobOutcome::DeadLettered),
             Disposition::Retry(failure) => {
                 let hops = incoming.hops();
-                if hops >= self.max_hops {
+                let counts = failure.reason.consumes_retry_budget();
+                if counts && hops >= self.max_hops {
                     let error = format!("{} after {} delayed retries: {}", failure.reason, hops, failure.error);
                     let exhausted = Failure { reason: Reason::RetriesExhausted, error, ..failure };
                     return self.dead_letter(incoming, exhausted).await.map(|()| JobOutcome::DeadLettered);
@@ -232,14 +233,14 @@ impl Settler {
                 let tier = retry_tier(hops, failure.retry_after, &self.topology.tiers);
                 let mut table = headers::copy_without(incoming.headers(), &[]);
                 headers::set_u32(&mut table, headers::ATTEMPTS, incoming.attempts() + failure.attempts);
-                headers::set_u32(&mut table, headers::HOPS, hops + 1);
+                headers::set_u32(&mut table, headers::HOPS, hops + u32::from(counts));
                 headers::set_str(&mut table, headers::LAST_REASON, failure.reason.as_str());
                 headers::set_str(&mut table, headers::ERROR, &failure.error);
                 self.publisher
                     .publish(&self.topology.retry_exchange(), &tier_label(tier), &incoming.body, properties(incoming, table))
                     .await?;
                 self.record(&failure, DeliveryState::Retrying).await;
-                warn!(reason = %failure.reason, tier = %tier_label(tier), hop = hops + 1, "job scheduled for a delayed retry");
+                warn!(reason = %failure.reason, tier = %tier_label(tier), hop = hops + u32::from(counts), "job scheduled for a delayed retry");
                 Ok(JobOutcome::Retried)
             }
         }
