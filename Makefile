@@ -19,6 +19,7 @@ test: services ## Unit and integration tests against the real services and teams
 	$(CARGO) build --bins --examples
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --lib --bins --no-fail-fast
+	$(CARGO) test --test resilience --no-fail-fast
 	$(CARGO) test --test it --no-fail-fast
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md

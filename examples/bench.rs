@@ -36,10 +36,26 @@ struct Scale {
     replay: usize,
 }
 
-const FULL: Scale =
-    Scale { name: "full", backlog: 50_000, orgs: 500, conversations_per_org: 4, latency_rate: 500, latency_secs: 60, mix_jobs: 10_000, replay: 10_000 };
-const SMOKE: Scale =
-    Scale { name: "smoke", backlog: 2_000, orgs: 20, conversations_per_org: 4, latency_rate: 100, latency_secs: 3, mix_jobs: 500, replay: 500 };
+const FULL: Scale = Scale {
+    name: "full",
+    backlog: 50_000,
+    orgs: 500,
+    conversations_per_org: 4,
+    latency_rate: 500,
+    latency_secs: 60,
+    mix_jobs: 10_000,
+    replay: 10_000,
+};
+const SMOKE: Scale = Scale {
+    name: "smoke",
+    backlog: 2_000,
+    orgs: 20,
+    conversations_per_org: 4,
+    latency_rate: 100,
+    latency_secs: 3,
+    mix_jobs: 500,
+    replay: 500,
+};
 
 struct Guard(Vec<Child>);
 
@@ -70,9 +86,15 @@ fn shell(cmd: &str) -> String {
 fn usage(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0) + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let hwm_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     (ticks / 100.0, hwm_kb / 1024.0)
 }
 
@@ -114,7 +136,8 @@ impl Env {
 
     async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
         let channel = self.connection.create_channel().await?;
-        let q = channel.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await?;
+        let q =
+            channel.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await?;
         let _ = channel.close(200, "".into()).await;
         Ok(q.message_count())
     }
@@ -129,11 +152,19 @@ impl Env {
 }
 
 /// Publish `bodies` with pipelined confirms (windows of 500).
-async fn publish_all(publisher: &Publisher, exchange: &str, bodies: Vec<(String, Vec<u8>)>, headers_of: impl Fn() -> FieldTable) -> anyhow::Result<()> {
+async fn publish_all(
+    publisher: &Publisher,
+    exchange: &str,
+    bodies: Vec<(String, Vec<u8>)>,
+    headers_of: impl Fn() -> FieldTable,
+) -> anyhow::Result<()> {
     for chunk in bodies.chunks(500) {
         let mut pending = Vec::with_capacity(chunk.len());
         for (id, body) in chunk {
-            let properties = BasicProperties::default().with_content_type("application/json".into()).with_message_id(id.as_str().into()).with_headers(headers_of());
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_message_id(id.as_str().into())
+                .with_headers(headers_of());
             pending.push(publisher.start(exchange, ROUTING_KEY, body, properties).await?);
         }
         for p in pending {
@@ -189,7 +220,13 @@ async fn main() -> anyhow::Result<()> {
     let scale = if std::env::var("BENCH_SCALE").as_deref() == Ok("smoke") { SMOKE } else { FULL };
     let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut rows: Vec<(String, String, String)> = Vec::new();
-    eprintln!("bench ({} scale): backlog {}, {} orgs, {} conversations", scale.name, scale.backlog, scale.orgs, scale.orgs * scale.conversations_per_org);
+    eprintln!(
+        "bench ({} scale): backlog {}, {} orgs, {} conversations",
+        scale.name,
+        scale.backlog,
+        scale.orgs,
+        scale.orgs * scale.conversations_per_org
+    );
 
     // ---- 1. bare baseline -------------------------------------------------
     let connection = rabbitmq::connect(AMQP, "herald bench").await?;
@@ -214,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let publish_rate = scale.backlog as f64 / started.elapsed().as_secs_f64();
     channel.basic_qos(128, BasicQosOptions::default()).await?;
-    let mut consumer = channel.basic_consume(bare_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+    let mut consumer =
+        channel.basic_consume(bare_queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
     let started = Instant::now();
     for _ in 0..scale.backlog {
         let delivery = consumer.next().await.context("consumer ended")??;
@@ -231,7 +269,12 @@ async fn main() -> anyhow::Result<()> {
     let mut world = World::default();
     for org in 0..scale.orgs {
         world.tenants.push(Tenant { id: format!("tenant-{org}"), name: None });
-        world.bots.push(Bot { app_id: format!("app-{org}"), app_secret: format!("secret-{org}"), authority: "botframework.com".into(), disabled: false });
+        world.bots.push(Bot {
+            app_id: format!("app-{org}"),
+            app_secret: format!("secret-{org}"),
+            authority: "botframework.com".into(),
+            disabled: false,
+        });
         for c in 0..scale.conversations_per_org {
             world.conversations.push(Conversation {
                 id: conversation(org, c),
@@ -278,7 +321,13 @@ async fn main() -> anyhow::Result<()> {
             tenant_id: format!("tenant-{org}"),
             cloud: None,
             service_url: format!("{sim_url}/teams/"),
-            bot: BotDoc { app_id: format!("app-{org}"), app_secret: Some(format!("secret-{org}")), app_secret_env: None, app_secret_file: None, authority: None },
+            bot: BotDoc {
+                app_id: format!("app-{org}"),
+                app_secret: Some(format!("secret-{org}")),
+                app_secret_env: None,
+                app_secret_file: None,
+                authority: None,
+            },
             created_at: None,
             updated_at: None,
         })
@@ -315,7 +364,8 @@ async fn main() -> anyhow::Result<()> {
     let mut worker = env.spawn_worker(http_port)?;
     let pid = worker.id();
     let backlog = scale.backlog as u64;
-    let took = wait_for("the backlog to drain", Duration::from_secs(1800), || async { Ok(sim.stats().await?.activities_total >= backlog) }).await?;
+    let took = wait_for("the backlog to drain", Duration::from_secs(1800), || async { Ok(sim.stats().await?.activities_total >= backlog) })
+        .await?;
     let herald_rate = scale.backlog as f64 / took.as_secs_f64();
     let reads = metric(http_port, "herald_mongodb_operations_total{kind=\"read\"}").await;
     let writes = metric(http_port, "herald_mongodb_operations_total{kind=\"write\"}").await;
@@ -328,7 +378,11 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("herald: {herald_rate:.0} jobs/s, {:.2} CPU s per 1000 jobs, peak RSS {rss:.0} MiB", cpu / scale.backlog as f64 * 1000.0);
     let ratio = herald_rate / bare_rate;
     rows.push(("bare lapin consumer (quorum queue, ack each)".into(), format!("{bare_rate:.0} msg/s"), "the broker's limit here".into()));
-    rows.push((format!("herald draining {} jobs ({} orgs, {} conversations)", scale.backlog, scale.orgs, scale.orgs * scale.conversations_per_org), format!("{herald_rate:.0} jobs/s"), String::new()));
+    rows.push((
+        format!("herald draining {} jobs ({} orgs, {} conversations)", scale.backlog, scale.orgs, scale.orgs * scale.conversations_per_org),
+        format!("{herald_rate:.0} jobs/s"),
+        String::new(),
+    ));
     rows.push(("herald / bare".into(), format!("{ratio:.2}"), verdict(ratio >= 0.5, "≥ 0.5")));
     rows.push(("worker CPU per 1,000 jobs".into(), format!("{:.2} s", cpu / scale.backlog as f64 * 1000.0), String::new()));
     rows.push(("worker peak RSS (VmHWM)".into(), format!("{rss:.0} MiB"), verdict(rss <= 100.0, "≤ 100 MB")));
@@ -471,7 +525,12 @@ async fn main() -> anyhow::Result<()> {
     };
     publish_all(&publisher, &env.topology.dead_exchange(), bodies, reason).await?;
     let started = Instant::now();
-    let status = Command::new(bin("herald")?).args(["dlq", "replay"]).envs(env.worker_env(0)).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let status = Command::new(bin("herald")?)
+        .args(["dlq", "replay"])
+        .envs(env.worker_env(0))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
     let replay_secs = started.elapsed().as_secs_f64();
     anyhow::ensure!(status.success(), "herald dlq replay failed");
     let moved = env.queue_len(&env.topology.work_queue()).await?;
@@ -502,7 +561,11 @@ fn verdict(met: bool, target: &str) -> String {
 fn write_report(scale: &Scale, rows: Vec<(String, String, String)>) -> anyhow::Result<()> {
     let mut md = String::new();
     let _ = writeln!(md, "# herald benchmark ({} scale)\n", scale.name);
-    let _ = writeln!(md, "Run: {} (`make bench`, one run, every figure side by side on this machine)\n", chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let _ = writeln!(
+        md,
+        "Run: {} (`make bench`, one run, every figure side by side on this machine)\n",
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
     let _ = writeln!(md, "| machine | |\n|---|---|");
     let _ = writeln!(md, "| CPU | {} × {} |", shell("nproc"), shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"));
     let _ = writeln!(md, "| memory | {} |", shell("free -h | awk '/Mem:/{print $2}'"));

@@ -123,7 +123,8 @@ async fn flush(db: &Database, batch: Vec<Request>) {
                     }
                 }
             }
-            let concern = answer.get_document("writeConcernError").ok().map(|e| e.get_str("errmsg").unwrap_or("write concern error").to_owned());
+            let concern =
+                answer.get_document("writeConcernError").ok().map(|e| e.get_str("errmsg").unwrap_or("write concern error").to_owned());
             for (request, error) in batch.into_iter().zip(errors) {
                 let result = match (&request.op, error, &concern) {
                     (_, _, Some(concern)) => Err(MongoError::custom(format!("write concern: {concern}"))),

@@ -116,6 +116,12 @@ impl TestEnv {
         Self { id, settings, sim, store, connection, producer, topology }
     }
 
+    /// A new broker connection and producer (after the broker restarted).
+    pub async fn reconnect(&mut self) {
+        self.connection = rabbitmq::connect(AMQP_URL, "herald it").await.expect("RabbitMQ answers again");
+        self.producer = Producer::on(&self.connection, &self.settings.topology_prefix).await.expect("producer");
+    }
+
     /// Environment variables that point a `herald` process at this environment.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         vec![

@@ -1,0 +1,81 @@
+//! Connection resilience: the broker restarted and MongoDB stopped for 30 s,
+//! with the worker running. These tests stop shared services, so they live in
+//! their own test binary (cargo runs test binaries one after another) and run
+//! one at a time.
+
+#[path = "../it/support.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const CONV_A: &str = "19:conv-a@thread.tacv2";
+
+fn rabbitmqctl(args: &[&str]) {
+    let status = Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_after_a_broker_restart_without_a_process_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    let worker = env.spawn_worker();
+    for i in 0..10 {
+        env.publish(&job("org-a", CONV_A, &format!("before-{i}"))).await;
+    }
+    env.activities(10).await;
+
+    rabbitmqctl(&["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+
+    env.reconnect().await;
+    for i in 0..10 {
+        env.publish(&job("org-a", CONV_A, &format!("after-{i}"))).await;
+    }
+    let records = env.activities(20).await;
+    assert_eq!(records.len(), 20, "the same worker delivered the jobs published after the restart");
+    env.drained().await;
+    worker.stop().await;
+    env.teardown().await;
+}
+
+fn mongo_port_open() -> bool {
+    std::net::TcpStream::connect_timeout(&"127.0.0.1:27017".parse().unwrap(), Duration::from_millis(200)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_wait_through_a_30_second_mongodb_outage_and_are_then_delivered() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    let worker = env.spawn_worker();
+    env.publish(&job("org-a", CONV_A, "before")).await;
+    env.activities(1).await;
+
+    let stopped = Command::new("pkill").args(["-TERM", "-f", "secantusd-rs"]).status().unwrap();
+    assert!(stopped.success(), "SecantusDB was running");
+    eventually("MongoDB to stop", Duration::from_secs(20), || async { (!mongo_port_open()).then_some(()) }).await;
+    for i in 0..10 {
+        env.publish(&job("org-a", CONV_A, &format!("during-{i}"))).await;
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1, "nothing can be sent without the ledger");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let started = Command::new("bash").arg(format!("{root}/scripts/services.sh")).status().unwrap();
+    assert!(started.success(), "SecantusDB restarts");
+
+    let records = env.activities(11).await;
+    assert_eq!(records.len(), 11);
+    env.drained().await;
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0, "waited, not dead-lettered");
+    worker.stop().await;
+    env.teardown().await;
+}
