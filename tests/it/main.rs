@@ -3,6 +3,7 @@ mod observe;
 mod pipeline;
 mod property;
 mod python;
+mod scale;
 mod schema;
 mod secrets;
 mod shutdown;
