@@ -126,6 +126,8 @@ impl Env {
             ("HERALD_WORKER__CONCURRENCY".into(), "64".into()),
             ("HERALD_WORKER__PREFETCH".into(), "128".into()),
             ("HERALD_LOG__FILTER".into(), "warn".into()),
+            // Throughput is measured with teams-sim's throttling off, so herald's own pacing is off too.
+            ("HERALD_TEAMS__RATE_LIMITS__ENABLED".into(), "false".into()),
             ("HERALD_LOG__FORMAT".into(), "json".into()),
         ]
     }

@@ -11,6 +11,7 @@
 //! - [`job`]: the wire job parsed at the edge into a validated [`job::Job`].
 //! - [`outcome`]: dead-letter reasons, the one error classifier, the retry schedule.
 //! - [`rabbitmq`]: topology, confirmed publishing, `x-herald-*` headers.
+//! - [`ratelimit`]: Teams' published rate limits (sliding windows), for the worker and teams-sim.
 //! - [`mongo`]: org_integrations, conversations and the deliveries ledger.
 //! - [`teams`]: tokens, the service-URL allowlist, the Connector client, cards.
 //! - [`worker`]: `Pipeline::process(message) -> Disposition` and the consume loop.
@@ -31,6 +32,7 @@ pub mod mongo;
 pub mod outcome;
 pub mod producer;
 pub mod rabbitmq;
+pub mod ratelimit;
 pub mod settings;
 pub mod sim;
 pub mod teams;

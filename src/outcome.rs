@@ -130,6 +130,8 @@ pub enum DeliveryError {
     RecipientNotInOrganization(String),
     #[error("conversation {conversation_id} is quarantined for this org_integration: {reason}")]
     ConversationQuarantined { conversation_id: String, reason: String },
+    #[error("herald's own rate limit for this bot and conversation says wait {0:?}")]
+    RateLimited(Duration),
     #[error(transparent)]
     Teams(#[from] TeamsError),
     #[error(transparent)]
@@ -160,6 +162,7 @@ pub fn classify(err: &DeliveryError, max_in_process_wait: Duration) -> Verdict {
         DeliveryError::OrgIntegrationMisconfigured(_) => DeadLetter(Reason::OrgIntegrationMisconfigured),
         DeliveryError::RecipientNotInOrganization(_) => DeadLetter(Reason::RecipientNotInOrganization),
         DeliveryError::ConversationQuarantined { .. } => DeadLetter(Reason::ConversationQuarantined),
+        DeliveryError::RateLimited(wait) => Retry { reason: Reason::RateLimited, quick: false, after: Some(*wait) },
         DeliveryError::Store(err) if err.is_transient() => Retry { reason: Reason::StoreUnavailable, quick: true, after: None },
         // Not known to be transient: a few delayed retries, then retries_exhausted.
         DeliveryError::Store(_) => Retry { reason: Reason::StoreFailed, quick: false, after: None },

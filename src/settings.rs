@@ -80,7 +80,17 @@ pub struct TeamsSettings {
     pub connect_timeout_secs: u64,
     pub insecure_loopback_hosts: Vec<String>,
     pub max_activity_bytes: usize,
+    pub rate_limits: RateLimitSettings,
     pub clouds: BTreeMap<String, CloudSettings>,
+}
+
+/// herald's own pacing by Teams' published limits.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    pub per_conversation: Vec<crate::ratelimit::Window>,
+    pub per_app_tenant: Vec<crate::ratelimit::Window>,
+    pub max_in_process_wait_ms: u64,
 }
 
 /// One Microsoft cloud: where tokens come from and where they may go.
@@ -192,6 +202,10 @@ impl Settings {
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("http.listen", format!("{:?} is not host:port (or empty to disable)", self.http.listen));
+        }
+        let windows = self.teams.rate_limits.per_conversation.iter().chain(&self.teams.rate_limits.per_app_tenant);
+        if windows.clone().any(|w| w.limit == 0 || w.per_secs == 0) {
+            return invalid("teams.rate_limits", "every window needs a limit and a duration above 0".into());
         }
         if self.teams.request_timeout_secs == 0 {
             return invalid("teams.request_timeout_secs", "must be at least 1".into());

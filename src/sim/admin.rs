@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::connector::error;
 use super::faults::{Latency, Route, Rule};
-use super::throttle::Limits;
 use super::world::{Bot, Conversation, User, World};
 use super::{ActivityRecord, Sim, Stats};
+use crate::ratelimit::Limits;
 
 pub(super) fn router(sim: Sim) -> Router {
     Router::new()

@@ -6,7 +6,7 @@
 //!
 //! Layout:
 //! - `world`: tenants, bots, users, conversations (the fixture);
-//! - `throttle`: Microsoft's published per-conversation and per-tenant limits;
+//! - `crate::ratelimit`: Microsoft's published limits, enforced here as Teams does;
 //! - `faults`: injected statuses, hangs, resets and latency from a seed;
 //! - `connector`: the token endpoint and the Connector routes;
 //! - `admin`: the inspection and admin API under `/_admin`;
@@ -16,7 +16,6 @@ mod admin;
 pub mod client;
 mod connector;
 pub mod faults;
-pub mod throttle;
 pub mod world;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -32,9 +31,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::ratelimit::{Limits, Window};
 pub use admin::{ActivityFilter, ClockAdvance, IssuedToken, Throttling, TokenSettings};
 pub use faults::{Action, Latency, Route, Rule};
-pub use throttle::Limits;
 pub use world::{Bot, Conversation, ConversationKind, Tenant, User, World};
 
 /// Start-up options of the simulator (the world is separate).
@@ -109,7 +108,7 @@ pub(crate) struct State {
     pub activities: HashMap<String, String>,
     pub next_seq: u64,
     pub stats: Stats,
-    pub throttle: throttle::Throttle,
+    pub throttle: crate::ratelimit::Throttle,
     pub faults: faults::Faults,
     /// How far the admin API moved the simulator's clock forward.
     pub clock_offset: Duration,
@@ -156,7 +155,7 @@ impl Sim {
             activities: HashMap::new(),
             next_seq: 0,
             stats: Stats::default(),
-            throttle: throttle::Throttle::new(options.throttling, Limits::default()),
+            throttle: crate::ratelimit::Throttle::new(options.throttling, Limits::default()),
             faults: faults::Faults::new(options.seed),
             clock_offset: Duration::ZERO,
         };

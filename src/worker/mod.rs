@@ -121,12 +121,63 @@ impl Progress {
     }
 }
 
+/// herald's own pacing by Teams' published limits (see `ratelimit`).
+struct Pacing {
+    windows: std::sync::Mutex<crate::ratelimit::Throttle>,
+    max_wait: Duration,
+    /// Jobs sleeping on the limit right now, and how many may.
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+impl Pacing {
+    fn new(settings: &Settings) -> Self {
+        let limits = &settings.teams.rate_limits;
+        let windows =
+            crate::ratelimit::Limits { per_conversation: limits.per_conversation.clone(), per_app_tenant: limits.per_app_tenant.clone() };
+        Self {
+            windows: std::sync::Mutex::new(crate::ratelimit::Throttle::new(true, windows)),
+            max_wait: Duration::from_millis(limits.max_in_process_wait_ms),
+            waiting: Default::default(),
+            max_waiting: (settings.worker.concurrency / 4).max(1),
+        }
+    }
+
+    /// Wait for room in every window of this bot, tenant and conversation, or
+    /// say how long that would take when it is too long to hold a slot for.
+    async fn admit(&self, app: &str, tenant: &str, conversation: &str, shutdown: &CancellationToken) -> Result<(), DeliveryError> {
+        loop {
+            let verdict =
+                self.windows.lock().unwrap_or_else(|p| p.into_inner()).admit(app, tenant, conversation, std::time::Instant::now());
+            let wait = match verdict {
+                Ok(()) => return Ok(()),
+                Err(wait) => wait,
+            };
+            let claimed = self.waiting.fetch_add(1, Ordering::Relaxed) < self.max_waiting;
+            let _release = WaitSlot(&self.waiting);
+            if !claimed || wait > self.max_wait || shutdown.is_cancelled() {
+                return Err(DeliveryError::RateLimited(wait));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+struct WaitSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Everything `process` needs; shared by the worker's tasks.
 pub struct Pipeline {
     pub store: Store,
     pub teams: Teams,
     pub resolver: Resolver,
     pub metrics: Metrics,
+    pacing: Option<Pacing>,
     quick: ExponentialBuilder,
     max_in_process_wait: Duration,
     shutdown: CancellationToken,
@@ -145,6 +196,7 @@ impl Pipeline {
             teams,
             resolver: Resolver::new(settings.resolution_ttl()),
             metrics: Metrics::default(),
+            pacing: settings.teams.rate_limits.enabled.then(|| Pacing::new(settings)),
             quick,
             max_in_process_wait: Duration::from_secs(retry.max_in_process_wait_secs),
             shutdown,
@@ -243,6 +295,9 @@ impl Pipeline {
         let body = self.teams.encode(&card::activity(&job.content))?;
         let destination = Destination { service_url: &service_url, conversation_id: &recipient.conversation_id, bot: &integration.bot };
         let send = || async {
+            if let Some(pacing) = &self.pacing {
+                pacing.admit(&integration.bot.app_id, &integration.tenant_id, &recipient.conversation_id, &self.shutdown).await?;
+            }
             let attempt = progress.attempts.fetch_add(1, Ordering::Relaxed) + 1;
             let started = std::time::Instant::now();
             let result = self.teams.send(&destination, &body).await;

@@ -1,5 +1,6 @@
 mod dlq;
 mod observe;
+mod pacing;
 mod pipeline;
 mod property;
 mod python;

@@ -373,7 +373,7 @@ async fn throttling_per_hour_and_per_app_per_tenant_with_configurable_limits() {
     assert_eq!(sim.send(Some(&token), "19:c50@thread.tacv2", &message()).await.0, StatusCode::TOO_MANY_REQUESTS);
 
     // Limits can be changed at run time.
-    let limits = sim::Limits { per_conversation: vec![sim::throttle::Window { limit: 2, per_secs: 1 }], per_app_tenant: vec![] };
+    let limits = sim::Limits { per_conversation: vec![sim::Window { limit: 2, per_secs: 1 }], per_app_tenant: vec![] };
     client.set_throttling(&sim::Throttling { enabled: true, limits: Some(limits) }).await.unwrap();
     assert_eq!(sim.send(Some(&token), CONV, &message()).await.0, StatusCode::CREATED);
     assert_eq!(sim.send(Some(&token), CONV, &message()).await.0, StatusCode::CREATED);

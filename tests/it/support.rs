@@ -104,6 +104,8 @@ impl TestEnv {
             .merge(Serialized::default("retry.quick_max_delay_ms", 50))
             .merge(Serialized::default("worker.shutdown_deadline_secs", 5))
             .merge(Serialized::default("http.listen", ""))
+            // Tests drive many jobs into few conversations; pacing has its own test.
+            .merge(Serialized::default("teams.rate_limits.enabled", false))
             .merge(Serialized::default("log.format", "pretty"));
         let settings = Settings::from_figment(tweak(figment)).expect("test settings are valid");
         let store = Store::connect(&settings).await.expect("MongoDB answers (run `make services`)");
@@ -132,6 +134,7 @@ impl TestEnv {
             ("HERALD_RETRY__TIERS_SECS".into(), "[1,2]".into()),
             ("HERALD_LOG__FORMAT".into(), "json".into()),
             ("HERALD_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+            ("HERALD_TEAMS__RATE_LIMITS__ENABLED".into(), "false".into()),
         ]
     }
 

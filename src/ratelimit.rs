@@ -1,9 +1,13 @@
-//! Sliding-window throttling as Microsoft publishes it for Teams bots.
+//! Sliding-window rate limits as Microsoft publishes them for Teams bots.
 //!
 //! Per bot per conversation: 7 per 1 s, 8 per 2 s, 60 per 30 s, 1800 per hour.
 //! Per bot app per tenant: 50 per second. A request that would exceed any window
-//! is refused (and not counted); `Retry-After` is the time until the oldest
-//! request of the fullest window leaves it.
+//! is refused (and not counted), with the time until the oldest request of the
+//! fullest window leaves it.
+//!
+//! teams-sim enforces these limits as Teams does (429 with `Retry-After`), and
+//! the worker applies the same limits to itself before sending, so that it
+//! rarely meets a 429 and a busy conversation does not slow the others.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -30,7 +34,7 @@ impl Default for Limits {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Throttle {
+pub struct Throttle {
     pub enabled: bool,
     pub limits: Limits,
     conversations: HashMap<(String, String), VecDeque<Instant>>,
