@@ -33,6 +33,7 @@ struct Scale {
     latency_rate: u32,
     latency_secs: u64,
     mix_jobs: usize,
+    throttled_jobs: usize,
     replay: usize,
 }
 
@@ -44,6 +45,7 @@ const FULL: Scale = Scale {
     latency_rate: 500,
     latency_secs: 60,
     mix_jobs: 10_000,
+    throttled_jobs: 2_000,
     replay: 10_000,
 };
 const SMOKE: Scale = Scale {
@@ -54,6 +56,7 @@ const SMOKE: Scale = Scale {
     latency_rate: 100,
     latency_secs: 3,
     mix_jobs: 500,
+    throttled_jobs: 200,
     replay: 500,
 };
 
@@ -134,6 +137,16 @@ impl Env {
 
     fn spawn_worker(&self, http_port: u16) -> anyhow::Result<Child> {
         Ok(Command::new(bin("herald")?).arg("worker").envs(self.worker_env(http_port)).stderr(Stdio::null()).spawn()?)
+    }
+
+    /// A worker with herald's own pacing on (the simulator's throttling on too).
+    fn spawn_paced_worker(&self, http_port: u16) -> anyhow::Result<Child> {
+        Ok(Command::new(bin("herald")?)
+            .arg("worker")
+            .envs(self.worker_env(http_port))
+            .env("HERALD_TEAMS__RATE_LIMITS__ENABLED", "true")
+            .stderr(Stdio::null())
+            .spawn()?)
     }
 
     async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
@@ -511,6 +524,44 @@ async fn main() -> anyhow::Result<()> {
         format!("{} dead letters, {forbidden} 403 answers, all `teams_forbidden`: {all_forbidden}", letters.len()),
         verdict(letters.len() as u64 == forbidden && all_forbidden, "equal"),
     ));
+    if let Some(mut worker) = guard.0.pop() {
+        let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+        let _ = worker.wait();
+    }
+
+    // ---- 4b. Teams' throttling on: herald's 429 rate ------------------------
+    sim.reset().await?;
+    env.purge_all().await?;
+    sim.set_throttling(&sim::Throttling { enabled: true, limits: None }).await?;
+    let conversations_used = (scale.orgs / 5).max(1);
+    let bodies: Vec<_> = (0..scale.throttled_jobs)
+        .map(|i| {
+            // A few hot conversations get half of the jobs.
+            let org = if i % 2 == 0 { i % 4 } else { i % conversations_used };
+            job_body(org, &conversation(org, 0), chrono::Utc::now())
+        })
+        .collect();
+    publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
+    let http_port = free_port();
+    guard.0.push(env.spawn_paced_worker(http_port)?);
+    let throttled_total = scale.throttled_jobs as u64;
+    let took =
+        wait_for("the throttled run", Duration::from_secs(900), || async { Ok(sim.stats().await?.activities_total >= throttled_total) })
+            .await?;
+    let stats = sim.stats().await?;
+    let requests: u64 = stats.responses_by_status.values().sum::<u64>() - stats.tokens_issued.values().sum::<u64>();
+    let too_many = stats.responses_by_status.get(&429).copied().unwrap_or(0);
+    eprintln!("throttled: {too_many} 429s of {requests} requests in {:.1} s", took.as_secs_f64());
+    rows.push((
+        format!("Teams' throttling on, {} jobs, half into 4 hot conversations; herald's pacing on", scale.throttled_jobs),
+        format!(
+            "{too_many} of {requests} requests answered 429 ({:.2}%); done in {:.1} s",
+            100.0 * too_many as f64 / requests.max(1) as f64,
+            took.as_secs_f64()
+        ),
+        verdict((too_many as f64) <= 0.01 * requests as f64, "429 rate low (≤ 1%)"),
+    ));
+    sim.set_throttling(&sim::Throttling { enabled: false, limits: None }).await?;
     if let Some(mut worker) = guard.0.pop() {
         let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
         let _ = worker.wait();

@@ -37,6 +37,9 @@ impl Default for Limits {
 pub struct Throttle {
     pub enabled: bool,
     pub limits: Limits,
+    /// Added to every window: a client pacing itself keeps clear of the
+    /// server's boundaries, which it sees a little later than it sends.
+    pub margin: Duration,
     conversations: HashMap<(String, String), VecDeque<Instant>>,
     tenants: HashMap<(String, String), VecDeque<Instant>>,
 }
@@ -44,6 +47,11 @@ pub struct Throttle {
 impl Throttle {
     pub fn new(enabled: bool, limits: Limits) -> Self {
         Self { enabled, limits, ..Default::default() }
+    }
+
+    pub fn with_margin(mut self, margin: Duration) -> Self {
+        self.margin = margin;
+        self
     }
 
     pub fn clear(&mut self) {
@@ -60,9 +68,9 @@ impl Throttle {
         let conv_key = (app_id.to_owned(), conversation_id.to_owned());
         let tenant_key = (app_id.to_owned(), tenant_id.to_owned());
         let conv = self.conversations.entry(conv_key).or_default();
-        let wait_conv = wait_for(conv, &self.limits.per_conversation, now);
+        let wait_conv = wait_for(conv, &self.limits.per_conversation, now, self.margin);
         let tenant = self.tenants.entry(tenant_key).or_default();
-        let wait_tenant = wait_for(tenant, &self.limits.per_app_tenant, now);
+        let wait_tenant = wait_for(tenant, &self.limits.per_app_tenant, now, self.margin);
         match wait_conv.max(wait_tenant) {
             Some(wait) => Err(wait),
             None => {
@@ -75,10 +83,10 @@ impl Throttle {
 }
 
 /// `None` when one more request fits every window, else the wait until it does.
-fn wait_for(history: &mut VecDeque<Instant>, windows: &[Window], now: Instant) -> Option<Duration> {
+fn wait_for(history: &mut VecDeque<Instant>, windows: &[Window], now: Instant, margin: Duration) -> Option<Duration> {
     let longest = windows.iter().map(|w| w.per_secs).max().unwrap_or(0);
     while let Some(&oldest) = history.front() {
-        if now.saturating_duration_since(oldest) >= Duration::from_secs(longest) {
+        if now.saturating_duration_since(oldest) >= Duration::from_secs(longest) + margin {
             history.pop_front();
         } else {
             break;
@@ -86,7 +94,7 @@ fn wait_for(history: &mut VecDeque<Instant>, windows: &[Window], now: Instant) -
     }
     let mut wait: Option<Duration> = None;
     for window in windows {
-        let span = Duration::from_secs(window.per_secs);
+        let span = Duration::from_secs(window.per_secs) + margin;
         // `history` is sorted: the entries inside the window are a suffix.
         let inside = history.len() - history.partition_point(|&t| now.saturating_duration_since(t) >= span);
         if inside >= window.limit {
@@ -172,6 +180,20 @@ mod tests {
         }
         assert!(t.admit("a", "t", "c-new", now).is_err());
         t.admit("a", "other-tenant", "c-new", now).unwrap();
+    }
+
+    #[test]
+    fn a_margin_keeps_a_client_clear_of_the_servers_boundary() {
+        let mut t = throttle().with_margin(Duration::from_millis(100));
+        let start = Instant::now();
+        for _ in 0..7 {
+            t.admit("a", "t", "c", start).unwrap();
+        }
+        assert!(
+            t.admit("a", "t", "c", start + Duration::from_millis(1050)).is_err(),
+            "the server's window has passed, the client's has not"
+        );
+        t.admit("a", "t", "c", start + Duration::from_millis(1100)).unwrap();
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub struct RateLimitSettings {
     pub per_conversation: Vec<crate::ratelimit::Window>,
     pub per_app_tenant: Vec<crate::ratelimit::Window>,
     pub max_in_process_wait_ms: u64,
+    pub margin_ms: u64,
 }
 
 /// One Microsoft cloud: where tokens come from and where they may go.

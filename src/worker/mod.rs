@@ -136,7 +136,9 @@ impl Pacing {
         let windows =
             crate::ratelimit::Limits { per_conversation: limits.per_conversation.clone(), per_app_tenant: limits.per_app_tenant.clone() };
         Self {
-            windows: std::sync::Mutex::new(crate::ratelimit::Throttle::new(true, windows)),
+            windows: std::sync::Mutex::new(
+                crate::ratelimit::Throttle::new(true, windows).with_margin(Duration::from_millis(limits.margin_ms)),
+            ),
             max_wait: Duration::from_millis(limits.max_in_process_wait_ms),
             waiting: Default::default(),
             max_waiting: (settings.worker.concurrency / 4).max(1),
