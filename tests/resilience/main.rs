@@ -60,7 +60,16 @@ async fn jobs_wait_through_a_30_second_mongodb_outage_and_are_then_delivered() {
     env.publish(&job("org-a", CONV_A, "before")).await;
     env.activities(1).await;
 
-    let stopped = Command::new("pkill").args(["-TERM", "-f", "secantusd-rs"]).status().unwrap();
+    // Restart it later exactly as it runs now (same storage path, same data).
+    let pid = String::from_utf8(Command::new("pgrep").args(["-f", "secantusd-rs --host"]).output().unwrap().stdout).unwrap();
+    let pid = pid.lines().next().expect("SecantusDB is running").trim().to_owned();
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let stopped = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(stopped.success(), "SecantusDB was running");
     eventually("MongoDB to stop", Duration::from_secs(20), || async { (!mongo_port_open()).then_some(()) }).await;
     for i in 0..10 {
@@ -68,9 +77,9 @@ async fn jobs_wait_through_a_30_second_mongodb_outage_and_are_then_delivered() {
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1, "nothing can be sent without the ledger");
-    let root = env!("CARGO_MANIFEST_DIR");
-    let started = Command::new("bash").arg(format!("{root}/scripts/services.sh")).status().unwrap();
-    assert!(started.success(), "SecantusDB restarts");
+    let log = std::fs::File::create(std::env::temp_dir().join("herald-resilience-secantusd.log")).unwrap();
+    Command::new("setsid").args(&argv).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("SecantusDB restarts");
+    eventually("MongoDB to answer again", Duration::from_secs(30), || async { mongo_port_open().then_some(()) }).await;
 
     let records = env.activities(11).await;
     assert_eq!(records.len(), 11);
