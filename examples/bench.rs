@@ -201,6 +201,17 @@ fn job_body(org: usize, conversation: &str, created_at: chrono::DateTime<chrono:
     (id, serde_json::to_vec(&body).unwrap())
 }
 
+/// `n` jobs, each to a random conversation of a random organization.
+fn random_jobs(rng: &mut fastrand::Rng, scale: &Scale, n: usize) -> Vec<(String, Vec<u8>)> {
+    let now = chrono::Utc::now();
+    (0..n)
+        .map(|_| {
+            let org = rng.usize(..scale.orgs);
+            job_body(org, &conversation(org, rng.usize(..scale.conversations_per_org)), now)
+        })
+        .collect()
+}
+
 fn conversation(org: usize, c: usize) -> String {
     format!("19:org{org}-c{c}@thread.tacv2")
 }
@@ -367,13 +378,7 @@ async fn main() -> anyhow::Result<()> {
 
     // ---- 2. throughput ---------------------------------------------------
     let mut rng = fastrand::Rng::with_seed(42);
-    let now = chrono::Utc::now();
-    let bodies: Vec<_> = (0..scale.backlog)
-        .map(|_| {
-            let org = rng.usize(..scale.orgs);
-            job_body(org, &conversation(org, rng.usize(..scale.conversations_per_org)), now)
-        })
-        .collect();
+    let bodies = random_jobs(&mut rng, &scale, scale.backlog);
     publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
     let http_port = free_port();
     let mut worker = env.spawn_worker(http_port)?;
@@ -487,13 +492,7 @@ async fn main() -> anyhow::Result<()> {
     sim.add_fault(&fault(0.01, 403, Some("Forbidden"), None)).await?;
     sim.add_fault(&fault(0.02, 503, None, None)).await?;
     sim.add_fault(&fault(0.05, 429, Some("Throttled"), Some(1))).await?;
-    let now = chrono::Utc::now();
-    let bodies: Vec<_> = (0..scale.mix_jobs)
-        .map(|_| {
-            let org = rng.usize(..scale.orgs);
-            job_body(org, &conversation(org, rng.usize(..scale.conversations_per_org)), now)
-        })
-        .collect();
+    let bodies = random_jobs(&mut rng, &scale, scale.mix_jobs);
     publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
     let http_port = free_port();
     guard.0.push(env.spawn_worker(http_port)?);

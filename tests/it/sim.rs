@@ -91,6 +91,18 @@ impl Sim {
         (status, response.json().await.unwrap_or(Value::Null), headers)
     }
 
+    /// `n` accepted sends into CONV, `per_step` at a time, the simulator's
+    /// clock moved by `step` between steps.
+    async fn send_spaced(&self, token: &str, n: usize, per_step: usize, step: Duration) {
+        let client = self.running.client();
+        for i in 0..n {
+            if i % per_step == 0 && i > 0 {
+                client.advance_clock(step).await.unwrap();
+            }
+            assert_eq!(self.send(Some(token), CONV, &message()).await.0, StatusCode::CREATED, "request {i}");
+        }
+    }
+
     async fn send(&self, token: Option<&str>, conversation: &str, body: &Value) -> (StatusCode, Value, reqwest::header::HeaderMap) {
         self.post(&format!("/v3/conversations/{}/activities", encode(conversation)), token, body).await
     }
@@ -321,12 +333,7 @@ async fn throttling_per_conversation_windows_over_http() {
 
     // 60 per 30 s: 4 every 2 s fit the short windows, the 61st is refused.
     client.reset().await.unwrap();
-    for i in 0..60 {
-        if i % 4 == 0 && i > 0 {
-            client.advance_clock(Duration::from_secs(2)).await.unwrap();
-        }
-        assert_eq!(sim.send(Some(&token), CONV, &message()).await.0, StatusCode::CREATED, "request {i}");
-    }
+    sim.send_spaced(&token, 60, 4, Duration::from_secs(2)).await;
     client.advance_clock(Duration::from_secs(1)).await.unwrap();
     let (status, _, headers) = sim.send(Some(&token), CONV, &message()).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "61 within 30 s");
@@ -340,12 +347,7 @@ async fn throttling_per_hour_and_per_app_per_tenant_with_configurable_limits() {
     let client = sim.running.client();
     let token = sim.token("app1", "s1", "botframework.com").await;
     // The hour window: 2 per second for 900 s fills 1800.
-    for i in 0..1800 {
-        if i % 2 == 0 && i > 0 {
-            client.advance_clock(Duration::from_secs(1)).await.unwrap();
-        }
-        assert_eq!(sim.send(Some(&token), CONV, &message()).await.0, StatusCode::CREATED, "request {i}");
-    }
+    sim.send_spaced(&token, 1800, 2, Duration::from_secs(1)).await;
     client.advance_clock(Duration::from_secs(1)).await.unwrap();
     let (status, _, headers) = sim.send(Some(&token), CONV, &message()).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "1801 within the hour");

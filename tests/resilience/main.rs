@@ -78,7 +78,10 @@ async fn jobs_wait_through_a_30_second_mongodb_outage_and_are_then_delivered() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1, "nothing can be sent without the ledger");
     let log = std::fs::File::create(std::env::temp_dir().join("herald-resilience-secantusd.log")).unwrap();
-    Command::new("setsid").args(&argv).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("SecantusDB restarts");
+    // `setsid --fork` returns at once and leaves the server running on its own.
+    let started =
+        Command::new("setsid").arg("--fork").args(&argv).stdout(log.try_clone().unwrap()).stderr(log).status().expect("setsid runs");
+    assert!(started.success(), "SecantusDB restarts");
     eventually("MongoDB to answer again", Duration::from_secs(30), || async { mongo_port_open().then_some(()) }).await;
 
     let records = env.activities(11).await;
