@@ -67,9 +67,13 @@ impl DeadLetter {
 /// A message the broker itself dead-lettered (delivery limit) has no
 /// `x-herald-reason`; its `x-death` says why.
 fn broker_reason(table: Option<&FieldTable>) -> Option<String> {
-    let deaths = table?.inner().get("x-death")?;
-    let text = format!("{deaths:?}");
-    text.contains("delivery_limit").then(|| crate::outcome::Reason::DeliveryLimitExceeded.as_str().to_owned())
+    let deaths = table?.inner().get("x-death")?.as_array()?;
+    let limit = deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| death.as_field_table())
+        .any(|death| matches!(death.inner().get("reason"), Some(AMQPValue::LongString(r)) if r.as_bytes() == b"delivery_limit"));
+    limit.then(|| crate::outcome::Reason::DeliveryLimitExceeded.as_str().to_owned())
 }
 
 fn text(value: &AMQPValue) -> String {
@@ -377,6 +381,17 @@ mod tests {
         assert_eq!(headers::get_u32(Some(&out), headers::ATTEMPTS), Some(4));
         assert_eq!(headers::get_str(Some(&out), headers::TRACEPARENT).as_deref(), Some("00-abc-def-01"));
         assert!(!out.contains_key(headers::REASON));
+    }
+
+    #[test]
+    fn a_message_the_broker_dead_lettered_at_its_delivery_limit_is_named_so() {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
+        death.insert("queue".into(), AMQPValue::LongString("herald.msteams".into()));
+        let mut table = FieldTable::default();
+        table.insert("x-death".into(), AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()));
+        assert_eq!(broker_reason(Some(&table)).as_deref(), Some("delivery_limit_exceeded"));
+        assert_eq!(broker_reason(Some(&FieldTable::default())), None);
     }
 
     #[test]

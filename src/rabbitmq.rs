@@ -17,6 +17,8 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
+    #[error("the broker cancelled the consumer of {queue}")]
+    ConsumerCancelled { queue: String },
     #[error("the broker refused the message published to {exchange:?} (nack)")]
     Nacked { exchange: String },
     #[error("the message published to {exchange:?} with routing key {routing_key:?} reached no queue (returned as unroutable)")]

@@ -9,13 +9,50 @@ use std::time::{Duration, Instant};
 pub struct TtlCache<K, V> {
     ttl: Duration,
     entries: Mutex<HashMap<K, (Instant, V)>>,
+    /// One load in flight per key: concurrent misses wait for it.
+    loading: Mutex<HashMap<K, std::sync::Arc<tokio::sync::Mutex<()>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
-impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
+impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, entries: Mutex::new(HashMap::new()), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The cached value, or the one `load` returns (cached). However many
+    /// callers miss the same key at once, `load` runs once.
+    pub async fn get_or_load<E, F, Fut>(&self, key: &K, load: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, E>>,
+    {
+        if let Some(value) = self.get(key) {
+            return Ok(value);
+        }
+        let gate = self.loading.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        let _turn = gate.lock().await;
+        if let Some(value) = self.peek(key) {
+            return Ok(value);
+        }
+        let loaded = load().await;
+        if let Ok(value) = &loaded {
+            self.insert(key.clone(), value.clone());
+        }
+        self.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        loaded
+    }
+
+    /// A fresh value without counting a hit or a miss.
+    fn peek(&self, key: &K) -> Option<V> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.get(key).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, v)| v.clone())
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
@@ -57,6 +94,30 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(cache.get(&"k"), None);
         assert_eq!(cache.stats(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_load_once() {
+        let cache = std::sync::Arc::new(TtlCache::new(Duration::from_secs(60)));
+        let loads = std::sync::Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(&"k", || async {
+                            loads.fetch_add(1, Ordering::Relaxed);
+                            tokio::task::yield_now().await;
+                            Ok::<_, ()>(7)
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), Ok(7));
+        }
+        assert_eq!(loads.load(Ordering::Relaxed), 1);
     }
 
     #[test]

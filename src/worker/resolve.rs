@@ -63,21 +63,19 @@ impl Resolver {
 
     pub async fn org_integration(&self, store: &Store, teams: &Teams, job: &Job) -> Result<Arc<OrgIntegration>, DeliveryError> {
         let key = (job.organization_id.clone(), job.integration_id.clone());
-        let resolution = match self.integrations.get(&key) {
-            Some(resolution) => resolution,
-            None => {
-                let resolution = match store.org_integration(&key.0, &key.1).await? {
+        let resolution = self
+            .integrations
+            .get_or_load(&key, || async {
+                Ok::<_, DeliveryError>(match store.org_integration(&key.0, &key.1).await? {
                     None => Resolution::NotFound,
                     Some(doc) if doc.status == IntegrationStatus::Disabled => Resolution::Disabled,
                     Some(doc) => match active(doc, teams) {
                         Ok(integration) => Resolution::Active(Arc::new(integration)),
                         Err(problem) => Resolution::Misconfigured(problem),
                     },
-                };
-                self.integrations.insert(key.clone(), resolution.clone());
-                resolution
-            }
-        };
+                })
+            })
+            .await?;
         let (organization_id, integration_id) = (key.0.to_string(), key.1.to_string());
         match resolution {
             Resolution::Active(integration) => Ok(integration),
@@ -89,12 +87,7 @@ impl Resolver {
 
     async fn conversation(&self, store: &Store, key: &Key, id: &ConversationId) -> Result<Option<ConversationDoc>, DeliveryError> {
         let cache_key = (key.clone(), id.clone());
-        if let Some(found) = self.conversations.get(&cache_key) {
-            return Ok(found);
-        }
-        let found = store.conversation(&key.0, &key.1, id).await?;
-        self.conversations.insert(cache_key, found.clone());
-        Ok(found)
+        self.conversations.get_or_load(&cache_key, || async { Ok(store.conversation(&key.0, &key.1, id).await?) }).await
     }
 
     async fn personal(&self, store: &Store, key: &Key, user: &UserId) -> Result<Option<ConversationDoc>, DeliveryError> {

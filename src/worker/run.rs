@@ -124,13 +124,8 @@ impl Worker {
                 Some(Err(err)) => {
                     break Err(BrokerError::Amqp { operation: "consume".into(), source: err }.into());
                 }
-                None => {
-                    break Err(BrokerError::Amqp {
-                        operation: "consume".into(),
-                        source: lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed)),
-                    }
-                    .into());
-                }
+                // The broker cancelled the consumer (queue deleted, node going down).
+                None => break Err(BrokerError::ConsumerCancelled { queue: queue.clone() }.into()),
             };
             let settler = Settler {
                 pipeline: self.pipeline.clone(),
