@@ -28,6 +28,13 @@ async fn herald(env: &TestEnv, args: &[&str]) -> Output {
     output
 }
 
+/// `herald args` once the dead-letter queue is back at `n` messages (a
+/// listing hands its messages back asynchronously; see `settles_at`).
+async fn after_settling(env: &TestEnv, n: u32, args: &[&str]) -> Output {
+    env.settles_at(&env.topology.dead_queue(), n).await;
+    herald(env, args).await
+}
+
 fn json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
 }
@@ -70,26 +77,28 @@ async fn list_stats_and_show_remove_nothing_and_filter() {
     dead_letter(&publisher, &env, &b1, "teams_forbidden", Some("ConversationBlockedByUser"), "2026-11-22T10:00:00Z", 0).await;
 
     for _ in 0..3 {
-        let all = json(&herald(&env, &["dlq", "list", "--json"]).await);
+        let all = json(&after_settling(&env, 3, &["dlq", "list", "--json"]).await);
         assert_eq!(all.as_array().unwrap().len(), 3, "listing removes nothing and duplicates nothing");
     }
     let ids = |v: &Value| v.as_array().unwrap().iter().map(|l| l["message_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
-    let by_org = json(&herald(&env, &["dlq", "list", "--org", "org-a", "--json"]).await);
+    let by_org = json(&after_settling(&env, 3, &["dlq", "list", "--org", "org-a", "--json"]).await);
     assert_eq!(ids(&by_org).len(), 2);
-    let by_reason = json(&herald(&env, &["dlq", "list", "--reason", "teams_forbidden", "--json"]).await);
+    let by_reason = json(&after_settling(&env, 3, &["dlq", "list", "--reason", "teams_forbidden", "--json"]).await);
     assert_eq!(ids(&by_reason).len(), 2);
-    let by_code = json(&herald(&env, &["dlq", "list", "--teams-code", "ConversationBlockedByUser", "--json"]).await);
+    let by_code = json(&after_settling(&env, 3, &["dlq", "list", "--teams-code", "ConversationBlockedByUser", "--json"]).await);
     assert_eq!(ids(&by_code), [b1.id.to_string()]);
-    let by_integration = json(&herald(&env, &["dlq", "list", "--integration", INTEGRATION, "--org", "org-b", "--json"]).await);
+    let by_integration = json(&after_settling(&env, 3, &["dlq", "list", "--integration", INTEGRATION, "--org", "org-b", "--json"]).await);
     assert_eq!(ids(&by_integration), [b1.id.to_string()]);
-    let since = json(&herald(&env, &["dlq", "list", "--since", "2026-11-21T00:00:00Z", "--until", "2026-11-21T23:00:00Z", "--json"]).await);
+    let since = json(
+        &after_settling(&env, 3, &["dlq", "list", "--since", "2026-11-21T00:00:00Z", "--until", "2026-11-21T23:00:00Z", "--json"]).await,
+    );
     assert_eq!(ids(&since), [a2.id.to_string()]);
-    let limited = json(&herald(&env, &["dlq", "list", "--limit", "1", "--json"]).await);
+    let limited = json(&after_settling(&env, 3, &["dlq", "list", "--limit", "1", "--json"]).await);
     assert_eq!(limited.as_array().unwrap().len(), 1);
-    let table = stdout(&herald(&env, &["dlq", "list"]).await);
+    let table = stdout(&after_settling(&env, 3, &["dlq", "list"]).await);
     assert!(table.contains("BotNotInConversationRoster") && table.contains("3 dead letter(s)"), "{table}");
 
-    let stats = json(&herald(&env, &["dlq", "stats", "--json"]).await);
+    let stats = json(&after_settling(&env, 3, &["dlq", "stats", "--json"]).await);
     assert_eq!(stats["total"], 3);
     assert_eq!(stats["by_reason"]["teams_forbidden"], 2);
     assert_eq!(stats["by_organization"]["org-a"], 2);
@@ -97,11 +106,11 @@ async fn list_stats_and_show_remove_nothing_and_filter() {
     assert_eq!(stats["oldest"], "2026-11-20T10:00:00Z");
     assert_eq!(stats["newest"], "2026-11-22T10:00:00Z");
 
-    let shown = json(&herald(&env, &["dlq", "show", &a1.id.to_string(), "--json"]).await);
+    let shown = json(&after_settling(&env, 3, &["dlq", "show", &a1.id.to_string(), "--json"]).await);
     assert_eq!(shown["dead_letter"]["headers"]["x-herald-teams-code"], "BotNotInConversationRoster");
     assert!(shown["dead_letter"]["body"].as_str().unwrap().contains("a1"));
     assert!(shown["delivery"].is_null());
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 3);
+    env.settles_at(&env.topology.dead_queue(), 3).await;
     env.teardown().await;
 }
 
@@ -128,7 +137,8 @@ async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
 
     let dry = stdout(&herald(&env, &["dlq", "replay", "--org", "org-a", "--dry-run"]).await);
     assert!(dry.contains(&refused.id.to_string()) && dry.contains("would replay 1"), "{dry}");
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 2, "a dry run changes nothing");
+    // A dry run changes nothing.
+    env.settles_at(&env.topology.dead_queue(), 2).await;
     let out = stdout(&herald(&env, &["dlq", "replay", "--org", "org-a", "--reason", "teams_forbidden"]).await);
     assert!(out.contains("replayed 1") && out.contains("1 did not match"), "{out}");
     let records = env.activities(1).await;
@@ -164,7 +174,7 @@ async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_
         tokio::process::Command::new(env!("CARGO_BIN_EXE_herald")).args(["dlq", "replay"]).envs(env_vars.clone()).output().await.unwrap();
     let text = String::from_utf8_lossy(&refused.stdout);
     assert!(text.contains("replayed 0") && text.contains("already replayed 2 times"), "{text}");
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 1);
+    env.settles_at(&env.topology.dead_queue(), 1).await;
     let forced = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["dlq", "replay", "--force"])
         .envs(env_vars)
@@ -172,7 +182,7 @@ async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&forced.stdout).contains("replayed 1"));
-    assert_eq!(env.queue_len(&env.topology.work_queue()).await, 1);
+    env.settles_at(&env.topology.work_queue(), 1).await;
     env.teardown().await;
 }
 
@@ -192,16 +202,17 @@ async fn purge_needs_yes_and_export_import_round_trips() {
     let out = stdout(&herald(&env, &["dlq", "export", "--out", file.to_str().unwrap()]).await);
     assert!(out.contains("exported 2"), "{out}");
     assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 2);
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 2, "export removes nothing");
+    // Export removes nothing.
+    env.settles_at(&env.topology.dead_queue(), 2).await;
 
     let dry = stdout(&herald(&env, &["dlq", "purge", "--older-than", "30d"]).await);
     assert!(dry.contains("1 dead letter(s) match; nothing removed"), "{dry}");
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 2);
+    env.settles_at(&env.topology.dead_queue(), 2).await;
     let purged = stdout(&herald(&env, &["dlq", "purge", "--older-than", "30d", "--yes"]).await);
     assert!(purged.contains(&format!("removed {}", old.id)) && purged.contains("removed 1 dead letter(s)"), "{purged}");
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 1);
+    env.settles_at(&env.topology.dead_queue(), 1).await;
     herald(&env, &["dlq", "purge", "--yes"]).await;
-    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
+    env.settles_at(&env.topology.dead_queue(), 0).await;
 
     let imported = stdout(&herald(&env, &["dlq", "import", file.to_str().unwrap()]).await);
     assert!(imported.contains("imported 2"), "{imported}");

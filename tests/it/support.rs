@@ -217,6 +217,24 @@ impl TestEnv {
         count
     }
 
+    /// Wait until `queue` holds exactly `n` ready messages. Messages a tool
+    /// looked at without acking return to a quorum queue shortly after its
+    /// channel closed, so "nothing was removed" is a state to wait for.
+    pub async fn settles_at(&self, queue: &str, n: u32) {
+        let mut last = 0;
+        let settled = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                last = self.queue_len(queue).await;
+                if last == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(settled.is_ok(), "{queue} holds {last} messages, not {n}");
+    }
+
     /// Wait until the simulator recorded `n` activities.
     pub async fn activities(&self, n: usize) -> Vec<sim::ActivityRecord> {
         let client = self.sim.client();
