@@ -110,6 +110,12 @@ impl Worker {
 
         let concurrency = self.settings.worker.concurrency;
         let slots = Arc::new(Semaphore::new(concurrency));
+        let settler = Arc::new(Settler {
+            pipeline: self.pipeline.clone(),
+            publisher: publisher.clone(),
+            topology: self.topology.clone(),
+            max_hops: self.settings.retry.max_hops,
+        });
         let result = loop {
             let permit = tokio::select! {
                 permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -127,12 +133,7 @@ impl Worker {
                 // The broker cancelled the consumer (queue deleted, node going down).
                 None => break Err(BrokerError::ConsumerCancelled { queue: queue.clone() }.into()),
             };
-            let settler = Settler {
-                pipeline: self.pipeline.clone(),
-                publisher: publisher.clone(),
-                topology: self.topology.clone(),
-                max_hops: self.settings.retry.max_hops,
-            };
+            let settler = settler.clone();
             tokio::spawn(async move {
                 settler.handle(delivery).await;
                 drop(permit);
@@ -190,12 +191,13 @@ impl Settler {
         let started = std::time::Instant::now();
         let metrics = &self.pipeline.metrics;
         metrics.job_started();
-        let incoming = Incoming { body: delivery.data.clone(), properties: delivery.properties.clone(), redelivered: delivery.redelivered };
+        let Delivery { data, properties, redelivered, acker, .. } = delivery;
+        let incoming = Incoming { body: data, properties, redelivered };
         let disposition = self.pipeline.process(&incoming).await;
         match self.settle(&incoming, disposition).await {
             Ok(outcome) => {
                 metrics.job_finished(outcome, started.elapsed());
-                if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+                if let Err(err) = acker.ack(BasicAckOptions::default()).await {
                     // The channel is gone; the broker redelivers, the ledger
                     // keeps a sent job from being posted twice.
                     warn!(error = %err, "ack failed; the message will be redelivered");
@@ -206,7 +208,7 @@ impl Settler {
                 error!(error = %super::error_chain(&err), "could not publish the outcome; returning the message to the queue");
                 // Requeue after a pause so that a broken exchange does not spin.
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
             }
         }
     }
