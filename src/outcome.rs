@@ -37,10 +37,12 @@ pub enum Reason {
     StoreFailed,
     /// herald's own per-conversation / per-tenant rate limit said "later".
     RateLimited,
+    /// Another delivery of the same job id is being sent right now.
+    InProgress,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::InvalidJob,
         Reason::MissingOrganization,
         Reason::JobExpired,
@@ -64,6 +66,7 @@ impl Reason {
         Reason::StoreUnavailable,
         Reason::StoreFailed,
         Reason::RateLimited,
+        Reason::InProgress,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +94,7 @@ impl Reason {
             Reason::StoreUnavailable => "store_unavailable",
             Reason::StoreFailed => "store_failed",
             Reason::RateLimited => "rate_limited",
+            Reason::InProgress => "in_progress",
         }
     }
 
@@ -99,7 +103,7 @@ impl Reason {
     /// fault of the job: such jobs wait, however long it takes, and are then
     /// delivered (or expire by their `expires_at`).
     pub fn consumes_retry_budget(self) -> bool {
-        !matches!(self, Reason::StoreUnavailable | Reason::RateLimited)
+        !matches!(self, Reason::StoreUnavailable | Reason::RateLimited | Reason::InProgress)
     }
 
     pub fn parse(text: &str) -> Option<Self> {
@@ -132,6 +136,8 @@ pub enum DeliveryError {
     ConversationQuarantined { conversation_id: String, reason: String },
     #[error("herald's own rate limit for this bot and conversation says wait {0:?}")]
     RateLimited(Duration),
+    #[error("another delivery of this job id is being sent right now")]
+    InProgress,
     #[error(transparent)]
     Teams(#[from] TeamsError),
     #[error(transparent)]
@@ -163,6 +169,7 @@ pub fn classify(err: &DeliveryError, max_in_process_wait: Duration) -> Verdict {
         DeliveryError::RecipientNotInOrganization(_) => DeadLetter(Reason::RecipientNotInOrganization),
         DeliveryError::ConversationQuarantined { .. } => DeadLetter(Reason::ConversationQuarantined),
         DeliveryError::RateLimited(wait) => Retry { reason: Reason::RateLimited, quick: false, after: Some(*wait) },
+        DeliveryError::InProgress => Retry { reason: Reason::InProgress, quick: false, after: None },
         DeliveryError::Store(err) if err.is_transient() => Retry { reason: Reason::StoreUnavailable, quick: true, after: None },
         // Not known to be transient: a few delayed retries, then retries_exhausted.
         DeliveryError::Store(_) => Retry { reason: Reason::StoreFailed, quick: false, after: None },

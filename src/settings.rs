@@ -222,6 +222,17 @@ impl Settings {
         Duration::from_secs(self.worker.resolution_cache_ttl_secs)
     }
 
+    /// The longest a delivery may legitimately keep a job `sending`: every
+    /// quick attempt timing out after its backoff, plus the in-process waits.
+    /// Another copy of the job waits that long before it may send.
+    pub fn claim_lease(&self) -> Duration {
+        let attempt = Duration::from_secs(self.teams.request_timeout_secs) + Duration::from_millis(self.retry.quick_max_delay_ms);
+        attempt * self.retry.quick_attempts as u32
+            + Duration::from_secs(self.retry.max_in_process_wait_secs)
+            + Duration::from_millis(self.teams.rate_limits.max_in_process_wait_ms)
+            + Duration::from_secs(5)
+    }
+
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_secs(self.worker.shutdown_deadline_secs)
     }

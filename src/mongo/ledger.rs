@@ -19,8 +19,19 @@ const MAX_BATCH: usize = 256;
 const FLUSHERS: usize = 4;
 
 pub(super) enum Op {
-    Claim { job: String, organization_id: String, integration_id: String },
-    Sent { job: String, conversation_id: String, activity_id: String, attempts: i64 },
+    /// `lease`: how long a `sending` claim by another delivery is honoured.
+    Claim {
+        job: String,
+        organization_id: String,
+        integration_id: String,
+        lease: std::time::Duration,
+    },
+    Sent {
+        job: String,
+        conversation_id: String,
+        activity_id: String,
+        attempts: i64,
+    },
 }
 
 /// What one statement of a batch came to.
@@ -77,12 +88,18 @@ async fn flusher(db: Database, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
 
 fn statement(op: &Op, now: DateTime) -> Document {
     match op {
-        // The filter excludes a `sent` record, so a job sent before makes the
-        // upsert collide with its own `_id`: E11000 means "already sent".
-        Op::Claim { job, organization_id, integration_id } => doc! {
-            "q": { "_id": job, "state": { "$ne": "sent" } },
+        // The filter excludes a `sent` record and one whose lease (another
+        // delivery sending it right now) has not run out, so either makes the
+        // upsert collide with its own `_id` (E11000); `resolve_collisions`
+        // then tells the two apart. (`$not: {$gt}` rather than `$or`, which
+        // some servers cannot answer from the `_id` index.)
+        Op::Claim { job, organization_id, integration_id, lease } => doc! {
+            "q": { "_id": job, "state": { "$ne": "sent" }, "lease_until": { "$not": { "$gt": now } } },
             "u": {
-                "$set": { "state": "sending", "updated_at": now },
+                "$set": {
+                    "state": "sending", "updated_at": now,
+                    "lease_until": DateTime::from_millis(now.timestamp_millis() + lease.as_millis() as i64),
+                },
                 "$setOnInsert": {
                     "organization_id": organization_id, "integration_id": integration_id,
                     "attempts": 0_i64, "created_at": now,
@@ -95,10 +112,26 @@ fn statement(op: &Op, now: DateTime) -> Document {
             "u": {
                 "$set": { "state": "sent", "conversation_id": conversation_id, "activity_id": activity_id, "updated_at": now },
                 "$inc": { "attempts": attempts },
-                "$unset": { "last_error": "", "reason": "" },
+                "$unset": { "last_error": "", "reason": "", "lease_until": "" },
             },
         },
     }
+}
+
+/// The states of the jobs whose claim collided: one read, only for duplicates.
+async fn resolve_collisions(db: &Database, jobs: &[&str]) -> Result<std::collections::HashMap<String, String>, MongoError> {
+    use futures_util::TryStreamExt;
+    if jobs.is_empty() {
+        return Ok(Default::default());
+    }
+    let found: Vec<Document> = db
+        .collection::<Document>(super::DELIVERIES)
+        .find(doc! { "_id": { "$in": jobs } })
+        .projection(doc! { "state": 1 })
+        .await?
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_str("state").ok()?.to_owned()))).collect())
 }
 
 async fn flush(db: &Database, batch: Vec<Request>) {
@@ -125,11 +158,32 @@ async fn flush(db: &Database, batch: Vec<Request>) {
             }
             let concern =
                 answer.get_document("writeConcernError").ok().map(|e| e.get_str("errmsg").unwrap_or("write concern error").to_owned());
+            let collided: Vec<&str> = batch
+                .iter()
+                .zip(&errors)
+                .filter_map(|(r, e)| match (&r.op, e) {
+                    (Op::Claim { job, .. }, Some((11000, _))) => Some(job.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let states = match resolve_collisions(db, &collided).await {
+                Ok(states) => states,
+                Err(err) => {
+                    for request in batch {
+                        let _ = request.reply.send(Err(err.clone()));
+                    }
+                    return;
+                }
+            };
             for (request, error) in batch.into_iter().zip(errors) {
                 let result = match (&request.op, error, &concern) {
                     (_, _, Some(concern)) => Err(MongoError::custom(format!("write concern: {concern}"))),
                     (Op::Claim { .. }, None, _) => Ok(Done::Claimed(Claim::Fresh)),
-                    (Op::Claim { .. }, Some((11000, _)), _) => Ok(Done::Claimed(Claim::AlreadySent)),
+                    (Op::Claim { job, .. }, Some((11000, _)), _) => Ok(Done::Claimed(match states.get(job).map(String::as_str) {
+                        Some("sent") => Claim::AlreadySent,
+                        // `sending` under another delivery's lease (or gone meanwhile): come back later.
+                        _ => Claim::InProgress,
+                    })),
                     (Op::Sent { .. }, None, _) => Ok(Done::Marked),
                     (_, Some((code, message)), _) => Err(MongoError::custom(format!("write error {code}: {message}"))),
                 };

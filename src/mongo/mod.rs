@@ -198,11 +198,16 @@ pub enum Claim {
     Fresh,
     /// Already recorded `sent`: ack without a second post.
     AlreadySent,
+    /// Another delivery of the same job id is sending it right now (its
+    /// claim is younger than the lease): try again later.
+    InProgress,
 }
 
 #[derive(Clone)]
 pub struct Store {
     db: Database,
+    /// How long a `sending` claim keeps other deliveries of the job away.
+    claim_lease: Duration,
     ops: std::sync::Arc<OpCounts>,
     ledger: ledger::Ledger,
 }
@@ -224,7 +229,7 @@ impl Store {
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).map_err(StoreError::new("connect"))?;
         let db = client.database(&settings.mongodb_database);
-        Ok(Self { ledger: ledger::Ledger::start(db.clone()), db, ops: Default::default() })
+        Ok(Self { ledger: ledger::Ledger::start(db.clone()), db, ops: Default::default(), claim_lease: settings.claim_lease() })
     }
 
     fn read(&self) {
@@ -410,7 +415,12 @@ impl Store {
     /// Claims of concurrent jobs share one command (see `ledger`).
     pub async fn claim(&self, job: JobId, org: &OrganizationId, integration: &IntegrationId) -> Result<Claim, StoreError> {
         self.write();
-        let op = ledger::Op::Claim { job: job.to_string(), organization_id: org.to_string(), integration_id: integration.to_string() };
+        let op = ledger::Op::Claim {
+            job: job.to_string(),
+            organization_id: org.to_string(),
+            integration_id: integration.to_string(),
+            lease: self.claim_lease,
+        };
         match self.ledger.run("claim delivery", op).await? {
             ledger::Done::Claimed(claim) => Ok(claim),
             ledger::Done::Marked => unreachable!("a claim answers with a claim"),
@@ -439,6 +449,7 @@ impl Store {
                 doc! {
                     "$set": { "state": state, "reason": reason, "last_error": error, "updated_at": DateTime::now() },
                     "$inc": { "attempts": i64::from(attempts) },
+                    "$unset": { "lease_until": "" },
                 },
             )
             .await

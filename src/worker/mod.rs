@@ -276,8 +276,10 @@ impl Pipeline {
             .retry(self.quick)
             .when(|err| err.is_transient() && !self.shutdown.is_cancelled())
             .await?;
-        if claim == Claim::AlreadySent {
-            return Ok(None);
+        match claim {
+            Claim::AlreadySent => return Ok(None),
+            Claim::InProgress => return Err(DeliveryError::InProgress),
+            Claim::Fresh => {}
         }
         let integration = self.resolver.org_integration(&self.store, &self.teams, job).await?;
         progress.set_integration(&integration.id);

@@ -380,3 +380,31 @@ async fn disabling_an_org_integration_stops_deliveries_within_the_cache_ttl() {
     worker.stop().await;
     env.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_one_job_consumed_at_once_are_posted_once() {
+    let env = TestEnv::new(two_org_world()).await;
+    env.seed_two_orgs().await;
+    // Slow Teams: the first copy is still being sent when the second is taken.
+    env.sim.client().set_latency(sim::Latency::Fixed { ms: 700 }).await.unwrap();
+    let job = job("org-a", CONV_A, "twice published");
+    env.publish(&job).await;
+    env.publish(&job).await;
+    let worker = env.spawn_worker();
+    env.activities(1).await;
+    env.drained().await;
+    eventually("the second copy to be settled", Duration::from_secs(30), || async {
+        let ready = env.queue_len(&env.topology.work_queue()).await;
+        let retrying: u32 =
+            futures_util::future::join_all(env.topology.tiers.iter().map(|t| env.queue_len_owned(env.topology.retry_queue(*t))))
+                .await
+                .into_iter()
+                .sum();
+        (ready + retrying == 0).then_some(())
+    })
+    .await;
+    assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1, "posted once");
+    assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
+    worker.stop().await;
+    env.teardown().await;
+}

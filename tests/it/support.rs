@@ -209,6 +209,10 @@ impl TestEnv {
         dlq::browse(&self.connection, &queue, n + 10).await.expect("browse")
     }
 
+    pub async fn queue_len_owned(&self, queue: String) -> u32 {
+        self.queue_len(&queue).await
+    }
+
     pub async fn queue_len(&self, queue: &str) -> u32 {
         let channel = self.connection.create_channel().await.expect("channel");
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
