@@ -4,9 +4,12 @@
 //! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
 //! so the benchmark cannot rot); the default is the full run of issue 8.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,7 @@ use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
+use support::{Guard, binary};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -59,23 +63,6 @@ const SMOKE: Scale = Scale {
     throttled_jobs: 200,
     replay: 500,
 };
-
-struct Guard(Vec<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::current_exe()?.parent().and_then(Path::parent).context("target dir")?.join(name);
-    anyhow::ensure!(path.exists(), "{} not built", path.display());
-    Ok(path)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -136,12 +123,12 @@ impl Env {
     }
 
     fn spawn_worker(&self, http_port: u16) -> anyhow::Result<Child> {
-        Ok(Command::new(bin("herald")?).arg("worker").envs(self.worker_env(http_port)).stderr(Stdio::null()).spawn()?)
+        Ok(Command::new(binary("herald")?).arg("worker").envs(self.worker_env(http_port)).stderr(Stdio::null()).spawn()?)
     }
 
     /// A worker with herald's own pacing on (the simulator's throttling on too).
     fn spawn_paced_worker(&self, http_port: u16) -> anyhow::Result<Child> {
-        Ok(Command::new(bin("herald")?)
+        Ok(Command::new(binary("herald")?)
             .arg("worker")
             .envs(self.worker_env(http_port))
             .env("HERALD_TEAMS__RATE_LIMITS__ENABLED", "true")
@@ -316,7 +303,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&world_path, serde_json::to_vec(&world)?)?;
     let mut guard = Guard(Vec::new());
     guard.0.push(
-        Command::new(bin("teams-sim")?)
+        Command::new(binary("teams-sim")?)
             .args(["--listen", &format!("127.0.0.1:{sim_port}"), "--no-throttle", "--max-records", "200000", "--world"])
             .arg(&world_path)
             .stdout(Stdio::null())
@@ -577,7 +564,7 @@ async fn main() -> anyhow::Result<()> {
     };
     publish_all(&publisher, &env.topology.dead_exchange(), bodies, reason).await?;
     let started = Instant::now();
-    let status = Command::new(bin("herald")?)
+    let status = Command::new(binary("herald")?)
         .args(["dlq", "replay"])
         .envs(env.worker_env(0))
         .stdout(Stdio::null())

@@ -5,8 +5,11 @@
 //! Expects the services of `scripts/services.sh` and the `herald` and
 //! `teams-sim` binaries built next to this example.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,31 +23,12 @@ use herald::sim::client::SimClient;
 use herald::sim::{ActivityFilter, Route};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
+use support::{Guard, binary};
 
 const PREFIX: &str = "herald-demo";
 const DATABASE: &str = "herald_demo";
 const INTEGRATION: &str = "teams-main";
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
-struct Guard(Vec<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::current_exe()?.parent().and_then(|p| p.parent()).context("locating target dir")?.to_path_buf();
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!("{} not found: build with `cargo build --bins --examples`", path.display());
-    }
-    Ok(path)
-}
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -1,6 +1,6 @@
 //! `herald conversations`: see, quarantine and release conversations.
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
 
@@ -25,24 +25,30 @@ pub enum ConversationsCommand {
     },
     /// Stop deliveries to a conversation of an org_integration.
     Quarantine {
-        #[arg(long)]
-        org: String,
-        #[arg(long)]
-        integration: String,
-        #[arg(long)]
-        conversation: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value = "operator")]
         reason: String,
     },
     /// Lift a quarantine (after re-adding the bot to the team, for example).
     Release {
-        #[arg(long)]
-        org: String,
-        #[arg(long)]
-        integration: String,
-        #[arg(long)]
-        conversation: String,
+        #[command(flatten)]
+        target: Target,
     },
+}
+
+/// One conversation of one org_integration.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The organization.
+    #[arg(long)]
+    org: String,
+    /// Its Teams integration.
+    #[arg(long)]
+    integration: String,
+    /// The conversation id, e.g. 19:...@thread.tacv2.
+    #[arg(long)]
+    conversation: String,
 }
 
 pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::Result<()> {
@@ -85,7 +91,7 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
             }
             println!("{} conversation(s)", list.len());
         }
-        ConversationsCommand::Quarantine { org, integration, conversation, reason } => {
+        ConversationsCommand::Quarantine { target: Target { org, integration, conversation }, reason } => {
             anyhow::ensure!(
                 store.quarantine(&org, &integration, &conversation, &reason, None).await?,
                 "no conversation {conversation} for organization {org} and integration {integration}"
@@ -94,7 +100,7 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
                 "quarantined {conversation} for {org}/{integration}; workers stop sending to it within {ttl} s (worker.resolution_cache_ttl_secs)"
             );
         }
-        ConversationsCommand::Release { org, integration, conversation } => {
+        ConversationsCommand::Release { target: Target { org, integration, conversation } } => {
             let found = store
                 .conversations()
                 .find_one(doc! { "organization_id": &org, "integration_id": &integration, "conversation_id": &conversation })

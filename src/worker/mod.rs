@@ -337,9 +337,8 @@ impl Pipeline {
         let mark =
             || self.store.mark_sent(job.id, &recipient.conversation_id, &sent.activity_id, progress.attempts.load(Ordering::Relaxed));
         if let Err(err) = mark.retry(self.quick).when(|err| err.is_transient()).await {
-            // Delivered all the same: ack it. A redelivery would find the
-            // ledger `sending` and post again, which is the lesser evil than
-            // losing the record of an alert that did go out.
+            // Delivered all the same: ack it (nothing redelivers it). The
+            // record stays `sending` until its lease runs out.
             warn!(error = %error_chain(&err), "delivered, but the ledger could not record it");
         }
         Ok(Some((sent.activity_id, recipient.conversation_id)))
