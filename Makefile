@@ -11,24 +11,24 @@ services: ## Install (if missing) and start RabbitMQ and SecantusDB, wait until 
 	@bash scripts/services.sh
 
 demo: services ## Two organizations, one shared Teams integration: deliveries and dead letters, end to end
-	$(CARGO) build --bins --examples
+	$(CARGO) build --workspace --bins --examples
 	./target/debug/examples/demo
 
 test: services ## Unit and integration tests against the real services and teams-sim
 	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt
-	$(CARGO) build --bins --examples
+	$(CARGO) build --workspace --bins --examples
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
-	$(CARGO) test --lib --bins --no-fail-fast
+	$(CARGO) test --workspace --lib --bins --no-fail-fast
 	$(CARGO) test --test resilience --no-fail-fast
 	$(CARGO) test --test it --no-fail-fast
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
 	@bash scripts/services.sh --bench
-	$(CARGO) build --release --bins --examples
+	$(CARGO) build --release --workspace --bins --examples
 	./target/release/examples/bench
 
 lint: ## rustfmt, clippy (warnings are errors), and the deploy/ manifests, rules and dashboard
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@bash scripts/deploy-tools.sh
 	python3 deploy/check.py

@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 SECS="${1:-10}"
 SIM="$ROOT/target/release/teams-sim"
-[ -x "$SIM" ] || cargo build --release --bin teams-sim
+[ -x "$SIM" ] || cargo build --release -p teams-sim --bin teams-sim
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 taskset -c 0 "$SIM" --listen "127.0.0.1:$PORT" --world "$ROOT/deploy/demo/world.json" --no-throttle --threads 1 --max-records 100000 >/dev/null &

@@ -18,9 +18,9 @@ impl Drop for Guard {
     }
 }
 
-/// A binary of this package, built next to the running example.
+/// A binary of this workspace, built next to the running example.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.parent().and_then(Path::parent).context("locating the target dir")?.join(name);
-    anyhow::ensure!(path.exists(), "{} not found: build with `cargo build --bins --examples`", path.display());
+    anyhow::ensure!(path.exists(), "{} not found: build with `cargo build --workspace --bins --examples`", path.display());
     Ok(path)
 }

@@ -6,7 +6,7 @@
 //!
 //! Layout:
 //! - `world`: tenants, bots, users, conversations (the fixture);
-//! - `crate::ratelimit`: Microsoft's published limits, enforced here as Teams does;
+//! - `teams_limits`: Microsoft's published limits, enforced here as Teams does;
 //! - `faults`: injected statuses, hangs, resets and latency from a seed;
 //! - `connector`: the token endpoint and the Connector routes;
 //! - `admin`: the inspection and admin API under `/_admin`;
@@ -31,9 +31,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::ratelimit::{Limits, Window};
 pub use admin::{ActivityFilter, ClockAdvance, IssuedToken, Throttling, TokenSettings};
 pub use faults::{Action, Latency, Route, Rule};
+pub use teams_limits::{Limits, Window};
 pub use world::{Bot, Conversation, ConversationKind, Tenant, User, World};
 
 /// Start-up options of the simulator (the world is separate).
@@ -108,7 +108,7 @@ pub(crate) struct State {
     pub activities: HashMap<String, String>,
     pub next_seq: u64,
     pub stats: Stats,
-    pub throttle: crate::ratelimit::Throttle,
+    pub throttle: teams_limits::Throttle,
     pub faults: faults::Faults,
     /// How far the admin API moved the simulator's clock forward.
     pub clock_offset: Duration,
@@ -155,7 +155,7 @@ impl Sim {
             activities: HashMap::new(),
             next_seq: 0,
             stats: Stats::default(),
-            throttle: crate::ratelimit::Throttle::new(options.throttling, Limits::default()),
+            throttle: teams_limits::Throttle::new(options.throttling, Limits::default()),
             faults: faults::Faults::new(options.seed),
             clock_offset: Duration::ZERO,
         };

@@ -13,7 +13,7 @@ use super::connector::error;
 use super::faults::{Latency, Route, Rule};
 use super::world::{Bot, Conversation, User, World};
 use super::{ActivityRecord, Sim, Stats};
-use crate::ratelimit::Limits;
+use teams_limits::Limits;
 
 pub(super) fn router(sim: Sim) -> Router {
     Router::new()

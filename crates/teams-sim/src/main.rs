@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use herald::sim::{self, Options, Sim, World};
+use teams_sim::{Options, Sim, World};
 use tokio_util::sync::CancellationToken;
 
 /// A local stand-in for the Microsoft identity token endpoint and the Bot
@@ -82,6 +82,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stop.cancel();
         });
     }
-    sim::serve(listener, Sim::new(world, options), shutdown).await?;
+    teams_sim::serve(listener, Sim::new(world, options), shutdown).await?;
     Ok(())
 }

@@ -42,7 +42,13 @@ pub struct Throttle {
     pub margin: Duration,
     conversations: HashMap<(String, String), VecDeque<Instant>>,
     tenants: HashMap<(String, String), VecDeque<Instant>>,
+    /// Admissions since the last sweep of idle keys.
+    since_sweep: usize,
 }
+
+/// Idle keys are swept once this many admissions happened and the maps hold
+/// more keys than that: memory follows the keys in use, not every key seen.
+const SWEEP_EVERY: usize = 4096;
 
 impl Throttle {
     pub fn new(enabled: bool, limits: Limits) -> Self {
@@ -59,11 +65,35 @@ impl Throttle {
         self.tenants.clear();
     }
 
+    /// Conversations and tenants tracked right now.
+    pub fn tracked(&self) -> usize {
+        self.conversations.len() + self.tenants.len()
+    }
+
+    /// Forget every key whose requests have all left the longest window.
+    pub fn sweep(&mut self, now: Instant) {
+        let keep = |windows: &[Window], margin: Duration| {
+            let longest = Duration::from_secs(windows.iter().map(|w| w.per_secs).max().unwrap_or(0)) + margin;
+            move |_: &(String, String), history: &mut VecDeque<Instant>| {
+                history.back().is_some_and(|last| now.saturating_duration_since(*last) < longest)
+            }
+        };
+        self.conversations.retain(keep(&self.limits.per_conversation, self.margin));
+        self.tenants.retain(keep(&self.limits.per_app_tenant, self.margin));
+        self.conversations.shrink_to_fit();
+        self.tenants.shrink_to_fit();
+        self.since_sweep = 0;
+    }
+
     /// Admit one request of `app_id` into `conversation_id` of `tenant_id` at
     /// `now`, or say how long to wait.
     pub fn admit(&mut self, app_id: &str, tenant_id: &str, conversation_id: &str, now: Instant) -> Result<(), Duration> {
         if !self.enabled {
             return Ok(());
+        }
+        self.since_sweep += 1;
+        if self.since_sweep >= SWEEP_EVERY && self.tracked() >= SWEEP_EVERY {
+            self.sweep(now);
         }
         let conv_key = (app_id.to_owned(), conversation_id.to_owned());
         let tenant_key = (app_id.to_owned(), tenant_id.to_owned());
@@ -194,6 +224,24 @@ mod tests {
             "the server's window has passed, the client's has not"
         );
         t.admit("a", "t", "c", start + Duration::from_millis(1100)).unwrap();
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_once_their_windows_passed() {
+        let mut t = throttle();
+        let start = Instant::now();
+        for i in 0..10_000 {
+            t.admit("a", &format!("t{}", i % 500), &format!("c{i}"), start).unwrap();
+        }
+        assert!(t.tracked() >= 10_000);
+        // An hour later (the longest window), new traffic sweeps the old keys.
+        let later = start + Duration::from_secs(3601);
+        for i in 0..SWEEP_EVERY {
+            t.admit("a", "t", &format!("new{}", i % 10), later).ok();
+        }
+        assert!(t.tracked() <= 11 + SWEEP_EVERY, "{} keys kept", t.tracked());
+        t.sweep(later + Duration::from_secs(3601));
+        assert_eq!(t.tracked(), 0);
     }
 
     #[test]
