@@ -17,7 +17,8 @@ use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::rabbitmq::{BrokerError, Publisher, ROUTING_KEY, Topology, amqp, headers};
+use crate::rabbitmq::headers::{self, Signer};
+use crate::rabbitmq::{BrokerError, Publisher, ROUTING_KEY, Topology, amqp};
 
 /// One dead letter as an operator sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -26,21 +27,37 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     pub organization_id: Option<String>,
     pub teams_code: Option<String>,
-    /// Every header, as text.
+    /// Every header herald may believe, as text: herald's own only when
+    /// their signature verifies (see `rabbitmq::headers`).
     pub headers: BTreeMap<String, String>,
+    /// The message carried `x-herald-*` headers that do not verify (they
+    /// are left out of `headers` and of every filter).
+    #[serde(default)]
+    pub unverified_headers: bool,
     /// The original body, unchanged (lossy UTF-8 for display).
     pub body: String,
 }
 
 impl DeadLetter {
-    fn from_message(properties: &BasicProperties, data: &[u8]) -> Self {
-        let table = properties.headers().as_ref();
+    pub fn from_message(properties: &BasicProperties, data: &[u8], signer: &Signer) -> Self {
+        let message_id = properties.message_id().as_ref().map(|m| m.to_string());
+        let all = properties.headers().as_ref();
+        let (trusted, unverified_headers) = signer.trusted(message_id.as_deref(), data, all);
+        // The broker's own bookkeeping (x-death) is the broker's word, not a producer's.
+        let mut shown = trusted;
+        for key in headers::BROKER_BOOKKEEPING {
+            if let Some(value) = all.and_then(|t| t.inner().get(key)) {
+                shown.insert(key.into(), value.clone());
+            }
+        }
+        let table = Some(&shown);
         DeadLetter {
-            message_id: properties.message_id().as_ref().map(|m| m.to_string()),
+            message_id,
             reason: headers::get_str(table, headers::REASON).or_else(|| broker_reason(table)),
             organization_id: headers::get_str(table, headers::ORGANIZATION_ID),
             teams_code: headers::get_str(table, headers::TEAMS_CODE),
-            headers: table.map(|t| t.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect()).unwrap_or_default(),
+            headers: shown.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect(),
+            unverified_headers,
             body: String::from_utf8_lossy(data).into_owned(),
         }
     }
@@ -127,6 +144,7 @@ pub struct Pass {
     channel: lapin::Channel,
     queue: String,
     remaining: Option<u32>,
+    signer: Signer,
 }
 
 /// A message taken by a pass; left in the queue unless acked.
@@ -138,9 +156,9 @@ pub struct Taken {
 }
 
 impl Pass {
-    pub async fn open(connection: &Connection, queue: &str) -> Result<Self, BrokerError> {
+    pub async fn open(connection: &Connection, queue: &str, signer: &Signer) -> Result<Self, BrokerError> {
         let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
-        Ok(Self { channel, queue: queue.to_owned(), remaining: None })
+        Ok(Self { channel, queue: queue.to_owned(), remaining: None, signer: signer.clone() })
     }
 
     /// The next message, or `None` once every message that was in the queue
@@ -163,7 +181,7 @@ impl Pass {
         });
         let delivery = message.delivery;
         Ok(Some(Taken {
-            letter: DeadLetter::from_message(&delivery.properties, &delivery.data),
+            letter: DeadLetter::from_message(&delivery.properties, &delivery.data, &self.signer),
             properties: delivery.properties,
             data: delivery.data,
             acker: delivery.acker,
@@ -184,8 +202,14 @@ impl Taken {
 }
 
 /// Up to `limit` dead letters matching `filter`, left in place.
-pub async fn list(connection: &Connection, queue: &str, filter: &Filter, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
-    let mut pass = Pass::open(connection, queue).await?;
+pub async fn list(
+    connection: &Connection,
+    queue: &str,
+    signer: &Signer,
+    filter: &Filter,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, BrokerError> {
+    let mut pass = Pass::open(connection, queue, signer).await?;
     let mut letters = Vec::new();
     while letters.len() < limit {
         let Some(taken) = pass.next().await? else { break };
@@ -198,13 +222,17 @@ pub async fn list(connection: &Connection, queue: &str, filter: &Filter, limit: 
 }
 
 /// Up to `limit` dead letters, left in place.
-pub async fn browse(connection: &Connection, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
-    list(connection, queue, &Filter::default(), limit).await
+pub async fn browse(connection: &Connection, queue: &str, signer: &Signer, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+    list(connection, queue, signer, &Filter::default(), limit).await
 }
 
-/// The headers of a replayed job: the dead letter's verdict and retry
-/// bookkeeping removed (the worker decides afresh), the replay counted.
-pub fn replay_headers(original: Option<&FieldTable>) -> FieldTable {
+/// The headers of a replayed job: only what verifies, the dead letter's
+/// verdict and retry bookkeeping removed (the worker decides afresh), the
+/// replay counted, and signed again.
+pub fn replay_headers(properties: &BasicProperties, data: &[u8], signer: &Signer) -> FieldTable {
+    let message_id = properties.message_id().as_ref().map(|m| m.to_string());
+    let message_id = message_id.as_deref();
+    let (trusted, _) = signer.trusted(message_id, data, properties.headers().as_ref());
     let drop = [
         headers::REASON,
         headers::ERROR,
@@ -215,10 +243,12 @@ pub fn replay_headers(original: Option<&FieldTable>) -> FieldTable {
         headers::HOPS,
         headers::LAST_REASON,
         headers::ORG_INTEGRATION_ID,
+        headers::SIGNATURE,
     ];
-    let replays = headers::get_u32(original, headers::REPLAYS).unwrap_or(0);
-    let mut table = headers::copy_without(original, &drop);
-    headers::set_u32(&mut table, headers::REPLAYS, replays + 1);
+    let replays = headers::get_u32(Some(&trusted), headers::REPLAYS).unwrap_or(0);
+    let mut table = headers::copy_without(Some(&trusted), &drop);
+    headers::set_u32(&mut table, headers::REPLAYS, replays.saturating_add(1));
+    signer.sign(message_id, data, &mut table);
     table
 }
 
@@ -226,10 +256,10 @@ pub fn replay_headers(original: Option<&FieldTable>) -> FieldTable {
 /// broker confirmed every one, then remove them from the dead-letter queue.
 /// On an error nothing of the batch is removed (the confirmed ones may then
 /// exist twice; the ledger keeps a sent job from being posted again).
-pub async fn replay(publisher: &Publisher, topology: &Topology, batch: &[Taken]) -> Result<(), BrokerError> {
+pub async fn replay(publisher: &Publisher, topology: &Topology, signer: &Signer, batch: &[Taken]) -> Result<(), BrokerError> {
     let mut pending = Vec::with_capacity(batch.len());
     for taken in batch {
-        let properties = taken.properties.clone().with_headers(replay_headers(taken.properties.headers().as_ref()));
+        let properties = taken.properties.clone().with_headers(replay_headers(&taken.properties, &taken.data, signer));
         pending.push(publisher.start(&topology.jobs_exchange(), ROUTING_KEY, &taken.data, properties).await?);
     }
     for confirm in pending {
@@ -351,6 +381,7 @@ mod tests {
             organization_id: Some(org.into()),
             teams_code: None,
             headers,
+            unverified_headers: false,
             body: r#"{"integration_id": "int-1"}"#.into(),
         }
     }
@@ -376,11 +407,21 @@ mod tests {
         headers::set_u32(&mut table, headers::REPLAYS, 2);
         headers::set_u32(&mut table, headers::ATTEMPTS, 4);
         headers::set_str(&mut table, headers::TRACEPARENT, "00-abc-def-01");
-        let out = replay_headers(Some(&table));
+        let signer = Signer::new([1; 32]);
+        let body = b"{}";
+        signer.sign(Some("j1"), body, &mut table);
+        let properties = BasicProperties::default().with_message_id("j1".into()).with_headers(table.clone());
+        let out = replay_headers(&properties, body, &signer);
         assert_eq!(headers::get_u32(Some(&out), headers::REPLAYS), Some(3));
         assert_eq!(headers::get_u32(Some(&out), headers::ATTEMPTS), Some(4));
         assert_eq!(headers::get_str(Some(&out), headers::TRACEPARENT).as_deref(), Some("00-abc-def-01"));
         assert!(!out.contains_key(headers::REASON));
+        assert!(signer.verify(Some("j1"), body, &out), "the replayed headers are signed");
+        // A producer's forged replay count is not believed.
+        let mut forged = FieldTable::default();
+        headers::set_u32(&mut forged, headers::REPLAYS, 40);
+        let out = replay_headers(&properties.clone().with_headers(forged), body, &signer);
+        assert_eq!(headers::get_u32(Some(&out), headers::REPLAYS), Some(1));
     }
 
     #[test]

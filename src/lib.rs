@@ -3,25 +3,28 @@
 //! Producers publish notification jobs to RabbitMQ; workers resolve **the
 //! job's own organization's** Teams integration from MongoDB, send through the
 //! Bot Framework Connector with retries, and dead-letter what cannot be
-//! delivered with a reason an operator can act on. See `../shared/contract.md`
-//! for the names everything relies on.
+//! delivered with a reason an operator can act on. See `docs/contract.md` for
+//! the names everything relies on.
 //!
 //! # Layout
 //! - [`settings`]: typed settings from embedded defaults, a file and `HERALD_` env.
 //! - [`job`]: the wire job parsed at the edge into a validated [`job::Job`].
 //! - [`outcome`]: dead-letter reasons, the one error classifier, the retry schedule.
-//! - [`rabbitmq`]: topology, confirmed publishing, `x-herald-*` headers.
-//! - [`ratelimit`]: Teams' published rate limits (sliding windows), for the worker and teams-sim.
-//! - [`mongo`]: org_integrations, conversations and the deliveries ledger.
+//! - [`rabbitmq`]: topology, confirmed publishing, signed and bounded `x-herald-*` headers.
+//! - [`mongo`]: org_integrations, conversations and the scoped, owned deliveries ledger.
 //! - [`teams`]: tokens, the service-URL allowlist, the Connector client, cards.
-//! - [`worker`]: `Pipeline::process(message) -> Disposition` and the consume loop.
+//! - [`worker`]: the step `Pipeline::process(incoming) -> Disposition`, the settler, the consume loop.
 //! - [`producer`]: publishing jobs with publisher confirms (the Rust producer API).
 //! - [`cli`]: the `herald` command line.
 //! - [`dlq`]: reading the dead-letter queue without changing it.
 //! - [`metrics`]: the one metrics struct, rendered for Prometheus.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logging setup.
-//! - [`sim`]: `teams-sim`, the local Microsoft stand-in for tests, demo and bench.
+//! - [`text`]: bounded text for headers, logs and errors.
+//!
+//! Teams' published rate limits live in the `teams-limits` crate (shared with
+//! the simulator); the simulator, `teams-sim`, is its own crate, a
+//! dev-dependency only.
 
 pub mod cli;
 pub mod dlq;
@@ -32,9 +35,8 @@ pub mod mongo;
 pub mod outcome;
 pub mod producer;
 pub mod rabbitmq;
-pub mod ratelimit;
 pub mod settings;
-pub mod sim;
 pub mod teams;
 pub mod telemetry;
+pub mod text;
 pub mod worker;

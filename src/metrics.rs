@@ -67,6 +67,34 @@ pub struct Metrics {
     recipients_corrected: AtomicU64,
     conversations_quarantined: AtomicU64,
     consumer_active: AtomicBool,
+    events: [AtomicU64; EVENTS.len()],
+}
+
+/// Counters of things that should be rare, each with its name and help.
+const EVENTS: [(&str, &str); 8] = [
+    (
+        "herald_deliveries_unconfirmed_total",
+        "Sends whose outcome is unknown (timeout or reset after the request was written, unreadable 2xx): never resent automatically.",
+    ),
+    ("herald_ledger_takeovers_total", "Claims taken over from a delivery whose lease ran out mid-send (a possible second post)."),
+    ("herald_ledger_lease_lost_total", "Sends recorded after another delivery had taken over the claim (a possible second post)."),
+    ("herald_ledger_write_failures_total", "Sends Teams accepted that the ledger could not record."),
+    ("herald_forged_headers_total", "Messages whose x-herald-* headers herald did not write (ignored)."),
+    ("herald_internal_errors_total", "Jobs whose processing panicked (dead-lettered internal_error)."),
+    ("herald_publish_retries_total", "Publishes of a job's outcome tried again after healing the channel or topology."),
+    ("herald_broker_reconnects_total", "Times the worker lost its broker connection and reconnected."),
+];
+
+#[derive(Clone, Copy)]
+enum Event {
+    Unconfirmed,
+    TakenOver,
+    LeaseLost,
+    LedgerWriteFailed,
+    ForgedHeaders,
+    InternalError,
+    PublishRetried,
+    BrokerReconnect,
 }
 
 impl Default for Metrics {
@@ -81,6 +109,7 @@ impl Default for Metrics {
             recipients_corrected: AtomicU64::new(0),
             conversations_quarantined: AtomicU64::new(0),
             consumer_active: AtomicBool::new(false),
+            events: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -106,9 +135,7 @@ impl Metrics {
     }
 
     pub fn job_dead_lettered(&self, reason: Reason) {
-        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
-            self.dead_letters[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.dead_letters[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// One Connector request: its HTTP status, or `None` for a transport error.
@@ -132,6 +159,47 @@ impl Metrics {
         self.conversations_quarantined.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn count(&self, event: Event) {
+        self.events[event as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How often `name` (one of the rare-event counters) happened.
+    pub fn event_count(&self, name: &str) -> u64 {
+        EVENTS.iter().position(|(n, _)| *n == name).map_or(0, |i| self.events[i].load(Ordering::Relaxed))
+    }
+
+    pub fn delivery_unconfirmed(&self) {
+        self.count(Event::Unconfirmed);
+    }
+
+    pub fn lease_taken_over(&self) {
+        self.count(Event::TakenOver);
+    }
+
+    pub fn lease_lost(&self) {
+        self.count(Event::LeaseLost);
+    }
+
+    pub fn ledger_write_failed(&self) {
+        self.count(Event::LedgerWriteFailed);
+    }
+
+    pub fn forged_headers(&self) {
+        self.count(Event::ForgedHeaders);
+    }
+
+    pub fn internal_error(&self) {
+        self.count(Event::InternalError);
+    }
+
+    pub fn publish_retried(&self) {
+        self.count(Event::PublishRetried);
+    }
+
+    pub fn broker_reconnect(&self) {
+        self.count(Event::BrokerReconnect);
+    }
+
     pub fn consumer_active(&self, active: bool) {
         self.consumer_active.store(active, Ordering::Relaxed);
     }
@@ -141,7 +209,7 @@ impl Metrics {
     }
 
     pub fn dead_lettered(&self, reason: Reason) -> u64 {
-        Reason::ALL.iter().position(|r| *r == reason).map_or(0, |i| self.dead_letters[i].load(Ordering::Relaxed))
+        self.dead_letters[reason as usize].load(Ordering::Relaxed)
     }
 
     /// The Prometheus text exposition.
@@ -182,6 +250,10 @@ impl Metrics {
         let _ = writeln!(out, "herald_recipients_corrected_total {}", self.recipients_corrected.load(Ordering::Relaxed));
         counter(&mut out, "herald_conversations_quarantined_total", "Conversations quarantined after a Teams refusal.");
         let _ = writeln!(out, "herald_conversations_quarantined_total {}", self.conversations_quarantined.load(Ordering::Relaxed));
+        for ((name, help), n) in EVENTS.iter().zip(&self.events) {
+            counter(&mut out, name, help);
+            let _ = writeln!(out, "{name} {}", n.load(Ordering::Relaxed));
+        }
         let _ =
             writeln!(out, "# HELP herald_consumer_active 1 while the worker consumes the work queue.\n# TYPE herald_consumer_active gauge");
         let _ = writeln!(out, "herald_consumer_active {}", u8::from(self.consumer_active.load(Ordering::Relaxed)));
@@ -213,5 +285,14 @@ mod tests {
         assert!(text.contains("herald_token_requests_total 3"));
         assert!(text.contains("herald_resolution_cache_total{result=\"hit\"} 10"));
         assert!(text.contains("herald_mongodb_operations_total{kind=\"write\"} 5"));
+        m.delivery_unconfirmed();
+        let text = m.render(&Gauges { token_requests: 0, cache_hits: 0, cache_misses: 0, mongodb_reads: 0, mongodb_writes: 0 });
+        assert!(text.contains("herald_deliveries_unconfirmed_total 1"), "{text}");
+        assert_eq!(m.event_count("herald_deliveries_unconfirmed_total"), 1);
+        for reason in Reason::ALL {
+            let before = m.dead_lettered(*reason);
+            m.job_dead_lettered(*reason);
+            assert_eq!(m.dead_lettered(*reason), before + 1, "{reason}");
+        }
     }
 }

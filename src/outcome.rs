@@ -1,5 +1,8 @@
-//! What happens to a job: the dead-letter vocabulary, the one classifier of
+//! What can happen to a job: the dead-letter vocabulary, the one classifier of
 //! delivery errors, and the retry schedule (pure functions, unit-tested).
+//!
+//! The worker's step (`worker::step`) classifies each error once, here, and
+//! turns the verdict into its one `Disposition`.
 
 use std::fmt;
 use std::time::Duration;
@@ -8,96 +11,69 @@ use crate::job::InvalidJob;
 use crate::mongo::StoreError;
 use crate::teams::TeamsError;
 
-/// The fixed vocabulary of `x-herald-reason` (documented in docs/tenancy.md
-/// and docs/operations.md). A new reason is a documented, versioned change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Reason {
-    InvalidJob,
-    MissingOrganization,
-    JobExpired,
-    OrgIntegrationNotFound,
-    OrgIntegrationDisabled,
-    OrgIntegrationMisconfigured,
-    RecipientNotInOrganization,
-    ConversationQuarantined,
-    ServiceUrlNotAllowed,
-    PayloadTooLarge,
-    TeamsBadRequest,
-    TeamsUnauthorized,
-    TeamsForbidden,
-    TeamsNotFound,
-    TeamsServerError,
-    TeamsUnexpectedStatus,
-    RetriesExhausted,
-    DeliveryLimitExceeded,
+/// Declares [`Reason`] and its wire names from one list, so that the list of
+/// all reasons, the names and the parser cannot drift apart.
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// The fixed vocabulary of `x-herald-reason` (docs/contract.md §6,
+        /// docs/tenancy.md). A new reason is a documented, versioned change.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Reason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    InvalidJob => "invalid_job",
+    MissingOrganization => "missing_organization",
+    JobExpired => "job_expired",
+    OrgIntegrationNotFound => "org_integration_not_found",
+    OrgIntegrationDisabled => "org_integration_disabled",
+    OrgIntegrationMisconfigured => "org_integration_misconfigured",
+    RecipientNotInOrganization => "recipient_not_in_organization",
+    ConversationQuarantined => "conversation_quarantined",
+    ServiceUrlNotAllowed => "service_url_not_allowed",
+    PayloadTooLarge => "payload_too_large",
+    TeamsBadRequest => "teams_bad_request",
+    TeamsUnauthorized => "teams_unauthorized",
+    TeamsForbidden => "teams_forbidden",
+    TeamsNotFound => "teams_not_found",
+    TeamsServerError => "teams_server_error",
+    TeamsUnexpectedStatus => "teams_unexpected_status",
+    /// The request may have reached Teams but its answer was lost (a timeout
+    /// after the request was written, a reset, a 2xx whose body cannot be
+    /// read). Never resent automatically: an operator decides.
+    DeliveryUnconfirmed => "delivery_unconfirmed",
+    /// herald itself failed on this job (a panic): a bug to report.
+    InternalError => "internal_error",
+    RetriesExhausted => "retries_exhausted",
+    DeliveryLimitExceeded => "delivery_limit_exceeded",
     // Reasons of retries (they only become dead letters as `retries_exhausted`).
-    TeamsThrottled,
-    TeamsUnavailable,
-    StoreUnavailable,
-    StoreFailed,
+    TeamsThrottled => "teams_throttled",
+    TeamsUnavailable => "teams_unavailable",
+    StoreUnavailable => "store_unavailable",
+    StoreFailed => "store_failed",
     /// herald's own per-conversation / per-tenant rate limit said "later".
-    RateLimited,
+    RateLimited => "rate_limited",
     /// Another delivery of the same job id is being sent right now.
-    InProgress,
+    InProgress => "in_progress",
+    /// A lookup did not finish within the delivery's claim.
+    DeadlinePassed => "deadline_passed",
 }
 
 impl Reason {
-    pub const ALL: [Reason; 24] = [
-        Reason::InvalidJob,
-        Reason::MissingOrganization,
-        Reason::JobExpired,
-        Reason::OrgIntegrationNotFound,
-        Reason::OrgIntegrationDisabled,
-        Reason::OrgIntegrationMisconfigured,
-        Reason::RecipientNotInOrganization,
-        Reason::ConversationQuarantined,
-        Reason::ServiceUrlNotAllowed,
-        Reason::PayloadTooLarge,
-        Reason::TeamsBadRequest,
-        Reason::TeamsUnauthorized,
-        Reason::TeamsForbidden,
-        Reason::TeamsNotFound,
-        Reason::TeamsServerError,
-        Reason::TeamsUnexpectedStatus,
-        Reason::RetriesExhausted,
-        Reason::DeliveryLimitExceeded,
-        Reason::TeamsThrottled,
-        Reason::TeamsUnavailable,
-        Reason::StoreUnavailable,
-        Reason::StoreFailed,
-        Reason::RateLimited,
-        Reason::InProgress,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::InvalidJob => "invalid_job",
-            Reason::MissingOrganization => "missing_organization",
-            Reason::JobExpired => "job_expired",
-            Reason::OrgIntegrationNotFound => "org_integration_not_found",
-            Reason::OrgIntegrationDisabled => "org_integration_disabled",
-            Reason::OrgIntegrationMisconfigured => "org_integration_misconfigured",
-            Reason::RecipientNotInOrganization => "recipient_not_in_organization",
-            Reason::ConversationQuarantined => "conversation_quarantined",
-            Reason::ServiceUrlNotAllowed => "service_url_not_allowed",
-            Reason::PayloadTooLarge => "payload_too_large",
-            Reason::TeamsBadRequest => "teams_bad_request",
-            Reason::TeamsUnauthorized => "teams_unauthorized",
-            Reason::TeamsForbidden => "teams_forbidden",
-            Reason::TeamsNotFound => "teams_not_found",
-            Reason::TeamsServerError => "teams_server_error",
-            Reason::TeamsUnexpectedStatus => "teams_unexpected_status",
-            Reason::RetriesExhausted => "retries_exhausted",
-            Reason::DeliveryLimitExceeded => "delivery_limit_exceeded",
-            Reason::TeamsThrottled => "teams_throttled",
-            Reason::TeamsUnavailable => "teams_unavailable",
-            Reason::StoreUnavailable => "store_unavailable",
-            Reason::StoreFailed => "store_failed",
-            Reason::RateLimited => "rate_limited",
-            Reason::InProgress => "in_progress",
-        }
-    }
-
     /// Whether a delayed retry for this reason uses up one of the job's
     /// `retry.max_hops`. A MongoDB outage or herald's own rate limit is no
     /// fault of the job: such jobs wait, however long it takes, and are then
@@ -107,7 +83,7 @@ impl Reason {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        Reason::ALL.into_iter().find(|r| r.as_str() == text)
+        Reason::ALL.iter().copied().find(|r| r.as_str() == text)
     }
 }
 
@@ -138,6 +114,10 @@ pub enum DeliveryError {
     RateLimited(Duration),
     #[error("another delivery of this job id is being sent right now")]
     InProgress,
+    #[error("herald failed while processing the job: {0}")]
+    Internal(String),
+    #[error("the delivery's claim ran out during {0}")]
+    OutOfTime(&'static str),
     #[error(transparent)]
     Teams(#[from] TeamsError),
     #[error(transparent)]
@@ -168,8 +148,10 @@ pub fn classify(err: &DeliveryError, max_in_process_wait: Duration) -> Verdict {
         DeliveryError::OrgIntegrationMisconfigured(_) => DeadLetter(Reason::OrgIntegrationMisconfigured),
         DeliveryError::RecipientNotInOrganization(_) => DeadLetter(Reason::RecipientNotInOrganization),
         DeliveryError::ConversationQuarantined { .. } => DeadLetter(Reason::ConversationQuarantined),
+        DeliveryError::Internal(_) => DeadLetter(Reason::InternalError),
         DeliveryError::RateLimited(wait) => Retry { reason: Reason::RateLimited, quick: false, after: Some(*wait) },
         DeliveryError::InProgress => Retry { reason: Reason::InProgress, quick: false, after: None },
+        DeliveryError::OutOfTime(_) => Retry { reason: Reason::DeadlinePassed, quick: false, after: None },
         DeliveryError::Store(err) if err.is_transient() => Retry { reason: Reason::StoreUnavailable, quick: true, after: None },
         // Not known to be transient: a few delayed retries, then retries_exhausted.
         DeliveryError::Store(_) => Retry { reason: Reason::StoreFailed, quick: false, after: None },
@@ -183,7 +165,10 @@ fn classify_teams(err: &TeamsError, max_in_process_wait: Duration) -> Verdict {
     match err {
         TeamsError::ServiceUrlNotAllowed { .. } => DeadLetter(Reason::ServiceUrlNotAllowed),
         TeamsError::PayloadTooLarge { .. } => DeadLetter(Reason::PayloadTooLarge),
-        TeamsError::Transport { .. } | TeamsError::TokenTransport { .. } => unavailable,
+        // Nothing reached Teams (no connection, or the token endpoint failed).
+        TeamsError::Unsent { .. } | TeamsError::TokenTransport { .. } => unavailable,
+        // It may have been posted: resending could post it twice.
+        TeamsError::Ambiguous { .. } => DeadLetter(Reason::DeliveryUnconfirmed),
         // The identity platform refused the bot's credentials (wrong secret,
         // unknown app, wrong authority): an operator must fix the record.
         TeamsError::TokenRejected { status, .. } if *status >= 500 || *status == 429 => unavailable,
@@ -298,6 +283,12 @@ mod tests {
     }
 
     #[test]
+    fn what_may_have_been_posted_is_never_retried() {
+        let ambiguous = DeliveryError::Teams(TeamsError::Ambiguous { what: "the answer timed out".into() });
+        assert_eq!(classify(&ambiguous, WAIT), Verdict::DeadLetter(Reason::DeliveryUnconfirmed));
+    }
+
+    #[test]
     fn the_tier_follows_the_schedule_and_honours_retry_after() {
         let tiers: Vec<Duration> = [5, 30, 120, 600].map(Duration::from_secs).to_vec();
         assert_eq!(retry_tier(0, None, &tiers), Duration::from_secs(5));
@@ -307,12 +298,16 @@ mod tests {
         assert_eq!(retry_tier(0, Some(Duration::from_secs(30)), &tiers), Duration::from_secs(30));
         assert_eq!(retry_tier(2, Some(Duration::from_secs(10)), &tiers), Duration::from_secs(120));
         assert_eq!(retry_tier(0, Some(Duration::from_secs(7200)), &tiers), Duration::from_secs(600));
+        assert_eq!(retry_tier(u32::MAX, None, &tiers), Duration::from_secs(600));
     }
 
     #[test]
-    fn reasons_round_trip() {
+    fn reasons_round_trip_and_are_unique() {
+        let mut names = std::collections::BTreeSet::new();
         for reason in Reason::ALL {
-            assert_eq!(Reason::parse(reason.as_str()), Some(reason));
+            assert_eq!(Reason::parse(reason.as_str()), Some(*reason));
+            assert!(names.insert(reason.as_str()), "{reason} twice");
         }
+        assert_eq!(Reason::parse("teams_forbiden"), None);
     }
 }

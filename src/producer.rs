@@ -1,30 +1,31 @@
 //! The Rust producer API: publish a job with publisher confirms.
 
+use std::sync::Arc;
+
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 
 use crate::job::{Job, JobId, WireJob};
-use crate::rabbitmq::{self, BrokerError, Publisher, ROUTING_KEY, headers};
+use crate::rabbitmq::headers;
+use crate::rabbitmq::{self, BrokerError, Publisher, ROUTING_KEY};
 
 /// Publishes jobs to `P.jobs` with routing key `msteams`.
 pub struct Producer {
     publisher: Publisher,
     exchange: String,
-    _connection: Option<Connection>,
 }
 
 impl Producer {
     /// Connect to the broker and open a confirm-mode channel.
     pub async fn connect(amqp_url: &str, topology_prefix: &str) -> Result<Self, BrokerError> {
-        let connection = rabbitmq::connect(amqp_url, "herald producer").await?;
-        let publisher = Publisher::open(&connection).await?;
-        Ok(Self { publisher, exchange: format!("{topology_prefix}.jobs"), _connection: Some(connection) })
+        let connection = Arc::new(rabbitmq::connect(amqp_url, "herald producer").await?);
+        Self::on(&connection, topology_prefix).await
     }
 
     /// A producer on an existing connection.
-    pub async fn on(connection: &Connection, topology_prefix: &str) -> Result<Self, BrokerError> {
-        let publisher = Publisher::open(connection).await?;
-        Ok(Self { publisher, exchange: format!("{topology_prefix}.jobs"), _connection: None })
+    pub async fn on(connection: &Arc<Connection>, topology_prefix: &str) -> Result<Self, BrokerError> {
+        let publisher = Publisher::open(connection.clone()).await?;
+        Ok(Self { publisher, exchange: format!("{topology_prefix}.jobs") })
     }
 
     /// Publish a validated job with the current span's W3C `traceparent`;
@@ -34,6 +35,11 @@ impl Producer {
         let traceparent = crate::telemetry::current_traceparent();
         self.publish_raw(&body, &job.id.to_string(), traceparent.as_deref()).await?;
         Ok(job.id)
+    }
+
+    /// Close the publishing channel.
+    pub async fn close(&self) {
+        self.publisher.close().await;
     }
 
     /// Publish bytes as they are (tests and the demo use it for bad input).

@@ -33,6 +33,7 @@ pub struct Settings {
     pub teams: TeamsSettings,
     pub http: HttpSettings,
     pub dlq: DlqSettings,
+    pub headers: HeaderSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
 }
@@ -48,6 +49,14 @@ pub struct DlqSettings {
     pub max_replays: u32,
 }
 
+/// The key that signs herald's `x-herald-*` headers (see `rabbitmq::headers`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeaderSettings {
+    /// Any string; empty: a random key kept in MongoDB, shared by every
+    /// worker and tool that uses the same database.
+    pub signing_key: SecretString,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct HttpSettings {
     /// `host:port` of the health and metrics endpoint; empty disables it.
@@ -61,6 +70,7 @@ pub struct WorkerSettings {
     pub shutdown_deadline_secs: u64,
     pub delivery_limit: u32,
     pub resolution_cache_ttl_secs: u64,
+    pub claim_lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +90,7 @@ pub struct TeamsSettings {
     pub connect_timeout_secs: u64,
     pub insecure_loopback_hosts: Vec<String>,
     pub max_activity_bytes: usize,
+    pub max_retry_after_secs: u64,
     pub rate_limits: RateLimitSettings,
     pub clouds: BTreeMap<String, CloudSettings>,
 }
@@ -88,8 +99,8 @@ pub struct TeamsSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RateLimitSettings {
     pub enabled: bool,
-    pub per_conversation: Vec<crate::ratelimit::Window>,
-    pub per_app_tenant: Vec<crate::ratelimit::Window>,
+    pub per_conversation: Vec<teams_limits::Window>,
+    pub per_app_tenant: Vec<teams_limits::Window>,
     pub max_in_process_wait_ms: u64,
     pub margin_ms: u64,
 }
@@ -208,8 +219,18 @@ impl Settings {
         if windows.clone().any(|w| w.limit == 0 || w.per_secs == 0) {
             return invalid("teams.rate_limits", "every window needs a limit and a duration above 0".into());
         }
-        if self.teams.request_timeout_secs == 0 {
-            return invalid("teams.request_timeout_secs", "must be at least 1".into());
+        if self.teams.request_timeout_secs == 0 || self.teams.request_timeout_secs > 300 {
+            return invalid("teams.request_timeout_secs", "must be between 1 and 300".into());
+        }
+        let least = 2 * self.teams.request_timeout_secs + LEASE_MARGIN.as_secs() + 1;
+        if self.worker.claim_lease_secs < least || self.worker.claim_lease_secs > 24 * 3600 {
+            return invalid(
+                "worker.claim_lease_secs",
+                format!("must be at least {least} (two requests of teams.request_timeout_secs plus a margin) and at most a day"),
+            );
+        }
+        if self.retry.max_in_process_wait_secs > 3600 || self.teams.max_retry_after_secs > 7 * 24 * 3600 {
+            return invalid("retry.max_in_process_wait_secs", "waits are capped at an hour in process and a week in a tier".into());
         }
         Ok(())
     }
@@ -222,21 +243,22 @@ impl Settings {
         Duration::from_secs(self.worker.resolution_cache_ttl_secs)
     }
 
-    /// The longest a delivery may legitimately keep a job `sending`: every
-    /// quick attempt timing out after its backoff, plus the in-process waits.
-    /// Another copy of the job waits that long before it may send.
+    /// How long a claim keeps other deliveries of the job away, from the
+    /// server's clock. A delivery finishes everything it does after the claim
+    /// (token, chat creation, pacing, attempts and their waits) within it,
+    /// less `LEASE_MARGIN` for recording the outcome.
     pub fn claim_lease(&self) -> Duration {
-        let attempt = Duration::from_secs(self.teams.request_timeout_secs) + Duration::from_millis(self.retry.quick_max_delay_ms);
-        attempt * self.retry.quick_attempts as u32
-            + Duration::from_secs(self.retry.max_in_process_wait_secs)
-            + Duration::from_millis(self.teams.rate_limits.max_in_process_wait_ms)
-            + Duration::from_secs(5)
+        Duration::from_secs(self.worker.claim_lease_secs)
     }
 
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_secs(self.worker.shutdown_deadline_secs)
     }
 }
+
+/// Part of the claim lease kept for recording a delivery's outcome after its
+/// last request (see `Settings::claim_lease`).
+pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
 /// `host` names the loopback interface.
 pub fn is_loopback(host: &str) -> bool {

@@ -1,10 +1,8 @@
 //! `herald conversations`: see, quarantine and release conversations.
 
 use clap::{Args, Subcommand};
-use futures_util::TryStreamExt;
-use mongodb::bson::{Document, doc};
 
-use crate::mongo::{ConversationStatus, Store};
+use crate::mongo::{ConversationFilter, ConversationStatus, Store};
 use crate::settings::Settings;
 
 #[derive(Debug, Subcommand)]
@@ -56,18 +54,14 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
     let ttl = settings.worker.resolution_cache_ttl_secs;
     match command {
         ConversationsCommand::List { org, integration, status, limit, json } => {
-            let mut filter = Document::new();
-            if let Some(org) = org {
-                filter.insert("organization_id", org);
-            }
-            if let Some(integration) = integration {
-                filter.insert("integration_id", integration);
-            }
-            if let Some(status) = status {
-                anyhow::ensure!(matches!(status.as_str(), "active" | "quarantined"), "--status must be active or quarantined");
-                filter.insert("status", status);
-            }
-            let list: Vec<_> = store.conversations().find(filter).limit(limit).await?.try_collect().await?;
+            let status = match status.as_deref() {
+                None => None,
+                Some("active") => Some(ConversationStatus::Active),
+                Some("quarantined") => Some(ConversationStatus::Quarantined),
+                Some(other) => anyhow::bail!("--status must be active or quarantined, not {other:?}"),
+            };
+            let filter = ConversationFilter { organization_id: org, integration_id: integration, status };
+            let list = store.list_conversations(&filter, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
@@ -101,14 +95,9 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
             );
         }
         ConversationsCommand::Release { target: Target { org, integration, conversation } } => {
-            let found = store
-                .conversations()
-                .find_one(doc! { "organization_id": &org, "integration_id": &integration, "conversation_id": &conversation })
-                .await?;
-            let Some(found) = found else {
+            let Some(found) = store.release(&org, &integration, &conversation).await? else {
                 anyhow::bail!("no conversation {conversation} for organization {org} and integration {integration}")
             };
-            store.release(&org, &integration, &conversation).await?;
             println!("released {conversation} for {org}/{integration}; workers send to it again within {ttl} s");
             if let Some(q) = found.quarantine {
                 println!("it was quarantined for {} ({}) since {}", q.reason, q.teams_code.as_deref().unwrap_or("-"), q.at);

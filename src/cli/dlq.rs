@@ -15,7 +15,6 @@ use crate::dlq::{self, DeadLetter, Exported, Filter, Pass, Stats, Taken};
 use crate::mongo::Store;
 use crate::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
 use crate::settings::Settings;
-use crate::worker::run::topology;
 
 #[derive(Debug, Clone, Args)]
 pub struct FilterArgs {
@@ -159,8 +158,10 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 struct Session {
-    connection: lapin::Connection,
+    connection: std::sync::Arc<lapin::Connection>,
     topology: Topology,
+    store: Store,
+    signer: crate::rabbitmq::headers::Signer,
 }
 
 impl Session {
@@ -177,13 +178,15 @@ impl Session {
 }
 
 pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let connection = rabbitmq::connect(settings.amqp_url.expose_secret(), "herald dlq").await?;
-    let ctx = Session { connection, topology: topology(settings) };
+    let connection = std::sync::Arc::new(rabbitmq::connect(settings.amqp_url.expose_secret(), "herald dlq").await?);
+    let store = Store::connect(settings).await?;
+    let signer = crate::worker::signer(settings, &store).await?;
+    let ctx = Session { connection, topology: Topology::from(settings), store, signer };
     let queue = ctx.topology.dead_queue();
     match command {
         DlqCommand::Stats { json } => {
             let mut stats = Stats::default();
-            for letter in dlq::browse(&ctx.connection, &queue, usize::MAX).await? {
+            for letter in dlq::browse(&ctx.connection, &queue, &ctx.signer, usize::MAX).await? {
                 stats.add(&letter);
             }
             if json {
@@ -193,7 +196,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             }
         }
         DlqCommand::List { filter, limit, json } => {
-            let letters = dlq::list(&ctx.connection, &queue, &filter.filter(), limit).await?;
+            let letters = dlq::list(&ctx.connection, &queue, &ctx.signer, &filter.filter(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else {
@@ -203,11 +206,11 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
         }
         DlqCommand::Show { job_id, json } => {
             let filter = Filter { job_id: Some(job_id.clone()), ..Default::default() };
-            let Some(letter) = dlq::list(&ctx.connection, &queue, &filter, 1).await?.pop() else {
+            let Some(letter) = dlq::list(&ctx.connection, &queue, &ctx.signer, &filter, 1).await?.pop() else {
                 eprintln!("no dead letter with job id {job_id} in {queue}");
                 return Ok(ExitCode::FAILURE);
             };
-            let delivery = Store::connect(settings).await?.delivery(&job_id).await?;
+            let delivery = ctx.store.delivery(&job_id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "dead_letter": letter, "delivery": delivery }))?);
             } else {
@@ -236,7 +239,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             let filter = filter.filter();
             let mut file = std::io::BufWriter::new(std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?);
             let bar = progress(ctx.dead_letters_now().await?, "exporting");
-            let mut pass = Pass::open(&ctx.connection, &queue).await?;
+            let mut pass = Pass::open(&ctx.connection, &queue, &ctx.signer).await?;
             let mut written = 0;
             while let Some(taken) = pass.next().await? {
                 bar.inc(1);
@@ -263,7 +266,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     serde_json::from_str(&line).with_context(|| format!("{}:{}: not an export line", file.display(), n + 1))?;
                 messages.push(exported.to_message().map_err(|e| anyhow::anyhow!("{}:{}: {e}", file.display(), n + 1))?);
             }
-            let publisher = Publisher::open(&ctx.connection).await?;
+            let publisher = Publisher::open(ctx.connection.clone()).await?;
             let bar = progress(messages.len() as u64, "importing");
             for chunk in messages.chunks(256) {
                 let mut pending = Vec::with_capacity(chunk.len());
@@ -294,12 +297,12 @@ async fn replay(
     if rate == Some(0) {
         bail!("--rate must be at least 1");
     }
-    let publisher = Publisher::open(&ctx.connection).await?;
+    let publisher = Publisher::open(ctx.connection.clone()).await?;
     let bar = progress(ctx.dead_letters_now().await?, if dry_run { "checking" } else { "replaying" });
     // A batch is confirmed together; with a rate, a batch is one second's worth.
     let batch_size = rate.map_or(256, |r| (r as usize).clamp(1, 256));
     let mut pace = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(batch_size as f64 / f64::from(r))));
-    let mut pass = Pass::open(&ctx.connection, &ctx.topology.dead_queue()).await?;
+    let mut pass = Pass::open(&ctx.connection, &ctx.topology.dead_queue(), &ctx.signer).await?;
     let (mut replayed, mut refused, mut kept) = (0usize, Vec::new(), 0usize);
     let mut batch: Vec<Taken> = Vec::with_capacity(batch_size);
     loop {
@@ -326,7 +329,7 @@ async fn replay(
             if let Some(pace) = pace.as_mut() {
                 pace.tick().await;
             }
-            dlq::replay(&publisher, &ctx.topology, &batch).await?;
+            dlq::replay(&publisher, &ctx.topology, &ctx.signer, &batch).await?;
             replayed += batch.len();
             batch.clear();
         }
@@ -356,7 +359,7 @@ async fn replay(
 
 async fn purge(ctx: &Session, filter: Filter, limit: Option<usize>, yes: bool) -> anyhow::Result<()> {
     let bar = progress(ctx.dead_letters_now().await?, if yes { "purging" } else { "checking" });
-    let mut pass = Pass::open(&ctx.connection, &ctx.topology.dead_queue()).await?;
+    let mut pass = Pass::open(&ctx.connection, &ctx.topology.dead_queue(), &ctx.signer).await?;
     let mut removed = Vec::new();
     while limit.is_none_or(|l| removed.len() < l) {
         let Some(taken) = pass.next().await? else { break };

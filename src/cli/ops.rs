@@ -7,8 +7,8 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use crate::mongo::{ConversationDoc, OrgIntegrationDoc, Store};
+use crate::rabbitmq;
 use crate::settings::{Settings, redact_url};
-use crate::{rabbitmq, worker};
 
 #[derive(Deserialize)]
 struct SeedFile {
@@ -19,39 +19,13 @@ struct SeedFile {
 }
 
 pub async fn seed(settings: &Settings, file: &std::path::Path) -> anyhow::Result<()> {
-    use mongodb::bson::{self, doc};
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let seed: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let store = Store::connect(settings).await?;
     store.ensure_indexes().await?;
-    for integration in &seed.org_integrations {
-        let mut fields = bson::to_document(integration)?;
-        fields.remove("_id");
-        fields.insert("updated_at", bson::DateTime::now());
-        store
-            .org_integrations()
-            .update_one(
-                doc! { "organization_id": &integration.organization_id, "integration_id": &integration.integration_id },
-                doc! { "$set": fields },
-            )
-            .upsert(true)
-            .await?;
-    }
-    for conversation in &seed.conversations {
-        let fields = bson::to_document(conversation)?;
-        store
-            .conversations()
-            .update_one(
-                doc! {
-                    "organization_id": &conversation.organization_id, "integration_id": &conversation.integration_id,
-                    "conversation_id": &conversation.conversation_id,
-                },
-                doc! { "$set": fields },
-            )
-            .upsert(true)
-            .await?;
-    }
+    store.seed(&seed.org_integrations, &seed.conversations, false).await?;
     println!("seeded {} org_integration(s) and {} conversation(s)", seed.org_integrations.len(), seed.conversations.len());
+    store.shutdown().await;
     Ok(())
 }
 
@@ -69,7 +43,7 @@ pub async fn doctor(settings: &Settings) -> anyhow::Result<ExitCode> {
     match rabbitmq::connect(settings.amqp_url.expose_secret(), "herald doctor").await {
         Ok(connection) => {
             check("rabbitmq", Ok(format!("connected to {amqp}")));
-            let topology = worker::run::topology(settings);
+            let topology = crate::rabbitmq::Topology::from(settings);
             for queue in topology.queues() {
                 let channel = connection.create_channel().await?;
                 let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
@@ -82,15 +56,15 @@ pub async fn doctor(settings: &Settings) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Err(err) => check("rabbitmq", Err(format!("{amqp}: {}", worker::error_chain(&err)))),
+        Err(err) => check("rabbitmq", Err(format!("{amqp}: {}", crate::text::error_chain(&err)))),
     }
     let mongo = redact_url(&settings.mongodb_uri);
     match Store::connect(settings).await {
         Ok(store) => match store.ping().await {
             Ok(()) => check("mongodb", Ok(format!("{mongo} answers ping"))),
-            Err(err) => check("mongodb", Err(format!("{mongo}: {}", worker::error_chain(&err)))),
+            Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
         },
-        Err(err) => check("mongodb", Err(format!("{mongo}: {}", worker::error_chain(&err)))),
+        Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

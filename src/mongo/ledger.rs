@@ -1,43 +1,69 @@
-//! The deliveries ledger with group commit: claims and "sent" marks from
-//! concurrent jobs share one `update` command (standard since MongoDB 2.6:
-//! one command, many statements, `ordered: false`), so a busy worker makes a
-//! few round trips per batch instead of one per job. Nothing waits for a
-//! batch to fill: a flusher takes what is queued right now and goes.
+//! The deliveries ledger (docs/contract.md §5): one record per job of one
+//! org_integration, claimed with a lease before sending.
+//!
+//! - **Scoped**: the record's `_id` is `delivery_key(job, organization,
+//!   integration)`, so one organization's job ids can never suppress,
+//!   overwrite or read another organization's record.
+//! - **Owned**: a claim writes a random owner token; only statements that
+//!   name that token change the record afterwards. A copy that finds the job
+//!   claimed by someone else writes nothing.
+//! - **Server time**: the lease runs out at the server's `$$NOW` plus the
+//!   lease, computed in an update pipeline; no worker's clock is compared
+//!   with another's.
+//! - **Group commit**: claims and "sent" marks of concurrent jobs share one
+//!   `update` command (one command, many statements, `ordered: false`), so a
+//!   busy worker makes a few round trips per batch instead of one per job.
+//!   Nothing waits for a batch to fill: a flusher takes what is queued now.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures_util::TryStreamExt;
 use mongodb::Database;
-use mongodb::bson::{Bson, DateTime, Document, doc};
+use mongodb::bson::{Bson, Document, doc};
 use mongodb::error::Error as MongoError;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{Claim, StoreError};
+use super::{DELIVERIES, StoreError};
 
 /// Statements per command; MongoDB allows far more, this bounds latency.
 const MAX_BATCH: usize = 256;
 /// Commands in flight at once.
 const FLUSHERS: usize = 4;
 
+/// A claim this delivery holds: its record and its owner token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub key: String,
+    pub owner: String,
+    /// The record was `sending` under another owner whose lease ran out (a
+    /// worker died, or lost MongoDB, mid-send): this send may be a second post.
+    pub taken_over: bool,
+}
+
+/// What the ledger says about a job about to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Not sent yet, and now ours to send.
+    Fresh(Lease),
+    /// Already recorded `sent`: ack without a second post.
+    AlreadySent,
+    /// An earlier delivery's outcome was ambiguous; only an operator resends it.
+    Unconfirmed,
+    /// Another delivery of the same job holds a live lease: try again later.
+    InProgress,
+}
+
 pub(super) enum Op {
-    /// `lease`: how long a `sending` claim by another delivery is honoured.
-    Claim {
-        job: String,
-        organization_id: String,
-        integration_id: String,
-        lease: std::time::Duration,
-    },
-    Sent {
-        job: String,
-        conversation_id: String,
-        activity_id: String,
-        attempts: i64,
-    },
+    Claim { key: String, job_id: String, organization_id: String, integration_id: String, owner: String, lease_ms: i64 },
+    Sent { key: String, owner: String, conversation_id: String, activity_id: String, attempts: i64 },
 }
 
 /// What one statement of a batch came to.
 pub(super) enum Done {
     Claimed(Claim),
-    Marked,
+    /// `false`: the lease was no longer ours (another delivery took it over).
+    Marked(bool),
 }
 
 struct Request {
@@ -82,113 +108,162 @@ async fn flusher(db: Database, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
             }
             batch
         };
-        flush(&db, batch).await;
+        let (requests, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
+        let results = flush(&db, &requests).await;
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
     }
 }
 
-fn statement(op: &Op, now: DateTime) -> Document {
+/// Values from outside (ids, tokens) enter a pipeline as literals: a string
+/// starting with `$` would otherwise be read as a field path.
+fn literal(value: &str) -> Document {
+    doc! { "$literal": value }
+}
+
+fn statement(op: &Op) -> Document {
     match op {
-        // The filter excludes a `sent` record and one whose lease (another
-        // delivery sending it right now) has not run out, so either makes the
-        // upsert collide with its own `_id` (E11000); `resolve_collisions`
-        // then tells the two apart. (`$not: {$gt}` rather than `$or`, which
-        // some servers cannot answer from the `_id` index.)
-        Op::Claim { job, organization_id, integration_id, lease } => doc! {
-            "q": { "_id": job, "state": { "$ne": "sent" }, "lease_until": { "$not": { "$gt": now } } },
+        // One statement for a new job (an upsert) and for a known one: the
+        // pipeline takes the record only when it is neither sent nor
+        // unconfirmed and no live lease holds it, and leaves it untouched
+        // otherwise. Who holds it afterwards is read back only for records
+        // that existed (rare: redeliveries, retries, replays).
+        Op::Claim { key, job_id, organization_id, integration_id, owner, lease_ms } => {
+            let claimable = doc! { "$and": [
+                { "$not": [{ "$in": [{ "$ifNull": ["$state", "new"] }, ["sent", "unconfirmed"]] }] },
+                { "$not": [{ "$gt": ["$lease_until", "$$NOW"] }] },
+            ] };
+            let when = |then: Bson, otherwise: &str| Bson::Document(doc! { "$cond": ["$_claim", then, otherwise] });
+            let lease_until = doc! { "$dateAdd": { "startDate": "$$NOW", "unit": "millisecond", "amount": lease_ms } };
+            doc! {
+                "q": { "_id": key },
+                "u": [
+                    { "$set": { "_claim": claimable } },
+                    { "$set": {
+                        "claimed_from": when(Bson::Document(doc! { "$ifNull": ["$state", "new"] }), "$claimed_from"),
+                        "state": when("sending".into(), "$state"),
+                        "owner": when(Bson::Document(literal(owner)), "$owner"),
+                        "lease_until": when(Bson::Document(lease_until), "$lease_until"),
+                        "updated_at": when("$$NOW".into(), "$updated_at"),
+                        "job_id": literal(job_id),
+                        "organization_id": literal(organization_id),
+                        "integration_id": literal(integration_id),
+                        "attempts": { "$ifNull": ["$attempts", 0_i64] },
+                        "created_at": { "$ifNull": ["$created_at", "$$NOW"] },
+                    } },
+                    { "$unset": "_claim" },
+                ],
+                "upsert": true,
+            }
+        }
+        // Only the holder of the claim may mark it.
+        Op::Sent { key, owner, conversation_id, activity_id, attempts } => doc! {
+            "q": { "_id": key, "owner": owner },
             "u": {
-                "$set": {
-                    "state": "sending", "updated_at": now,
-                    "lease_until": DateTime::from_millis(now.timestamp_millis() + lease.as_millis() as i64),
-                },
-                "$setOnInsert": {
-                    "organization_id": organization_id, "integration_id": integration_id,
-                    "attempts": 0_i64, "created_at": now,
-                },
-            },
-            "upsert": true,
-        },
-        Op::Sent { job, conversation_id, activity_id, attempts } => doc! {
-            "q": { "_id": job },
-            "u": {
-                "$set": { "state": "sent", "conversation_id": conversation_id, "activity_id": activity_id, "updated_at": now },
+                "$set": { "state": "sent", "conversation_id": conversation_id, "activity_id": activity_id },
                 "$inc": { "attempts": attempts },
-                "$unset": { "last_error": "", "reason": "", "lease_until": "" },
+                "$unset": { "last_error": "", "reason": "", "lease_until": "", "owner": "", "claimed_from": "" },
+                "$currentDate": { "updated_at": true },
             },
         },
     }
 }
 
-/// The states of the jobs whose claim collided: one read, only for duplicates.
-async fn resolve_collisions(db: &Database, jobs: &[&str]) -> Result<std::collections::HashMap<String, String>, MongoError> {
-    use futures_util::TryStreamExt;
-    if jobs.is_empty() {
-        return Ok(Default::default());
+fn key_of(op: &Op) -> &str {
+    match op {
+        Op::Claim { key, .. } | Op::Sent { key, .. } => key,
+    }
+}
+
+/// What a batch's statements came to, in order.
+async fn flush(db: &Database, ops: &[Op]) -> Vec<Result<Done, MongoError>> {
+    let updates: Vec<Document> = ops.iter().map(statement).collect();
+    let command = doc! { "update": DELIVERIES, "updates": updates, "ordered": false };
+    let answer = match db.run_command(command).await {
+        Ok(answer) => answer,
+        Err(err) => return ops.iter().map(|_| Err(err.clone())).collect(),
+    };
+    if let Ok(concern) = answer.get_document("writeConcernError") {
+        let message = format!("write concern: {}", concern.get_str("errmsg").unwrap_or("write concern error"));
+        return ops.iter().map(|_| Err(MongoError::custom(message.clone()))).collect();
+    }
+    let mut errors: Vec<Option<String>> = vec![None; ops.len()];
+    for entry in answer.get_array("writeErrors").into_iter().flatten().filter_map(Bson::as_document) {
+        let index = entry.get_i32("index").ok().and_then(|i| usize::try_from(i).ok());
+        let message = format!("write error {}: {}", entry.get_i32("code").unwrap_or_default(), entry.get_str("errmsg").unwrap_or_default());
+        if let Some(slot) = index.and_then(|i| errors.get_mut(i)) {
+            *slot = Some(message);
+        }
+    }
+    let mut upserted = vec![false; ops.len()];
+    for entry in answer.get_array("upserted").into_iter().flatten().filter_map(Bson::as_document) {
+        if let Some(slot) = entry.get_i32("index").ok().and_then(|i| usize::try_from(i).ok()).and_then(|i| upserted.get_mut(i)) {
+            *slot = true;
+        }
+    }
+    // Every claim statement matches or upserts one record; what `n` counts
+    // beyond them are the marks that found their owner.
+    let claims = ops.iter().filter(|op| matches!(op, Op::Claim { .. })).count();
+    let marks = ops.len() - claims;
+    let matched = usize::try_from(answer.get_i32("n").unwrap_or_default()).unwrap_or_default();
+    let all_marks_held = errors.iter().all(Option::is_none) && matched.saturating_sub(claims) == marks;
+    // Read back the records whose outcome the counts do not tell.
+    let unknown: Vec<&str> = ops
+        .iter()
+        .zip(&errors)
+        .zip(&upserted)
+        .filter(|((op, error), upserted)| error.is_none() && !**upserted && (matches!(op, Op::Claim { .. }) || !all_marks_held))
+        .map(|((op, _), _)| key_of(op))
+        .collect();
+    let records = match read_back(db, &unknown).await {
+        Ok(records) => records,
+        Err(err) => return ops.iter().map(|_| Err(err.clone())).collect(),
+    };
+    ops.iter()
+        .zip(errors)
+        .zip(upserted)
+        .map(|((op, error), upserted)| {
+            if let Some(message) = error {
+                return Err(MongoError::custom(message));
+            }
+            let record = records.get(key_of(op));
+            let field = |name: &str| record.and_then(|r| r.get_str(name).ok());
+            Ok(match op {
+                Op::Claim { key, owner, .. } if upserted => {
+                    Done::Claimed(Claim::Fresh(Lease { key: key.clone(), owner: owner.clone(), taken_over: false }))
+                }
+                Op::Claim { key, owner, .. } if field("owner") == Some(owner.as_str()) => Done::Claimed(Claim::Fresh(Lease {
+                    key: key.clone(),
+                    owner: owner.clone(),
+                    taken_over: field("claimed_from") == Some("sending"),
+                })),
+                Op::Claim { .. } => Done::Claimed(match field("state") {
+                    Some("sent") => Claim::AlreadySent,
+                    Some("unconfirmed") => Claim::Unconfirmed,
+                    // `sending` under another delivery's live lease.
+                    _ => Claim::InProgress,
+                }),
+                Op::Sent { .. } if all_marks_held => Done::Marked(true),
+                Op::Sent { activity_id, .. } => {
+                    Done::Marked(field("state") == Some("sent") && field("activity_id") == Some(activity_id.as_str()))
+                }
+            })
+        })
+        .collect()
+}
+
+/// The state, owner and activity of `keys`, one read for the whole batch.
+async fn read_back(db: &Database, keys: &[&str]) -> Result<HashMap<String, Document>, MongoError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
     }
     let found: Vec<Document> = db
-        .collection::<Document>(super::DELIVERIES)
-        .find(doc! { "_id": { "$in": jobs } })
-        .projection(doc! { "state": 1 })
+        .collection::<Document>(DELIVERIES)
+        .find(doc! { "_id": { "$in": keys } })
+        .projection(doc! { "state": 1, "owner": 1, "claimed_from": 1, "activity_id": 1 })
         .await?
         .try_collect()
         .await?;
-    Ok(found.into_iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_str("state").ok()?.to_owned()))).collect())
-}
-
-async fn flush(db: &Database, batch: Vec<Request>) {
-    let now = DateTime::now();
-    let updates: Vec<Document> = batch.iter().map(|r| statement(&r.op, now)).collect();
-    let command = doc! { "update": super::DELIVERIES, "updates": updates, "ordered": false };
-    match db.run_command(command).await {
-        Err(err) => {
-            for request in batch {
-                let _ = request.reply.send(Err(err.clone()));
-            }
-        }
-        Ok(answer) => {
-            let mut errors: Vec<Option<(i32, String)>> = vec![None; batch.len()];
-            if let Ok(list) = answer.get_array("writeErrors") {
-                for entry in list.iter().filter_map(Bson::as_document) {
-                    let index = entry.get_i32("index").ok().and_then(|i| usize::try_from(i).ok());
-                    let code = entry.get_i32("code").unwrap_or_default();
-                    let message = entry.get_str("errmsg").unwrap_or_default().to_owned();
-                    if let Some(slot) = index.and_then(|i| errors.get_mut(i)) {
-                        *slot = Some((code, message));
-                    }
-                }
-            }
-            let concern =
-                answer.get_document("writeConcernError").ok().map(|e| e.get_str("errmsg").unwrap_or("write concern error").to_owned());
-            let collided: Vec<&str> = batch
-                .iter()
-                .zip(&errors)
-                .filter_map(|(r, e)| match (&r.op, e) {
-                    (Op::Claim { job, .. }, Some((11000, _))) => Some(job.as_str()),
-                    _ => None,
-                })
-                .collect();
-            let states = match resolve_collisions(db, &collided).await {
-                Ok(states) => states,
-                Err(err) => {
-                    for request in batch {
-                        let _ = request.reply.send(Err(err.clone()));
-                    }
-                    return;
-                }
-            };
-            for (request, error) in batch.into_iter().zip(errors) {
-                let result = match (&request.op, error, &concern) {
-                    (_, _, Some(concern)) => Err(MongoError::custom(format!("write concern: {concern}"))),
-                    (Op::Claim { .. }, None, _) => Ok(Done::Claimed(Claim::Fresh)),
-                    (Op::Claim { job, .. }, Some((11000, _)), _) => Ok(Done::Claimed(match states.get(job).map(String::as_str) {
-                        Some("sent") => Claim::AlreadySent,
-                        // `sending` under another delivery's lease (or gone meanwhile): come back later.
-                        _ => Claim::InProgress,
-                    })),
-                    (Op::Sent { .. }, None, _) => Ok(Done::Marked),
-                    (_, Some((code, message)), _) => Err(MongoError::custom(format!("write error {code}: {message}"))),
-                };
-                let _ = request.reply.send(result);
-            }
-        }
-    }
+    Ok(found.into_iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d))).collect())
 }

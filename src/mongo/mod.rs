@@ -1,24 +1,36 @@
 //! The MongoDB adapter: org_integrations, conversations and the deliveries
-//! ledger (contract §5). Only standard driver features, so that herald runs on
-//! MongoDB 6+, Atlas, or any server speaking the wire protocol.
+//! ledger (docs/contract.md §5). Only standard driver features, so that
+//! herald runs on MongoDB 6+, Atlas, or any server speaking the wire protocol.
+//!
+//! The collections are private: everything herald reads or writes goes
+//! through an intent-named operation of [`Store`].
 
 mod ledger;
+mod records;
+mod tenants;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use mongodb::bson::{self, Bson, DateTime, doc};
+use futures_util::TryStreamExt;
+use mongodb::bson::{Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
 
-use crate::job::{ConversationId, IntegrationId, JobId, OrganizationId, UserId};
+pub use ledger::{Claim, Lease};
+pub use records::*;
+pub use tenants::{ConversationFilter, SeedReport};
+
+use crate::job::{IntegrationId, JobId, OrganizationId};
 use crate::settings::Settings;
 
-pub const ORG_INTEGRATIONS: &str = "org_integrations";
-pub const CONVERSATIONS: &str = "conversations";
-pub const DELIVERIES: &str = "deliveries";
+const ORG_INTEGRATIONS: &str = "org_integrations";
+const CONVERSATIONS: &str = "conversations";
+const DELIVERIES: &str = "deliveries";
+const KEYS: &str = "herald_keys";
 
 #[derive(Debug, thiserror::Error)]
 #[error("MongoDB {operation} failed")]
@@ -63,160 +75,21 @@ fn is_duplicate_key(err: &MongoError) -> bool {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum IntegrationStatus {
-    Active,
-    Disabled,
-}
-
-/// How an org_integration's bot authenticates. The secret is either stored
-/// here (`app_secret`) or referenced so that it stays out of the database.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BotDoc {
-    pub app_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_secret: Option<String>,
-    /// Name of an environment variable of the worker holding the secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_secret_env: Option<String>,
-    /// Path of a file (e.g. a mounted Kubernetes secret) holding the secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_secret_file: Option<String>,
-    /// The tenant id of a single-tenant bot; absent for a multi-tenant bot
-    /// (its cloud's multi-tenant authority, `botframework.com` in public).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authority: Option<String>,
-}
-
-/// One organization's use of a Teams integration (contract §5).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OrgIntegrationDoc {
-    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<Bson>,
-    pub organization_id: String,
-    pub integration_id: String,
-    pub status: IntegrationStatus,
-    pub tenant_id: String,
-    /// A key of `teams.clouds`; `public` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cloud: Option<String>,
-    pub service_url: String,
-    pub bot: BotDoc,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created_at: Option<DateTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub updated_at: Option<DateTime>,
-}
-
-impl OrgIntegrationDoc {
-    /// The record's `_id` as text, for headers and logs.
-    pub fn id_string(&self) -> String {
-        match &self.id {
-            Some(Bson::ObjectId(oid)) => oid.to_hex(),
-            Some(Bson::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => format!("{}/{}", self.organization_id, self.integration_id),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ConversationKind {
-    Channel,
-    Personal,
-    Group,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ConversationStatus {
-    Active,
-    Quarantined,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Quarantine {
-    pub reason: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub teams_code: Option<String>,
-    pub at: DateTime,
-}
-
-/// A conversation registered for an org_integration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ConversationDoc {
-    pub organization_id: String,
-    pub integration_id: String,
-    pub conversation_id: String,
-    pub kind: ConversationKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_id: Option<String>,
-    pub status: ConversationStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quarantine: Option<Quarantine>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created_at: Option<DateTime>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryState {
-    Sending,
-    Retrying,
-    Sent,
-    DeadLettered,
-}
-
-/// The ledger record of one job.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DeliveryDoc {
-    #[serde(rename = "_id")]
-    pub job_id: String,
-    pub organization_id: String,
-    pub integration_id: String,
-    pub state: DeliveryState,
-    #[serde(default)]
-    pub attempts: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversation_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub activity_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub created_at: DateTime,
-    pub updated_at: DateTime,
-}
-
-/// What the ledger says about a job about to be sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Not sent yet: go ahead.
-    Fresh,
-    /// Already recorded `sent`: ack without a second post.
-    AlreadySent,
-    /// Another delivery of the same job id is sending it right now (its
-    /// claim is younger than the lease): try again later.
-    InProgress,
-}
-
 #[derive(Clone)]
 pub struct Store {
+    client: Client,
     db: Database,
-    /// How long a `sending` claim keeps other deliveries of the job away.
+    /// How long a claim keeps other deliveries of the job away.
     claim_lease: Duration,
-    ops: std::sync::Arc<OpCounts>,
+    ops: Arc<OpCounts>,
     ledger: ledger::Ledger,
 }
 
 /// MongoDB operations made by this process (for metrics and the benchmark).
 #[derive(Debug, Default)]
-pub struct OpCounts {
-    reads: std::sync::atomic::AtomicU64,
-    writes: std::sync::atomic::AtomicU64,
+struct OpCounts {
+    reads: AtomicU64,
+    writes: AtomicU64,
 }
 
 impl Store {
@@ -229,36 +102,42 @@ impl Store {
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).map_err(StoreError::new("connect"))?;
         let db = client.database(&settings.mongodb_database);
-        Ok(Self { ledger: ledger::Ledger::start(db.clone()), db, ops: Default::default(), claim_lease: settings.claim_lease() })
+        Ok(Self { ledger: ledger::Ledger::start(db.clone()), client, db, ops: Default::default(), claim_lease: settings.claim_lease() })
+    }
+
+    /// Close the connections (so that a program can exit without the
+    /// driver's background tasks failing under it).
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
     }
 
     fn read(&self) {
-        self.ops.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ops.reads.fetch_add(1, Ordering::Relaxed);
     }
 
     fn write(&self) {
-        self.ops.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ops.writes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// (reads, writes) made through this store.
     pub fn op_counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.ops.reads.load(Relaxed), self.ops.writes.load(Relaxed))
+        (self.ops.reads.load(Ordering::Relaxed), self.ops.writes.load(Ordering::Relaxed))
     }
 
-    pub fn database(&self) -> &Database {
-        &self.db
+    /// How long a claim is honoured (from the server's clock).
+    pub fn claim_lease(&self) -> Duration {
+        self.claim_lease
     }
 
-    pub fn org_integrations(&self) -> Collection<OrgIntegrationDoc> {
+    fn org_integrations(&self) -> Collection<OrgIntegrationDoc> {
         self.db.collection(ORG_INTEGRATIONS)
     }
 
-    pub fn conversations(&self) -> Collection<ConversationDoc> {
+    fn conversations(&self) -> Collection<ConversationDoc> {
         self.db.collection(CONVERSATIONS)
     }
 
-    pub fn deliveries(&self) -> Collection<DeliveryDoc> {
+    fn deliveries(&self) -> Collection<DeliveryDoc> {
         self.db.collection(DELIVERIES)
     }
 
@@ -266,199 +145,181 @@ impl Store {
         self.db.run_command(doc! { "ping": 1 }).await.map(drop).map_err(StoreError::new("ping"))
     }
 
+    /// Drop the whole database (test environments clean up with it).
+    pub async fn drop_database(&self) -> Result<(), StoreError> {
+        self.db.drop().await.map_err(StoreError::new("drop database"))
+    }
+
+    /// The key that signs herald's headers when the settings give none:
+    /// created once, at random, and shared through the database by every
+    /// worker and tool of a deployment.
+    pub async fn header_key(&self) -> Result<[u8; 32], StoreError> {
+        let operation = "read the header signing key";
+        let mut fresh = [0_u8; 32];
+        fresh[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        fresh[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        let keys = self.db.collection::<Document>(KEYS);
+        let stored = keys
+            .find_one_and_update(doc! { "_id": "header_signing_key" }, doc! { "$setOnInsert": { "key": hex } })
+            .upsert(true)
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await;
+        let stored = match stored {
+            // Two processes created it at once: the other one's is the key.
+            Err(err) if is_duplicate_key(&err) => keys.find_one(doc! { "_id": "header_signing_key" }).await,
+            other => other,
+        }
+        .map_err(StoreError::new(operation))?;
+        let text = stored.as_ref().and_then(|d| d.get_str("key").ok()).unwrap_or_default();
+        let bytes: Option<Vec<u8>> = (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect();
+        bytes
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| StoreError { operation, source: MongoError::custom(format!("{KEYS}.header_signing_key is not 64 hex digits")) })
+    }
+
     /// Create the indexes herald relies on; idempotent.
     pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
         let unique = |name: &str| IndexOptions::builder().unique(true).name(name.to_owned()).build();
         let named = |name: &str| IndexOptions::builder().name(name.to_owned()).build();
+        let index = |keys: Document, options| IndexModel::builder().keys(keys).options(options).build();
         self.org_integrations()
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "organization_id": 1, "integration_id": 1 })
-                    .options(unique("org_integration_unique"))
-                    .build(),
-            )
+            .create_index(index(doc! { "organization_id": 1, "integration_id": 1 }, unique("org_integration_unique")))
             .await
             .map_err(StoreError::new("create index on org_integrations"))?;
         let conversations = self.conversations();
-        conversations
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "organization_id": 1, "integration_id": 1, "conversation_id": 1 })
-                    .options(unique("conversation_unique"))
-                    .build(),
-            )
-            .await
-            .map_err(StoreError::new("create index on conversations"))?;
-        conversations
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "organization_id": 1, "integration_id": 1, "user_id": 1 })
-                    .options(named("conversation_by_user"))
-                    .build(),
-            )
-            .await
-            .map_err(StoreError::new("create index on conversations"))?;
-        conversations
-            .create_index(IndexModel::builder().keys(doc! { "conversation_id": 1 }).options(named("conversation_by_id")).build())
-            .await
-            .map_err(StoreError::new("create index on conversations"))?;
+        for model in [
+            index(doc! { "organization_id": 1, "integration_id": 1, "conversation_id": 1 }, unique("conversation_unique")),
+            index(doc! { "organization_id": 1, "integration_id": 1, "user_id": 1 }, named("conversation_by_user")),
+            index(doc! { "conversation_id": 1 }, named("conversation_by_id")),
+        ] {
+            conversations.create_index(model).await.map_err(StoreError::new("create index on conversations"))?;
+        }
         // `deliveries` keeps only its `_id` index: every job writes it twice,
-        // and a secondary index costs about 15% of that (make bench).
+        // and a secondary index costs about 15% of that (make bench). Its
+        // `_id` starts with the job id, so one job's records are a range.
         Ok(())
     }
 
-    /// The org_integration of exactly this organization and integration.
-    /// There is no other lookup: no "first of the integration", ever.
-    pub async fn org_integration(
-        &self,
-        org: &OrganizationId,
-        integration: &IntegrationId,
-    ) -> Result<Option<OrgIntegrationDoc>, StoreError> {
-        self.read();
-        self.org_integrations()
-            .find_one(doc! { "organization_id": org.as_str(), "integration_id": integration.as_str() })
-            .await
-            .map_err(StoreError::new("find org_integration"))
-    }
-
-    pub async fn conversation(
-        &self,
-        org: &OrganizationId,
-        integration: &IntegrationId,
-        conversation: &ConversationId,
-    ) -> Result<Option<ConversationDoc>, StoreError> {
-        self.read();
-        self.conversations()
-            .find_one(doc! {
-                "organization_id": org.as_str(), "integration_id": integration.as_str(), "conversation_id": conversation.as_str(),
-            })
-            .await
-            .map_err(StoreError::new("find conversation"))
-    }
-
-    /// The user's personal conversations in this org_integration (normally one).
-    pub async fn personal_conversations(
-        &self,
-        org: &OrganizationId,
-        integration: &IntegrationId,
-        user: &UserId,
-    ) -> Result<Vec<ConversationDoc>, StoreError> {
-        self.read();
-        use futures_util::TryStreamExt;
-        self.conversations()
-            .find(doc! {
-                "organization_id": org.as_str(), "integration_id": integration.as_str(), "user_id": user.as_str(), "kind": "personal",
-            })
-            .limit(2)
-            .await
-            .map_err(StoreError::new("find personal conversation"))?
-            .try_collect()
-            .await
-            .map_err(StoreError::new("find personal conversation"))
-    }
-
-    /// Record a conversation (created through the Connector); idempotent.
-    pub async fn upsert_conversation(&self, conversation: &ConversationDoc) -> Result<(), StoreError> {
-        self.write();
-        let filter = doc! {
-            "organization_id": &conversation.organization_id,
-            "integration_id": &conversation.integration_id,
-            "conversation_id": &conversation.conversation_id,
-        };
-        let fields = bson::to_document(conversation).map_err(|e| StoreError { operation: "encode conversation", source: e.into() })?;
-        match self.conversations().update_one(filter, doc! { "$setOnInsert": fields }).upsert(true).await {
-            // A concurrent upsert of the same conversation inserted it first.
-            Err(err) if is_duplicate_key(&err) => Ok(()),
-            other => other.map(drop).map_err(StoreError::new("upsert conversation")),
-        }
-    }
-
-    /// Mark a conversation quarantined for this org_integration.
-    pub async fn quarantine(
-        &self,
-        org: &str,
-        integration: &str,
-        conversation: &str,
-        reason: &str,
-        teams_code: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        self.write();
-        let result = self
-            .conversations()
-            .update_one(
-                doc! { "organization_id": org, "integration_id": integration, "conversation_id": conversation },
-                doc! { "$set": {
-                    "status": "quarantined",
-                    "quarantine": { "reason": reason, "teams_code": teams_code, "at": DateTime::now() },
-                } },
-            )
-            .await
-            .map_err(StoreError::new("quarantine conversation"))?;
-        Ok(result.matched_count > 0)
-    }
-
-    /// Lift a quarantine.
-    pub async fn release(&self, org: &str, integration: &str, conversation: &str) -> Result<bool, StoreError> {
-        self.write();
-        let result = self
-            .conversations()
-            .update_one(
-                doc! { "organization_id": org, "integration_id": integration, "conversation_id": conversation },
-                doc! { "$set": { "status": "active" }, "$unset": { "quarantine": "" } },
-            )
-            .await
-            .map_err(StoreError::new("release conversation"))?;
-        Ok(result.matched_count > 0)
-    }
-
-    /// Record that `job` is about to be sent, unless it was sent already.
-    /// Claims of concurrent jobs share one command (see `ledger`).
+    /// Record that this delivery is about to send `job` of this
+    /// org_integration, unless it was sent already or another delivery holds
+    /// it. Claims of concurrent jobs share one command (see `ledger`).
     pub async fn claim(&self, job: JobId, org: &OrganizationId, integration: &IntegrationId) -> Result<Claim, StoreError> {
         self.write();
+        let job_id = job.to_string();
         let op = ledger::Op::Claim {
-            job: job.to_string(),
+            key: delivery_key(&job_id, org.as_str(), integration.as_str()),
+            job_id,
             organization_id: org.to_string(),
             integration_id: integration.to_string(),
-            lease: self.claim_lease,
+            owner: uuid::Uuid::new_v4().simple().to_string(),
+            lease_ms: i64::try_from(self.claim_lease.as_millis()).unwrap_or(i64::MAX),
         };
         match self.ledger.run("claim delivery", op).await? {
             ledger::Done::Claimed(claim) => Ok(claim),
-            ledger::Done::Marked => unreachable!("a claim answers with a claim"),
+            ledger::Done::Marked(_) => {
+                Err(StoreError { operation: "claim delivery", source: MongoError::custom("a claim answered as a mark") })
+            }
         }
     }
 
-    pub async fn mark_sent(&self, job: JobId, conversation_id: &str, activity_id: &str, attempts: u32) -> Result<(), StoreError> {
+    /// Record the job sent. `false` when the claim was no longer this
+    /// delivery's (its lease ran out and another delivery took the job).
+    pub async fn mark_sent(&self, lease: &Lease, conversation_id: &str, activity_id: &str, attempts: u32) -> Result<bool, StoreError> {
         self.write();
         let op = ledger::Op::Sent {
-            job: job.to_string(),
+            key: lease.key.clone(),
+            owner: lease.owner.clone(),
             conversation_id: conversation_id.to_owned(),
             activity_id: activity_id.to_owned(),
             attempts: i64::from(attempts),
         };
-        self.ledger.run("mark delivery sent", op).await.map(drop)
+        match self.ledger.run("mark delivery sent", op).await? {
+            ledger::Done::Marked(held) => Ok(held),
+            ledger::Done::Claimed(_) => {
+                Err(StoreError { operation: "mark delivery sent", source: MongoError::custom("a mark answered as a claim") })
+            }
+        }
     }
 
-    /// Record a retry or a dead letter. A job that never got as far as a claim
-    /// (invalid, expired) gets no record.
-    pub async fn mark_failed(&self, job: JobId, state: DeliveryState, reason: &str, error: &str, attempts: u32) -> Result<(), StoreError> {
+    /// Record how this delivery ended when it did not send (a retry, a dead
+    /// letter, an unconfirmed send), and give up the claim. Only the holder of
+    /// the claim changes the record; `false` when it no longer holds it.
+    pub async fn release_claim(
+        &self,
+        lease: &Lease,
+        state: DeliveryState,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) -> Result<bool, StoreError> {
         self.write();
-        let state = bson::to_bson(&state).map_err(|e| StoreError { operation: "encode delivery state", source: e.into() })?;
-        self.deliveries()
+        let result = self
+            .deliveries()
             .update_one(
-                doc! { "_id": job.to_string(), "state": { "$ne": "sent" } },
+                doc! { "_id": &lease.key, "owner": &lease.owner },
                 doc! {
-                    "$set": { "state": state, "reason": reason, "last_error": error, "updated_at": DateTime::now() },
+                    "$set": { "state": state.as_str(), "reason": reason, "last_error": error },
                     "$inc": { "attempts": i64::from(attempts) },
-                    "$unset": { "lease_until": "" },
+                    "$unset": { "lease_until": "", "owner": "", "claimed_from": "" },
+                    "$currentDate": { "updated_at": true },
                 },
             )
             .await
-            .map(drop)
-            .map_err(StoreError::new("mark delivery failed"))
+            .map_err(StoreError::new("record delivery outcome"))?;
+        Ok(result.matched_count > 0)
     }
 
-    pub async fn delivery(&self, job: &str) -> Result<Option<DeliveryDoc>, StoreError> {
+    /// Let an operator resend a job whose delivery is `unconfirmed` (after
+    /// checking that it did not reach the conversation): the record becomes
+    /// `retrying`, so the next delivery of the job may claim it. Returns the
+    /// number of records changed.
+    pub async fn allow_resend(&self, job_id: &str, organization_id: Option<&str>) -> Result<u64, StoreError> {
+        self.write();
+        let (low, high) = delivery_key_range(job_id);
+        let mut filter = doc! { "_id": { "$gte": low, "$lt": high }, "state": "unconfirmed" };
+        if let Some(org) = organization_id {
+            filter.insert("organization_id", org);
+        }
+        let result = self
+            .deliveries()
+            .update_many(filter, doc! { "$set": { "state": "retrying" }, "$currentDate": { "updated_at": true } })
+            .await
+            .map_err(StoreError::new("allow resend"))?;
+        Ok(result.modified_count)
+    }
+
+    /// Every ledger record of `job_id`: one per org_integration that received
+    /// a job with this id (and a record from before the ledger was scoped).
+    pub async fn deliveries_of(&self, job_id: &str) -> Result<Vec<DeliveryDoc>, StoreError> {
         self.read();
-        self.deliveries().find_one(doc! { "_id": job }).await.map_err(StoreError::new("find delivery"))
+        let (low, high) = delivery_key_range(job_id);
+        self.deliveries()
+            .find(doc! { "$or": [{ "_id": { "$gte": low, "$lt": high } }, { "_id": job_id }] })
+            .await
+            .map_err(StoreError::new("find delivery"))?
+            .try_collect()
+            .await
+            .map_err(StoreError::new("find delivery"))
+    }
+
+    /// The one ledger record of `job_id` (tests and tools; `None` if there is
+    /// none, the first if organizations reused the id).
+    pub async fn delivery(&self, job_id: &str) -> Result<Option<DeliveryDoc>, StoreError> {
+        Ok(self.deliveries_of(job_id).await?.into_iter().next())
+    }
+
+    /// Ledger records matching `filter`, newest first, at most `limit`.
+    pub async fn list_deliveries(&self, filter: Document, limit: i64) -> Result<Vec<DeliveryDoc>, StoreError> {
+        self.read();
+        self.deliveries()
+            .find(filter)
+            .sort(doc! { "updated_at": -1 })
+            .limit(limit)
+            .await
+            .map_err(StoreError::new("list deliveries"))?
+            .try_collect()
+            .await
+            .map_err(StoreError::new("list deliveries"))
     }
 }

@@ -3,9 +3,12 @@
 //!
 //! A bearer token is only ever sent to an allow-listed host over https (plain
 //! http only for configured loopback hosts), and redirects are never followed,
-//! so a token cannot be led elsewhere.
+//! so a token cannot be led elsewhere. Every request ends by a caller's
+//! deadline, and every answer is read up to a size limit (`answer`).
 
+mod answer;
 pub mod card;
+mod cloud;
 pub mod token;
 
 use std::collections::HashMap;
@@ -14,9 +17,12 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use url::Url;
 
-use crate::settings::{TeamsSettings, is_loopback};
+pub use cloud::{Cloud, ServiceUrlPolicy, redact};
+
+use crate::settings::TeamsSettings;
 
 /// Which bot signs a request, and where its token comes from.
 #[derive(Clone)]
@@ -39,17 +45,6 @@ impl std::fmt::Debug for BotCredentials {
     }
 }
 
-/// One Microsoft cloud: its token endpoint and scope, and the only hosts its
-/// tokens may be sent to.
-#[derive(Debug, Clone)]
-pub struct Cloud {
-    pub name: String,
-    pub token_endpoint: String,
-    pub multi_tenant_authority: String,
-    pub scope: String,
-    pub policy: ServiceUrlPolicy,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TeamsError {
     #[error("service URL {url} is not allowed: {why}")]
@@ -58,18 +53,17 @@ pub enum TeamsError {
     PayloadTooLarge { bytes: usize, limit: usize },
     #[error("token endpoint answered {status} {error}: {description}")]
     TokenRejected { status: u16, error: String, description: String },
-    #[error("token request failed")]
-    TokenTransport {
-        #[source]
-        source: reqwest::Error,
-    },
+    #[error("token request failed: {what}")]
+    TokenTransport { what: String },
     #[error("Connector answered {status} {code}: {message}", code = code.as_deref().unwrap_or("-"))]
     Api { status: u16, code: Option<String>, message: String, correlation_id: Option<String>, retry_after: Option<Duration> },
-    #[error("Connector request failed")]
-    Transport {
-        #[source]
-        source: reqwest::Error,
-    },
+    /// Nothing reached the Connector: no connection, or no time left to try.
+    #[error("Connector request not sent: {what}")]
+    Unsent { what: String },
+    /// The request may have reached the Connector, but its answer was lost
+    /// (a timeout or reset after it was written, a 2xx that cannot be read).
+    #[error("Connector request may have been delivered, but its answer was lost: {what}")]
+    Ambiguous { what: String },
 }
 
 impl TeamsError {
@@ -95,49 +89,12 @@ impl TeamsError {
             _ => None,
         }
     }
-}
 
-/// Where bearer tokens may go (contract §1).
-#[derive(Debug, Clone)]
-pub struct ServiceUrlPolicy {
-    allowed_hosts: Vec<String>,
-    insecure_loopback_hosts: Vec<String>,
-}
-
-impl ServiceUrlPolicy {
-    pub fn new(allowed_hosts: Vec<String>, insecure_loopback_hosts: Vec<String>) -> Self {
-        let lower = |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
-        Self { allowed_hosts: lower(allowed_hosts), insecure_loopback_hosts: lower(insecure_loopback_hosts) }
-    }
-
-    /// The parsed service URL (with a trailing slash) if a token may be sent there.
-    pub fn check(&self, service_url: &str) -> Result<Url, TeamsError> {
-        let refuse = |why: &str| TeamsError::ServiceUrlNotAllowed { url: service_url.to_owned(), why: why.to_owned() };
-        let mut url = Url::parse(service_url).map_err(|_| refuse("not a URL"))?;
-        let host = url.host_str().ok_or_else(|| refuse("no host"))?.to_ascii_lowercase();
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(refuse("credentials in the URL"));
-        }
-        let allowed = match url.scheme() {
-            "https" => self.allowed_hosts.contains(&host),
-            "http" => self.insecure_loopback_hosts.contains(&host) && is_loopback(&host),
-            _ => false,
-        };
-        if !allowed {
-            return Err(refuse(if self.allowed_hosts.contains(&host) {
-                "only https is allowed for this host"
-            } else {
-                "host is not on the allowlist"
-            }));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(refuse("query or fragment in the URL"));
-        }
-        if !url.path().ends_with('/') {
-            let path = format!("{}/", url.path());
-            url.set_path(&path);
-        }
-        Ok(url)
+    /// A failed request: before any byte could reach the server, or after.
+    fn transport(err: reqwest::Error, what: &str) -> Self {
+        let unsent = err.is_connect() || err.is_builder();
+        let detail = format!("{what}: {}", crate::text::error_chain(&err.without_url()));
+        if unsent { TeamsError::Unsent { what: detail } } else { TeamsError::Ambiguous { what: detail } }
     }
 }
 
@@ -161,19 +118,8 @@ pub struct Teams {
     tokens: token::Tokens,
     clouds: HashMap<String, Cloud>,
     max_activity_bytes: usize,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    #[serde(default)]
-    code: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
+    request_timeout: Duration,
+    max_retry_after: Duration,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +155,8 @@ impl Teams {
             http,
             clouds,
             max_activity_bytes: settings.max_activity_bytes,
+            request_timeout: Duration::from_secs(settings.request_timeout_secs),
+            max_retry_after: Duration::from_secs(settings.max_retry_after_secs),
         })
     }
 
@@ -216,16 +164,34 @@ impl Teams {
         self.clouds.get(name)
     }
 
+    /// The timeout of one request.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The parsed service URL, if `bot`'s cloud allows sending its token there.
     pub fn check_service_url(&self, bot: &BotCredentials, service_url: &str) -> Result<Url, TeamsError> {
         match self.clouds.get(&bot.cloud) {
             Some(cloud) => cloud.policy.check(service_url),
-            None => Err(TeamsError::ServiceUrlNotAllowed { url: service_url.to_owned(), why: format!("unknown cloud {:?}", bot.cloud) }),
+            None => Err(TeamsError::ServiceUrlNotAllowed {
+                url: redact(service_url),
+                why: format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64)),
+            }),
         }
     }
 
     pub fn token_requests(&self) -> u64 {
         self.tokens.requests()
+    }
+
+    /// Tokens cached right now (for the memory soak).
+    pub fn cached_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Forget tokens that are stale and unused.
+    pub fn sweep_tokens(&self) {
+        self.tokens.sweep();
     }
 
     /// Serialize `activity`, refusing it when it exceeds the size limit.
@@ -237,24 +203,27 @@ impl Teams {
         Ok(body)
     }
 
-    /// Post an encoded activity to the conversation. A 401 gets one forced
-    /// token refresh and one more try.
-    pub async fn send(&self, to: &Destination<'_>, body: &[u8]) -> Result<Sent, TeamsError> {
+    /// Post an encoded activity to the conversation, finishing by `until`. A
+    /// 401 gets one forced token refresh and one more try.
+    pub async fn send(&self, to: &Destination<'_>, body: &[u8], until: Instant) -> Result<Sent, TeamsError> {
         let mut url = to.service_url.join("v3/conversations/").expect("a relative path joins");
         url.path_segments_mut().expect("http URLs have paths").pop_if_empty().push(to.conversation_id).push("activities");
-        let response = self.authorized_post(to.bot, &url, body).await?;
-        let correlation_id = correlation_id(&response);
-        let id: IdBody = response.json().await.map_err(|source| TeamsError::Transport { source })?;
-        Ok(Sent { activity_id: id.id, correlation_id })
+        let response = self.authorized_post(to.bot, &url, body, until).await?;
+        let correlation_id = answer::correlation_id(&response);
+        let id = read_id(response).await?;
+        Ok(Sent { activity_id: id, correlation_id })
     }
 
-    /// Create (or find) the 1:1 conversation of the bot and `user_id` in `tenant_id`.
+    /// Create (or find) the 1:1 conversation of the bot and `user_id` in
+    /// `tenant_id`, finishing by `until`. Creating is idempotent at Microsoft,
+    /// so a lost answer is simply asked again.
     pub async fn create_personal_conversation(
         &self,
         service_url: &Url,
         bot: &BotCredentials,
         tenant_id: &str,
         user_id: &str,
+        until: Instant,
     ) -> Result<String, TeamsError> {
         let url = service_url.join("v3/conversations").expect("a relative path joins");
         let params = json!({
@@ -265,92 +234,72 @@ impl Teams {
             "channelData": { "tenant": { "id": tenant_id } },
         });
         let body = serde_json::to_vec(&params).expect("a serde_json::Value always serializes");
-        let response = self.authorized_post(bot, &url, &body).await?;
-        let id: IdBody = response.json().await.map_err(|source| TeamsError::Transport { source })?;
-        Ok(id.id)
+        let response = self.authorized_post(bot, &url, &body, until).await?;
+        read_id(response).await.map_err(|err| match err {
+            TeamsError::Ambiguous { what } => TeamsError::Unsent { what },
+            other => other,
+        })
     }
 
-    async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8]) -> Result<reqwest::Response, TeamsError> {
+    async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8], until: Instant) -> Result<reqwest::Response, TeamsError> {
         // Checked here too, so that no caller can skip it.
         self.check_service_url(bot, url.as_str())?;
         let cloud = &self.clouds[&bot.cloud];
-        let token = self.tokens.get(cloud, bot).await?;
-        match self.post(url, &token, body).await {
+        let token = self.tokens.get(cloud, bot, self.time_left(until)?).await?;
+        match self.post(url, &token, body, until).await {
             Err(TeamsError::Api { status: 401, .. }) => {
-                let fresh = self.tokens.refresh(cloud, bot, &token).await?;
-                self.post(url, &fresh, body).await
+                let fresh = self.tokens.refresh(cloud, bot, &token, self.time_left(until)?).await?;
+                self.post(url, &fresh, body, until).await
             }
             other => other,
         }
     }
 
-    async fn post(&self, url: &Url, token: &SecretString, body: &[u8]) -> Result<reqwest::Response, TeamsError> {
+    /// The timeout for a request that must end by `until`; an error when
+    /// there is no time left to start one.
+    fn time_left(&self, until: Instant) -> Result<Duration, TeamsError> {
+        let left = until.saturating_duration_since(Instant::now()).min(self.request_timeout);
+        if left < Duration::from_millis(100) {
+            return Err(TeamsError::Unsent { what: "no time left before the delivery's deadline".into() });
+        }
+        Ok(left)
+    }
+
+    async fn post(&self, url: &Url, token: &SecretString, body: &[u8], until: Instant) -> Result<reqwest::Response, TeamsError> {
+        let timeout = self.time_left(until)?;
         let response = self
             .http
             .post(url.clone())
+            .timeout(timeout)
             .bearer_auth(token.expose_secret())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|source| TeamsError::Transport { source })?;
+            .map_err(|err| TeamsError::transport(err, "POST"))?;
         if response.status().is_success() {
             return Ok(response);
         }
-        Err(api_error(response).await)
+        Err(answer::api_error(response, self.max_retry_after).await)
     }
 }
 
-fn correlation_id(response: &reqwest::Response) -> Option<String> {
-    response.headers().get("x-correlating-operationid").and_then(|v| v.to_str().ok()).map(str::to_owned)
-}
-
-/// Microsoft's error answer, with its code, correlation id and `Retry-After`.
-async fn api_error(response: reqwest::Response) -> TeamsError {
+/// The `id` of a 2xx answer. The Connector accepted the request, so an
+/// answer that cannot be read leaves the outcome unknown.
+async fn read_id(response: reqwest::Response) -> Result<String, TeamsError> {
     let status = response.status().as_u16();
-    let correlation_id = correlation_id(&response);
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let text = response.text().await.unwrap_or_default();
-    let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
-        Ok(body) => (body.error.code, body.error.message.unwrap_or_default()),
-        Err(_) => (None, text.chars().take(200).collect()),
-    };
-    TeamsError::Api { status, code, message, correlation_id, retry_after }
+    let ambiguous = |why: String| TeamsError::Ambiguous { what: format!("answered {status}, but {why}") };
+    let body = answer::read_body(response).await.map_err(|err| ambiguous(err.to_string()))?;
+    let parsed: IdBody = serde_json::from_slice(&body).map_err(|err| ambiguous(format!("the body is not an id: {err}")))?;
+    if parsed.id.is_empty() || parsed.id.len() > 1024 {
+        return Err(ambiguous(format!("the id is {} bytes long", parsed.id.len())));
+    }
+    Ok(parsed.id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn policy() -> ServiceUrlPolicy {
-        ServiceUrlPolicy::new(vec!["smba.trafficmanager.net".into()], vec!["127.0.0.1".into()])
-    }
-
-    #[test]
-    fn only_allow_listed_https_hosts_and_configured_loopback_http() {
-        let p = policy();
-        assert_eq!(p.check("https://smba.trafficmanager.net/amer").unwrap().as_str(), "https://smba.trafficmanager.net/amer/");
-        assert!(p.check("https://SMBA.trafficmanager.net/teams/").is_ok());
-        assert!(p.check("http://127.0.0.1:3978/teams/").is_ok());
-        for bad in [
-            "http://smba.trafficmanager.net/teams/",
-            "https://smba.trafficmanager.net.evil.com/teams/",
-            "https://evil.com/teams/",
-            "http://localhost:3978/teams/",
-            "https://127.0.0.1/teams/",
-            "https://user:pw@smba.trafficmanager.net/teams/",
-            "https://smba.trafficmanager.net/teams/?x=1",
-            "ftp://smba.trafficmanager.net/",
-            "not a url",
-        ] {
-            assert!(matches!(p.check(bad), Err(TeamsError::ServiceUrlNotAllowed { .. })), "{bad} must be refused");
-        }
-    }
 
     #[test]
     fn each_cloud_sends_tokens_only_to_its_own_hosts() {

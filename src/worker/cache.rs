@@ -10,7 +10,7 @@ pub struct TtlCache<K, V> {
     ttl: Duration,
     entries: Mutex<HashMap<K, (Instant, V)>>,
     /// One load in flight per key: concurrent misses wait for it.
-    loading: Mutex<HashMap<K, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    loading: Gates<K>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -37,6 +37,9 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
             return Ok(value);
         }
         let gate = self.loading.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        // Removes the gate when this caller is done, even if it is cancelled
+        // (a deadline) mid-load: no gate outlives its load.
+        let _forget = Forget { loading: &self.loading, key };
         let _turn = gate.lock().await;
         if let Some(value) = self.peek(key) {
             return Ok(value);
@@ -45,8 +48,19 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         if let Ok(value) = &loaded {
             self.insert(key.clone(), value.clone());
         }
-        self.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         loaded
+    }
+
+    /// Drop expired entries and give their memory back.
+    pub fn sweep(&self) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, (at, _)| at.elapsed() < self.ttl);
+        entries.shrink_to_fit();
+    }
+
+    /// Entries held right now (fresh or not yet swept).
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// A fresh value without counting a hit or a miss.
@@ -79,6 +93,23 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// (hits, misses) since start.
     pub fn stats(&self) -> (u64, u64) {
         (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
+}
+
+type Gates<K> = Mutex<HashMap<K, std::sync::Arc<tokio::sync::Mutex<()>>>>;
+
+struct Forget<'a, K: Eq + Hash> {
+    loading: &'a Gates<K>,
+    key: &'a K,
+}
+
+impl<K: Eq + Hash> Drop for Forget<'_, K> {
+    fn drop(&mut self) {
+        let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the last caller of this gate removes it.
+        if loading.get(self.key).is_some_and(|gate| std::sync::Arc::strong_count(gate) <= 2) {
+            loading.remove(self.key);
+        }
     }
 }
 
@@ -118,6 +149,25 @@ mod tests {
             assert_eq!(task.await.unwrap(), Ok(7));
         }
         assert_eq!(loads.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_sweep_gives_back_what_expired() {
+        let cache = TtlCache::new(Duration::from_millis(20));
+        for i in 0..10_000 {
+            cache.insert(i, i);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        cache.sweep();
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_load_leaves_no_gate_behind() {
+        let cache = TtlCache::<u32, u32>::new(Duration::from_secs(60));
+        let load = cache.get_or_load(&1, std::future::pending::<Result<u32, ()>>);
+        assert!(tokio::time::timeout(Duration::from_millis(10), load).await.is_err());
+        assert!(cache.loading.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -61,6 +61,18 @@ impl Resolver {
         self.integrations.stats()
     }
 
+    /// Drop what expired (the worker's housekeeping calls it periodically).
+    pub fn sweep(&self) {
+        self.integrations.sweep();
+        self.conversations.sweep();
+        self.personal.sweep();
+    }
+
+    /// Entries held by the three caches.
+    pub fn cached(&self) -> usize {
+        self.integrations.len() + self.conversations.len() + self.personal.len()
+    }
+
     pub async fn org_integration(&self, store: &Store, teams: &Teams, job: &Job) -> Result<Arc<OrgIntegration>, DeliveryError> {
         let key = (job.organization_id.clone(), job.integration_id.clone());
         let resolution = self
@@ -98,8 +110,10 @@ impl Resolver {
         let mut found = store.personal_conversations(&key.0, &key.1, user).await?;
         if found.len() > 1 {
             return Err(DeliveryError::RecipientNotInOrganization(format!(
-                "user {user} has more than one personal conversation in organization {} (integration {}); refusing to guess",
-                key.0, key.1
+                "user {} has more than one personal conversation in organization {} (integration {}); refusing to guess",
+                crate::text::clip(user.as_str(), 256),
+                crate::text::clip(key.0.as_str(), 256),
+                crate::text::clip(key.1.as_str(), 256)
             )));
         }
         let found = found.pop();
@@ -134,6 +148,7 @@ impl Resolver {
         teams: &Teams,
         job: &Job,
         integration: &OrgIntegration,
+        until: tokio::time::Instant,
     ) -> Result<Recipient, DeliveryError> {
         let key = (job.organization_id.clone(), job.integration_id.clone());
         if let Some(conversation_id) = &job.recipient.conversation_id {
@@ -146,8 +161,10 @@ impl Resolver {
                 return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: Some(conversation_id.to_string()) });
             }
             return Err(DeliveryError::RecipientNotInOrganization(format!(
-                "conversation {conversation_id} is not registered for organization {} (integration {})",
-                key.0, key.1
+                "conversation {} is not registered for organization {} (integration {})",
+                crate::text::clip(conversation_id.as_str(), 256),
+                crate::text::clip(key.0.as_str(), 256),
+                crate::text::clip(key.1.as_str(), 256)
             )));
         }
         let user = job.recipient.user_id.as_ref().expect("a validated job names a conversation or a user");
@@ -156,7 +173,7 @@ impl Resolver {
         }
         let service_url = teams.check_service_url(&integration.bot, &integration.service_url)?;
         let conversation_id =
-            teams.create_personal_conversation(&service_url, &integration.bot, &integration.tenant_id, user.as_str()).await?;
+            teams.create_personal_conversation(&service_url, &integration.bot, &integration.tenant_id, user.as_str(), until).await?;
         let doc = ConversationDoc {
             organization_id: key.0.to_string(),
             integration_id: key.1.to_string(),
@@ -167,7 +184,7 @@ impl Resolver {
             quarantine: None,
             created_at: Some(mongodb::bson::DateTime::now()),
         };
-        store.upsert_conversation(&doc).await?;
+        store.record_conversation(&doc).await?;
         self.personal.insert((key, user.clone()), Some(doc));
         Ok(Recipient { conversation_id, corrected_from: None })
     }

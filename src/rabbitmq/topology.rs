@@ -1,0 +1,165 @@
+//! The RabbitMQ topology (docs/contract.md §3): names, arguments, and its
+//! declaration. Built from the settings where the broker adapter lives.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ExchangeKind};
+
+use super::{BrokerError, ROUTING_KEY, amqp};
+use crate::settings::Settings;
+
+/// Names of every exchange and queue under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub prefix: String,
+    pub tiers: Vec<Duration>,
+    pub delivery_limit: u32,
+}
+
+impl From<&Settings> for Topology {
+    fn from(settings: &Settings) -> Self {
+        Self { prefix: settings.topology_prefix.clone(), tiers: settings.retry_tiers(), delivery_limit: settings.worker.delivery_limit }
+    }
+}
+
+/// `5s`, `2m`, `1h`: the tier part of a retry queue's name.
+pub fn tier_label(tier: Duration) -> String {
+    let secs = tier.as_secs();
+    if secs >= 3600 && secs % 3600 == 0 {
+        format!("{}h", secs / 3600)
+    } else if secs >= 60 && secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+impl Topology {
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn work_queue(&self) -> String {
+        format!("{}.msteams", self.prefix)
+    }
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.prefix)
+    }
+    pub fn retry_queue(&self, tier: Duration) -> String {
+        format!("{}.msteams.retry.{}", self.prefix, tier_label(tier))
+    }
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.msteams.dead", self.prefix)
+    }
+
+    /// Every queue of the topology (for tools and test clean-up).
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues = vec![self.work_queue(), self.dead_queue()];
+        queues.extend(self.tiers.iter().map(|t| self.retry_queue(*t)));
+        queues
+    }
+
+    pub fn exchanges(&self) -> Vec<String> {
+        vec![self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()]
+    }
+
+    /// Declare everything; idempotent as long as the arguments are unchanged
+    /// (RabbitMQ refuses to redeclare a queue with other arguments).
+    pub async fn declare(&self, connection: &Connection) -> Result<(), BrokerError> {
+        let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for exchange in self.exchanges() {
+            channel
+                .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .await
+                .map_err(amqp(format!("declare exchange {exchange}")))?;
+        }
+        let queue = QueueDeclareOptions { durable: true, ..Default::default() };
+
+        // The work queue: quorum for replication and delivery counting; the
+        // delivery limit turns a job that crashes workers into a dead letter,
+        // and at-least-once dead-lettering (which needs reject-publish
+        // overflow) makes sure that dead letter is not lost on the way.
+        let mut work = quorum_args();
+        work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));
+        dead_letter_to(&mut work, &self.dead_exchange());
+        self.declare_queue(&channel, &self.work_queue(), queue, work, &self.jobs_exchange(), ROUTING_KEY).await?;
+
+        // Retry tiers: a fixed TTL each, then back to the work exchange.
+        for tier in &self.tiers {
+            let mut args = quorum_args();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            dead_letter_to(&mut args, &self.jobs_exchange());
+            let name = self.retry_queue(*tier);
+            self.declare_queue(&channel, &name, queue, args, &self.retry_exchange(), &tier_label(*tier)).await?;
+        }
+
+        // The dead-letter queue: operators list and replay from here. No
+        // delivery limit: browsing it must never make a dead letter vanish.
+        // No x-delivery-limit argument: RabbitMQ 3.x then has no limit, and a
+        // -1 there would drop a message at its first return (seen on 3.10).
+        // Browsing returns messages by closing the channel, which RabbitMQ 4
+        // does not count against its default limit (docs/operations.md).
+        self.declare_queue(&channel, &self.dead_queue(), queue, quorum_args(), &self.dead_exchange(), ROUTING_KEY).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        options: QueueDeclareOptions,
+        args: FieldTable,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        channel.queue_declare(name.into(), options, args).await.map_err(amqp(format!("declare queue {name}")))?;
+        channel
+            .queue_bind(name.into(), exchange.into(), routing_key.into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .map_err(amqp(format!("bind queue {name}")))?;
+        Ok(())
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
+
+fn dead_letter_to(args: &mut FieldTable, exchange: &str) {
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(exchange.into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(ROUTING_KEY.into()));
+    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let t = Topology {
+            prefix: "herald".into(),
+            tiers: vec![Duration::from_secs(5), Duration::from_secs(120), Duration::from_secs(3600)],
+            delivery_limit: 20,
+        };
+        assert_eq!(t.jobs_exchange(), "herald.jobs");
+        assert_eq!(t.work_queue(), "herald.msteams");
+        assert_eq!(t.retry_exchange(), "herald.retry");
+        assert_eq!(t.retry_queue(Duration::from_secs(5)), "herald.msteams.retry.5s");
+        assert_eq!(t.retry_queue(Duration::from_secs(120)), "herald.msteams.retry.2m");
+        assert_eq!(t.retry_queue(Duration::from_secs(3600)), "herald.msteams.retry.1h");
+        assert_eq!(t.retry_queue(Duration::from_secs(90)), "herald.msteams.retry.90s");
+        assert_eq!(t.dead_exchange(), "herald.dead");
+        assert_eq!(t.dead_queue(), "herald.msteams.dead");
+        assert_eq!(t.queues().len(), 5);
+    }
+}

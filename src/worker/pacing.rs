@@ -1,0 +1,76 @@
+//! herald's own pacing by Teams' published limits (the `teams_limits`
+//! crate), so that a worker rarely meets a 429 and a busy conversation does
+//! not hold the slots other conversations need.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::settings::Settings;
+
+pub(super) struct Pacing {
+    windows: Mutex<teams_limits::Throttle>,
+    max_wait: Duration,
+    /// Jobs sleeping on the limit right now, and how many may.
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+/// Why a send may not go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Later(pub Duration);
+
+impl Pacing {
+    pub fn new(settings: &Settings) -> Self {
+        let limits = &settings.teams.rate_limits;
+        let windows =
+            teams_limits::Limits { per_conversation: limits.per_conversation.clone(), per_app_tenant: limits.per_app_tenant.clone() };
+        Self {
+            windows: Mutex::new(teams_limits::Throttle::new(true, windows).with_margin(Duration::from_millis(limits.margin_ms))),
+            max_wait: Duration::from_millis(limits.max_in_process_wait_ms),
+            waiting: AtomicUsize::new(0),
+            max_waiting: (settings.worker.concurrency / 4).max(1),
+        }
+    }
+
+    /// Keys (conversations and tenants) tracked right now.
+    pub fn tracked(&self) -> usize {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner()).tracked()
+    }
+
+    /// Forget conversations and tenants whose windows have passed.
+    pub fn sweep(&self) {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner()).sweep(Instant::now().into_std());
+    }
+
+    /// Wait for room in every window of this bot, tenant and conversation, or
+    /// say how long that would take when it is too long to hold a slot for,
+    /// or when waiting would pass `until` (less `reserve` for the send).
+    pub async fn admit(&self, app: &str, tenant: &str, conversation: &str, until: Instant, reserve: Duration) -> Result<(), Later> {
+        loop {
+            let now = Instant::now();
+            let verdict = self.windows.lock().unwrap_or_else(|p| p.into_inner()).admit(app, tenant, conversation, now.into_std());
+            let wait = match verdict {
+                Ok(()) => return Ok(()),
+                Err(wait) => wait,
+            };
+            let claimed = self.waiting.fetch_add(1, Ordering::Relaxed) < self.max_waiting;
+            let _release = WaitSlot(&self.waiting);
+            let fits = now.checked_add(wait + reserve).is_some_and(|end| end <= until);
+            if !claimed || wait > self.max_wait || !fits {
+                return Err(Later(wait));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+struct WaitSlot<'a>(&'a AtomicUsize);
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

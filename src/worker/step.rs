@@ -1,0 +1,484 @@
+//! The step: `Pipeline::process(incoming) -> Disposition`, the one place
+//! where a job's outcome is decided. It never touches the broker; tests drive
+//! it directly against the real MongoDB-protocol server and teams-sim.
+//!
+//! Order: decode → expiry → claim the ledger record → resolve the
+//! org_integration and the recipient → pace → send (quick retries) → record
+//! → classify the error once → decide (retry budget included).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::pacing::{Later, Pacing};
+use super::resolve::{OrgIntegration, Resolver};
+use super::{Acked, Disposition, Failure, History, Incoming};
+use crate::job::Job;
+use crate::metrics::Metrics;
+use crate::mongo::{Claim, DeliveryState, Lease, Store, StoreError};
+use crate::outcome::{DeliveryError, Reason, Verdict, classify, quarantines, retry_tier};
+use crate::settings::{LEASE_MARGIN, Settings};
+use crate::teams::{Destination, Sent, Teams, card};
+use crate::text::{self, error_chain};
+
+/// The retry policy, from the settings.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub quick_attempts: usize,
+    pub quick: ExponentialBuilder,
+    pub max_in_process_wait: Duration,
+    pub tiers: Vec<Duration>,
+    pub max_hops: u32,
+}
+
+impl RetryPolicy {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let retry = &settings.retry;
+        Self {
+            quick_attempts: retry.quick_attempts.max(1),
+            quick: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(retry.quick_min_delay_ms))
+                .with_max_delay(Duration::from_millis(retry.quick_max_delay_ms))
+                .without_max_times()
+                .with_jitter(),
+            max_in_process_wait: Duration::from_secs(retry.max_in_process_wait_secs),
+            tiers: settings.retry_tiers(),
+            max_hops: retry.max_hops,
+        }
+    }
+}
+
+/// What a classified failure comes to, given the job's history: pure, so
+/// that the retry budget is part of the decision and unit-tested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Retry {
+        tier: Duration,
+        reason: Reason,
+        hops: u32,
+    },
+    DeadLetter {
+        reason: Reason,
+    },
+    /// `retries_exhausted`: `last` failed again after `hops` delayed retries.
+    Exhausted {
+        last: Reason,
+        hops: u32,
+    },
+}
+
+pub fn decide(verdict: Verdict, hops: u32, policy: &RetryPolicy) -> Decision {
+    match verdict {
+        Verdict::DeadLetter(reason) => Decision::DeadLetter { reason },
+        Verdict::Retry { reason, after, .. } => {
+            let counts = reason.consumes_retry_budget();
+            if counts && hops >= policy.max_hops {
+                return Decision::Exhausted { last: reason, hops };
+            }
+            let tier = retry_tier(hops, after, &policy.tiers);
+            Decision::Retry { tier, reason, hops: hops.saturating_add(u32::from(counts)) }
+        }
+    }
+}
+
+/// What happened during this delivery, for the record and the headers.
+#[derive(Debug, Default)]
+struct Attempt {
+    lease: Option<Lease>,
+    org_integration_id: Option<String>,
+    conversation_id: Option<String>,
+    /// Connector requests made to post the activity.
+    sends: u32,
+}
+
+/// How the delivery ended when nothing failed.
+enum Done {
+    Sent { sent: Sent, conversation_id: String },
+    AlreadySent,
+    AlreadyUnconfirmed,
+}
+
+/// Everything `process` needs; shared by the worker's tasks.
+pub struct Pipeline {
+    pub store: Store,
+    pub teams: Teams,
+    pub resolver: Resolver,
+    pub metrics: Arc<Metrics>,
+    pacing: Option<Pacing>,
+    policy: RetryPolicy,
+    shutdown: CancellationToken,
+}
+
+impl Pipeline {
+    pub fn new(settings: &Settings, store: Store, teams: Teams, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            teams,
+            resolver: Resolver::new(settings.resolution_ttl()),
+            metrics,
+            pacing: settings.teams.rate_limits.enabled.then(|| Pacing::new(settings)),
+            policy: RetryPolicy::from_settings(settings),
+            shutdown,
+        }
+    }
+
+    /// Conversations and tenants the pacing tracks right now.
+    pub fn paced_keys(&self) -> usize {
+        self.pacing.as_ref().map_or(0, Pacing::tracked)
+    }
+
+    /// Give back what idle keys hold: expired resolutions and tokens, pacing
+    /// windows that have passed.
+    pub fn sweep(&self) {
+        self.resolver.sweep();
+        if let Some(pacing) = &self.pacing {
+            pacing.sweep();
+        }
+        self.teams.sweep_tokens();
+    }
+
+    /// Decide what happens to one message. Never touches the broker; never
+    /// panics on bad input.
+    pub async fn process(&self, incoming: &Incoming) -> Disposition {
+        let job = match Job::decode(&incoming.body) {
+            Ok(job) => job,
+            Err(invalid) => {
+                let err = DeliveryError::Invalid(invalid);
+                warn!(message_id = incoming.message_id.as_deref(), error = %error_chain(&err), "job refused");
+                let organization_id = Job::peek_organization(&incoming.body).map(|o| text::clip(&o, 256));
+                return self.conclude(None, incoming.history, Attempt::default(), organization_id, Err(err)).await;
+            }
+        };
+        let span = info_span!(
+            "job",
+            otel.name = "msteams process",
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = "msteams",
+            messaging.message.id = %job.id,
+            job_id = %job.id,
+            organization_id = %text::clip(job.organization_id.as_str(), 256),
+            attempt = incoming.history.attempts.saturating_add(1),
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(trace_id) = crate::telemetry::continue_trace(&span, incoming.traceparent.as_deref()) {
+            span.record("trace_id", trace_id);
+        }
+        async {
+            let mut attempt = Attempt::default();
+            let result = self.deliver(&job, &mut attempt).await;
+            let organization_id = Some(job.organization_id.to_string());
+            self.conclude(Some(&job), incoming.history, attempt, organization_id, result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn deliver(&self, job: &Job, attempt: &mut Attempt) -> Result<Done, DeliveryError> {
+        if let Some(expires_at) = job.expires_at
+            && expires_at <= chrono::Utc::now()
+        {
+            return Err(DeliveryError::Expired(expires_at));
+        }
+        // The deadline starts before the claim is sent, so it ends before the
+        // lease the server computes from its own clock.
+        let claimed_at = Instant::now();
+        let lease = match self.with_quick_retries(|| self.store.claim(job.id, &job.organization_id, &job.integration_id)).await? {
+            Claim::Fresh(lease) => lease,
+            Claim::AlreadySent => return Ok(Done::AlreadySent),
+            Claim::Unconfirmed => return Ok(Done::AlreadyUnconfirmed),
+            Claim::InProgress => return Err(DeliveryError::InProgress),
+        };
+        if lease.taken_over {
+            self.metrics.lease_taken_over();
+            warn!("another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
+        }
+        attempt.lease = Some(lease);
+        let until = claimed_at + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
+        let within = |what: &'static str| move |_| DeliveryError::OutOfTime(what);
+
+        let integration = tokio::time::timeout_at(until, self.resolver.org_integration(&self.store, &self.teams, job))
+            .await
+            .map_err(within("the org_integration lookup"))??;
+        attempt.org_integration_id = Some(integration.id.clone());
+        // Checked before any request (the recipient lookup may create a chat).
+        let service_url = self.teams.check_service_url(&integration.bot, &integration.service_url)?;
+        let recipient = tokio::time::timeout_at(until, self.resolver.recipient(&self.store, &self.teams, job, &integration, until))
+            .await
+            .map_err(within("the recipient lookup"))??;
+        attempt.conversation_id = Some(recipient.conversation_id.clone());
+        if let Some(stale) = &recipient.corrected_from {
+            self.metrics.recipient_corrected();
+            warn!(
+                stale_conversation_id = %text::clip(stale, 256),
+                conversation_id = %recipient.conversation_id,
+                user_id = job.recipient.user_id.as_ref().map(|u| text::clip(u.as_str(), 256)),
+                "stale recipient corrected to the user's conversation in this organization"
+            );
+        }
+        let body = self.teams.encode(&card::activity(&job.content))?;
+        let destination = Destination { service_url: &service_url, conversation_id: &recipient.conversation_id, bot: &integration.bot };
+        let sent = self.send(&integration, &destination, &body, until, attempt).await?;
+        self.record_sent(attempt, &recipient.conversation_id, &sent).await;
+        Ok(Done::Sent { sent, conversation_id: recipient.conversation_id })
+    }
+
+    /// Post with quick retries. Every wait (pacing, backoff, `Retry-After`)
+    /// and every request ends before `until`; what does not fit goes to a
+    /// delayed-retry tier instead.
+    async fn send(
+        &self,
+        integration: &OrgIntegration,
+        to: &Destination<'_>,
+        body: &[u8],
+        until: Instant,
+        attempt: &mut Attempt,
+    ) -> Result<Sent, DeliveryError> {
+        let request = self.teams.request_timeout();
+        let mut backoff = self.policy.quick.build();
+        loop {
+            if let Some(pacing) = &self.pacing {
+                pacing
+                    .admit(&integration.bot.app_id, &integration.tenant_id, to.conversation_id, until, request)
+                    .await
+                    .map_err(|Later(wait)| DeliveryError::RateLimited(wait))?;
+            }
+            attempt.sends += 1;
+            let started = std::time::Instant::now();
+            let result = self.teams.send(to, body, until).await;
+            self.metrics.teams_request(result.as_ref().err().map_or(Some(201), |e| e.http_status()), started.elapsed());
+            let err = match result {
+                Ok(sent) => {
+                    info!(
+                        attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id,
+                        tenant_id = %integration.tenant_id, conversation_id = %to.conversation_id,
+                        activity_id = %sent.activity_id, "delivered"
+                    );
+                    return Ok(sent);
+                }
+                Err(err) => DeliveryError::Teams(err),
+            };
+            warn!(
+                attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id,
+                tenant_id = %integration.tenant_id, conversation_id = %to.conversation_id,
+                http_status = http_status(&err), teams_code = teams_code(&err), error = %error_chain(&err), "send failed"
+            );
+            // Classified here only to choose between another quick try and
+            // leaving; `conclude` classifies the error that leaves, once.
+            let Verdict::Retry { quick: true, after, .. } = classify(&err, self.policy.max_in_process_wait) else { return Err(err) };
+            let wait = after.unwrap_or_else(|| backoff.next().unwrap_or(Duration::from_secs(1)));
+            let fits = Instant::now().checked_add(wait + request).is_some_and(|end| end <= until);
+            if attempt.sends as usize >= self.policy.quick_attempts || !fits || self.shutdown.is_cancelled() {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Record the job sent. Teams has it, so the delivery is acked whatever
+    /// happens here; while MongoDB does not answer, the mark is retried (the
+    /// job's claim keeps other copies away meanwhile, and a copy cannot claim
+    /// without MongoDB either), until it lands or the worker shuts down.
+    async fn record_sent(&self, attempt: &Attempt, conversation_id: &str, sent: &Sent) {
+        let Some(lease) = &attempt.lease else { return };
+        let mut backoff = self.policy.quick.build();
+        loop {
+            match self.store.mark_sent(lease, conversation_id, &sent.activity_id, attempt.sends).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    self.metrics.lease_lost();
+                    warn!("delivered, but another delivery had taken over this job's claim: it may be posted twice");
+                    return;
+                }
+                Err(err) if err.is_transient() && !self.shutdown.is_cancelled() => {
+                    warn!(error = %error_chain(&err), "delivered, but the ledger cannot record it yet; retrying");
+                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1))).await;
+                }
+                Err(err) => {
+                    self.metrics.ledger_write_failed();
+                    warn!(error = %error_chain(&err), "delivered, but the ledger could not record it");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Run a store operation with the quick retries, while the error is transient.
+    async fn with_quick_retries<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = self.policy.quick.build();
+        let mut tries = 1;
+        loop {
+            match op().await {
+                Err(err) if err.is_transient() && tries < self.policy.quick_attempts && !self.shutdown.is_cancelled() => {
+                    tries += 1;
+                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(1))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Turn the delivery's result into its one disposition: classify once,
+    /// quarantine what Teams refused for good, record the outcome in the
+    /// ledger (as the claim's holder), and apply the retry budget.
+    async fn conclude(
+        &self,
+        job: Option<&Job>,
+        history: History,
+        attempt: Attempt,
+        organization_id: Option<String>,
+        result: Result<Done, DeliveryError>,
+    ) -> Disposition {
+        let err = match result {
+            Ok(Done::Sent { sent, conversation_id }) => {
+                return Disposition::Ack(Acked::Delivered { activity_id: sent.activity_id, conversation_id });
+            }
+            Ok(Done::AlreadySent) => {
+                info!("job was already sent; acking without a second post");
+                return Disposition::Ack(Acked::AlreadySent);
+            }
+            Ok(Done::AlreadyUnconfirmed) => {
+                info!("an earlier delivery of this job is unconfirmed; acking without a second post (see its dead letter)");
+                return Disposition::Ack(Acked::AlreadyUnconfirmed);
+            }
+            Err(err) => err,
+        };
+        let verdict = classify(&err, self.policy.max_in_process_wait);
+        if let Some(job) = job {
+            self.quarantine_if_refused(job, &attempt, &err).await;
+        }
+        let attempts = history.attempts.saturating_add(attempt.sends);
+        let decision = decide(verdict, history.hops, &self.policy);
+        let (reason, error) = match decision {
+            Decision::Exhausted { last, hops } => {
+                (Reason::RetriesExhausted, text::field(&format!("{last} after {hops} delayed retries: {}", error_chain(&err))))
+            }
+            Decision::DeadLetter { reason } | Decision::Retry { reason, .. } => (reason, error_chain(&err)),
+        };
+        let failure = Failure {
+            reason,
+            error,
+            http_status: http_status(&err),
+            teams_code: teams_code(&err).map(|c| text::clip(c, 128)),
+            correlation_id: correlation_id(&err).map(str::to_owned),
+            organization_id,
+            org_integration_id: attempt.org_integration_id.clone(),
+        };
+        let state = match decision {
+            Decision::Retry { .. } => DeliveryState::Retrying,
+            Decision::DeadLetter { reason: Reason::DeliveryUnconfirmed } => DeliveryState::Unconfirmed,
+            Decision::DeadLetter { .. } | Decision::Exhausted { .. } => DeliveryState::DeadLettered,
+        };
+        if state == DeliveryState::Unconfirmed {
+            self.metrics.delivery_unconfirmed();
+        }
+        self.record_outcome(&attempt, state, &failure).await;
+        match decision {
+            Decision::Retry { tier, hops, .. } => Disposition::Retry { tier, history: History { attempts, hops, ..history }, failure },
+            Decision::DeadLetter { .. } | Decision::Exhausted { .. } => {
+                Disposition::DeadLetter { history: History { attempts, ..history }, failure }
+            }
+        }
+    }
+
+    async fn quarantine_if_refused(&self, job: &Job, attempt: &Attempt, err: &DeliveryError) {
+        let Some(conversation) = attempt.conversation_id.as_deref().filter(|_| quarantines(err)) else { return };
+        let (org, integration) = (job.organization_id.as_str(), job.integration_id.as_str());
+        let code = teams_code(err);
+        match self.store.quarantine(org, integration, conversation, Reason::TeamsForbidden.as_str(), code).await {
+            Ok(_) => {
+                self.metrics.conversation_quarantined();
+                warn!(%conversation, org_integration_id = attempt.org_integration_id.as_deref(), teams_code = code, "conversation quarantined for this org_integration");
+                self.resolver.forget_conversation(job, conversation);
+            }
+            Err(store_err) => warn!(error = %error_chain(&store_err), "could not quarantine the conversation"),
+        }
+    }
+
+    /// Best effort, and only by the holder of the claim: the dead-letter
+    /// queue, not the ledger, is the record of a failed job, and a ledger
+    /// outage must not block settling. A delivery without a claim (invalid,
+    /// expired, or another copy in progress) writes nothing.
+    async fn record_outcome(&self, attempt: &Attempt, state: DeliveryState, failure: &Failure) {
+        let Some(lease) = &attempt.lease else { return };
+        match self.store.release_claim(lease, state, failure.reason.as_str(), &failure.error, attempt.sends).await {
+            Ok(true) => {}
+            Ok(false) => warn!("another delivery had taken over this job's claim; its record is left to it"),
+            Err(err) => warn!(error = %error_chain(&err), "could not record the outcome in the ledger"),
+        }
+    }
+}
+
+fn teams_error(err: &DeliveryError) -> Option<&crate::teams::TeamsError> {
+    match err {
+        DeliveryError::Teams(teams) => Some(teams),
+        _ => None,
+    }
+}
+
+fn http_status(err: &DeliveryError) -> Option<u16> {
+    teams_error(err).and_then(|e| e.http_status())
+}
+
+fn teams_code(err: &DeliveryError) -> Option<&str> {
+    teams_error(err).and_then(|e| e.code())
+}
+
+fn correlation_id(err: &DeliveryError) -> Option<&str> {
+    teams_error(err).and_then(|e| e.correlation_id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            quick_attempts: 3,
+            quick: ExponentialBuilder::default(),
+            max_in_process_wait: Duration::from_secs(5),
+            tiers: [5, 30, 120].map(Duration::from_secs).to_vec(),
+            max_hops: 2,
+        }
+    }
+
+    fn retry(reason: Reason, after: Option<u64>) -> Verdict {
+        Verdict::Retry { reason, quick: false, after: after.map(Duration::from_secs) }
+    }
+
+    #[test]
+    fn the_retry_budget_is_part_of_the_decision() {
+        let p = policy();
+        assert_eq!(
+            decide(retry(Reason::TeamsUnavailable, None), 0, &p),
+            Decision::Retry { tier: Duration::from_secs(5), reason: Reason::TeamsUnavailable, hops: 1 }
+        );
+        assert_eq!(
+            decide(retry(Reason::TeamsThrottled, Some(60)), 1, &p),
+            Decision::Retry { tier: Duration::from_secs(120), reason: Reason::TeamsThrottled, hops: 2 }
+        );
+        assert_eq!(decide(retry(Reason::TeamsUnavailable, None), 2, &p), Decision::Exhausted { last: Reason::TeamsUnavailable, hops: 2 });
+        assert_eq!(decide(Verdict::DeadLetter(Reason::TeamsForbidden), 0, &p), Decision::DeadLetter { reason: Reason::TeamsForbidden });
+    }
+
+    #[test]
+    fn waits_that_are_no_fault_of_the_job_never_use_up_its_budget() {
+        let p = policy();
+        for reason in [Reason::StoreUnavailable, Reason::RateLimited, Reason::InProgress] {
+            assert_eq!(
+                decide(retry(reason, None), u32::MAX, &p),
+                Decision::Retry { tier: Duration::from_secs(120), reason, hops: u32::MAX },
+                "{reason}"
+            );
+        }
+    }
+}
