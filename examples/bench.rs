@@ -11,21 +11,23 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use figment::providers::Serialized;
 use futures_util::StreamExt;
 use herald::dlq;
-use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
-use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology, headers};
+use herald::mongo::{BotDoc, ConversationDoc, IntegrationStatus, OrgIntegrationDoc, Store};
+use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
 use herald::settings::Settings;
-use herald::sim::client::SimClient;
-use herald::sim::{self, Action, Bot, Conversation, Rule, Tenant, World};
 use lapin::BasicProperties;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use support::{Guard, binary};
+use teams_sim::client::SimClient;
+use teams_sim::{self as sim, Action, Bot, Conversation, Rule, Tenant, World};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -99,12 +101,34 @@ struct Env {
     prefix: String,
     database: String,
     sim_url: String,
-    connection: lapin::Connection,
+    sim: SimClient,
+    connection: Arc<lapin::Connection>,
+    publisher: Publisher,
     topology: Topology,
     store: Store,
 }
 
 impl Env {
+    /// The settings a worker of this run reads (from `worker_env`).
+    fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings::from_figment(
+            Settings::defaults()
+                .merge(Serialized::default("topology_prefix", &self.prefix))
+                .merge(Serialized::default("mongodb_database", &self.database)),
+        )?)
+    }
+
+    /// Delete the run's queues and database.
+    async fn tear_down(&self) {
+        let _ = self.purge_all().await;
+        if let Ok(channel) = self.connection.create_channel().await {
+            for queue in self.topology.queues() {
+                let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+        }
+        let _ = self.store.drop_database().await;
+    }
+
     fn worker_env(&self, http_port: u16) -> Vec<(String, String)> {
         vec![
             ("HERALD_TOPOLOGY_PREFIX".into(), self.prefix.clone()),
@@ -157,6 +181,7 @@ impl Env {
 async fn publish_all(
     publisher: &Publisher,
     exchange: &str,
+    routing_key: &str,
     bodies: Vec<(String, Vec<u8>)>,
     headers_of: impl Fn() -> FieldTable,
 ) -> anyhow::Result<()> {
@@ -167,7 +192,7 @@ async fn publish_all(
                 .with_content_type("application/json".into())
                 .with_message_id(id.as_str().into())
                 .with_headers(headers_of());
-            pending.push(publisher.start(exchange, ROUTING_KEY, body, properties).await?);
+            pending.push(publisher.start(exchange, routing_key, body, properties).await?);
         }
         for p in pending {
             p.confirmed().await?;
@@ -228,11 +253,14 @@ async fn metric(port: u16, line_prefix: &str) -> f64 {
     text.lines().find(|l| l.starts_with(line_prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
 }
 
+/// The measures of one run: (what, result, target).
+type Rows = Vec<(String, String, String)>;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let scale = if std::env::var("BENCH_SCALE").as_deref() == Ok("smoke") { SMOKE } else { FULL };
     let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut rows = Rows::new();
     eprintln!(
         "bench ({} scale): backlog {}, {} orgs, {} conversations",
         scale.name,
@@ -240,10 +268,29 @@ async fn main() -> anyhow::Result<()> {
         scale.orgs,
         scale.orgs * scale.conversations_per_org
     );
+    let connection = Arc::new(rabbitmq::connect(AMQP, "herald bench").await?);
+    let publisher = Publisher::open(connection.clone()).await?;
+    let bare_rate = bare_baseline(&connection, &publisher, &scale, &id).await?;
+    rows.push(("bare lapin consumer (quorum queue, ack each)".into(), format!("{bare_rate:.0} msg/s"), "the broker's limit here".into()));
 
-    // ---- 1. bare baseline -------------------------------------------------
-    let connection = rabbitmq::connect(AMQP, "herald bench").await?;
-    let publisher = Publisher::open(&connection).await?;
+    let mut guard = Guard(Vec::new());
+    let (env, world_path) = set_up(connection, publisher, &scale, &id, &mut guard).await?;
+    let mut rng = fastrand::Rng::with_seed(42);
+    throughput(&env, &scale, &mut rng, bare_rate, &mut rows).await?;
+    latency(&env, &scale, &mut guard, &mut rows).await?;
+    mix(&env, &scale, &mut rng, &mut guard, &mut rows).await?;
+    throttled(&env, &scale, &mut guard, &mut rows).await?;
+    replay(&env, &scale, &mut rows).await?;
+    env.tear_down().await;
+    let _ = std::fs::remove_file(&world_path);
+
+    write_report(&scale, rows)?;
+    drop(guard);
+    Ok(())
+}
+
+/// Phase 1: a bare lapin consumer on a quorum queue, the broker's limit here.
+async fn bare_baseline(connection: &lapin::Connection, publisher: &Publisher, scale: &Scale, id: &str) -> anyhow::Result<f64> {
     let bare_queue = format!("bench-bare-{id}");
     let channel = connection.create_channel().await?;
     let mut args = FieldTable::default();
@@ -253,15 +300,7 @@ async fn main() -> anyhow::Result<()> {
     let bodies: Vec<_> = (0..scale.backlog).map(|i| job_body(i % scale.orgs, &conversation(i % scale.orgs, 0), now)).collect();
     let started = Instant::now();
     // The default exchange routes by queue name.
-    for chunk in bodies.chunks(500) {
-        let mut pending = Vec::new();
-        for (mid, body) in chunk {
-            pending.push(publisher.start("", &bare_queue, body, BasicProperties::default().with_message_id(mid.as_str().into())).await?);
-        }
-        for p in pending {
-            p.confirmed().await?;
-        }
-    }
+    publish_all(publisher, "", &bare_queue, bodies, FieldTable::default).await?;
     let publish_rate = scale.backlog as f64 / started.elapsed().as_secs_f64();
     channel.basic_qos(128, BasicQosOptions::default()).await?;
     let mut consumer =
@@ -271,12 +310,21 @@ async fn main() -> anyhow::Result<()> {
         let delivery = consumer.next().await.context("consumer ended")??;
         delivery.acker.ack(BasicAckOptions::default()).await?;
     }
-    let bare_secs = started.elapsed().as_secs_f64();
-    let bare_rate = scale.backlog as f64 / bare_secs;
+    let bare_rate = scale.backlog as f64 / started.elapsed().as_secs_f64();
     channel.queue_delete(bare_queue.as_str().into(), QueueDeleteOptions::default()).await?;
     eprintln!("bare consumer: {bare_rate:.0} msg/s (publish {publish_rate:.0}/s)");
+    Ok(bare_rate)
+}
 
-    // ---- shared set-up for herald ---------------------------------------
+/// The world every herald phase shares: teams-sim with `scale.orgs` bots and
+/// tenants, the topology, and the org_integrations and conversations.
+async fn set_up(
+    connection: Arc<lapin::Connection>,
+    publisher: Publisher,
+    scale: &Scale,
+    id: &str,
+    guard: &mut Guard,
+) -> anyhow::Result<(Env, std::path::PathBuf)> {
     let sim_port = free_port();
     let sim_url = format!("http://127.0.0.1:{sim_port}");
     let mut world = World::default();
@@ -301,7 +349,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let world_path = std::env::temp_dir().join(format!("herald-bench-world-{id}.json"));
     std::fs::write(&world_path, serde_json::to_vec(&world)?)?;
-    let mut guard = Guard(Vec::new());
     guard.0.push(
         Command::new(binary("teams-sim")?)
             .args(["--listen", &format!("127.0.0.1:{sim_port}"), "--no-throttle", "--max-records", "200000", "--world"])
@@ -314,14 +361,13 @@ async fn main() -> anyhow::Result<()> {
 
     let prefix = format!("bench-{id}");
     let database = format!("bench_{id}");
-    // SAFETY: single-threaded at this point of start-up; read by Settings::load below.
-    unsafe {
-        std::env::set_var("HERALD_TOPOLOGY_PREFIX", &prefix);
-        std::env::set_var("HERALD_MONGODB_DATABASE", &database);
-        std::env::set_var("HERALD_RETRY__TIERS_SECS", "[1,2]");
-    }
-    let settings = Settings::load(None)?;
-    let topology = herald::worker::run::topology(&settings);
+    let settings = Settings::from_figment(
+        Settings::defaults()
+            .merge(Serialized::default("topology_prefix", &prefix))
+            .merge(Serialized::default("mongodb_database", &database))
+            .merge(Serialized::default("retry.tiers_secs", [1, 2])),
+    )?;
+    let topology = Topology::from(&settings);
     topology.declare(&connection).await?;
     let store = Store::connect(&settings).await?;
     store.ensure_indexes().await?;
@@ -334,57 +380,42 @@ async fn main() -> anyhow::Result<()> {
             tenant_id: format!("tenant-{org}"),
             cloud: None,
             service_url: format!("{sim_url}/teams/"),
-            bot: BotDoc {
-                app_id: format!("app-{org}"),
-                app_secret: Some(format!("secret-{org}")),
-                app_secret_env: None,
-                app_secret_file: None,
-                authority: None,
-            },
+            bot: BotDoc::with_secret(&format!("app-{org}"), &format!("secret-{org}")),
             created_at: None,
             updated_at: None,
         })
         .collect();
-    store.org_integrations().insert_many(integrations).await?;
     let conversations: Vec<ConversationDoc> = (0..scale.orgs)
         .flat_map(|org| {
-            (0..scale.conversations_per_org).map(move |c| ConversationDoc {
-                organization_id: format!("org-{org}"),
-                integration_id: "teams-main".into(),
-                conversation_id: conversation(org, c),
-                kind: ConversationKind::Channel,
-                user_id: None,
-                status: ConversationStatus::Active,
-                quarantine: None,
-                created_at: None,
-            })
+            (0..scale.conversations_per_org)
+                .map(move |c| ConversationDoc::channel(&format!("org-{org}"), "teams-main", &conversation(org, c)))
         })
         .collect();
-    store.conversations().insert_many(conversations).await?;
-    let env = Env { prefix, database, sim_url, connection, topology, store };
+    store.seed(&integrations, &conversations, false).await?;
+    Ok((Env { prefix, database, sim_url, sim, connection, publisher, topology, store }, world_path))
+}
 
-    // ---- 2. throughput ---------------------------------------------------
-    let mut rng = fastrand::Rng::with_seed(42);
-    let bodies = random_jobs(&mut rng, &scale, scale.backlog);
-    publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
+/// Phase 2: one worker drains a backlog; throughput, CPU, RSS, tokens, MongoDB.
+async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate: f64, rows: &mut Rows) -> anyhow::Result<()> {
+    let bodies = random_jobs(rng, scale, scale.backlog);
+    publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
     let http_port = free_port();
     let mut worker = env.spawn_worker(http_port)?;
     let pid = worker.id();
     let backlog = scale.backlog as u64;
-    let took = wait_for("the backlog to drain", Duration::from_secs(1800), || async { Ok(sim.stats().await?.activities_total >= backlog) })
-        .await?;
+    let took =
+        wait_for("the backlog to drain", Duration::from_secs(1800), || async { Ok(env.sim.stats().await?.activities_total >= backlog) })
+            .await?;
     let herald_rate = scale.backlog as f64 / took.as_secs_f64();
     let reads = metric(http_port, "herald_mongodb_operations_total{kind=\"read\"}").await;
     let writes = metric(http_port, "herald_mongodb_operations_total{kind=\"write\"}").await;
     let (cpu, rss) = usage(pid);
-    let stats = sim.stats().await?;
+    let stats = env.sim.stats().await?;
     let token_max = stats.tokens_issued.values().copied().max().unwrap_or(0);
     let token_apps = stats.tokens_issued.len();
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = worker.wait();
+    stop(&mut worker);
     eprintln!("herald: {herald_rate:.0} jobs/s, {:.2} CPU s per 1000 jobs, peak RSS {rss:.0} MiB", cpu / scale.backlog as f64 * 1000.0);
     let ratio = herald_rate / bare_rate;
-    rows.push(("bare lapin consumer (quorum queue, ack each)".into(), format!("{bare_rate:.0} msg/s"), "the broker's limit here".into()));
     rows.push((
         format!("herald draining {} jobs ({} orgs, {} conversations)", scale.backlog, scale.orgs, scale.orgs * scale.conversations_per_org),
         format!("{herald_rate:.0} jobs/s"),
@@ -411,9 +442,12 @@ async fn main() -> anyhow::Result<()> {
         ),
         verdict(reads <= keys * 1.2, "no read per job in steady state"),
     ));
+    Ok(())
+}
 
-    // ---- 3. latency --------------------------------------------------------
-    sim.reset().await?;
+/// Phase 3: a steady rate against a simulator answering in 50 ms.
+async fn latency(env: &Env, scale: &Scale, guard: &mut Guard, rows: &mut Rows) -> anyhow::Result<()> {
+    env.sim.reset().await?;
     env.purge_all().await?;
     let http_port = free_port();
     let worker = env.spawn_worker(http_port)?;
@@ -424,11 +458,11 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     // Warm-up: one job per organization, so that tokens are cached as in steady state.
     let warm: Vec<_> = (0..scale.orgs).map(|org| job_body(org, &conversation(org, 0), chrono::Utc::now())).collect();
-    publish_all(&publisher, &env.topology.jobs_exchange(), warm, FieldTable::default).await?;
+    publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, warm, FieldTable::default).await?;
     let orgs = scale.orgs as u64;
-    wait_for("the warm-up", Duration::from_secs(60), || async { Ok(sim.stats().await?.activities_total >= orgs) }).await?;
-    sim.reset().await?;
-    sim.set_latency(sim::Latency::Fixed { ms: 50 }).await?;
+    wait_for("the warm-up", Duration::from_secs(60), || async { Ok(env.sim.stats().await?.activities_total >= orgs) }).await?;
+    env.sim.reset().await?;
+    env.sim.set_latency(sim::Latency::Fixed { ms: 50 }).await?;
     let total = scale.latency_rate as u64 * scale.latency_secs;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(scale.latency_rate)));
     let mut sent_at = BTreeMap::new();
@@ -438,11 +472,12 @@ async fn main() -> anyhow::Result<()> {
         let (mid, body) = job_body(org, &conversation(org, (i as usize / scale.orgs) % scale.conversations_per_org), chrono::Utc::now());
         sent_at.insert(format!("alert {mid}"), chrono::Utc::now());
         let properties = BasicProperties::default().with_content_type("application/json".into()).with_message_id(mid.as_str().into());
-        publisher.publish(&env.topology.jobs_exchange(), ROUTING_KEY, &body, properties).await?;
+        env.publisher.publish(&env.topology.jobs_exchange(), ROUTING_KEY, &body, properties).await?;
     }
-    wait_for("the latency jobs", Duration::from_secs(120), || async { Ok(sim.stats().await?.activities_total >= total) }).await?;
+    wait_for("the latency jobs", Duration::from_secs(120), || async { Ok(env.sim.stats().await?.activities_total >= total) }).await?;
     // The simulator stamps `received_at` after its own 50 ms.
-    let mut latencies: Vec<f64> = sim
+    let mut latencies: Vec<f64> = env
+        .sim
         .all_activities()
         .await?
         .iter()
@@ -461,13 +496,13 @@ async fn main() -> anyhow::Result<()> {
         String::new(),
     ));
     rows.push(("p99 overhead over the simulator's 50 ms".into(), format!("{:.1} ms", p99 - 50.0), verdict(p99 - 50.0 <= 10.0, "≤ 10 ms")));
-    if let Some(mut worker) = guard.0.pop() {
-        let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
-        let _ = worker.wait();
-    }
+    stop_last(guard);
+    Ok(())
+}
 
-    // ---- 4. real-world mix ------------------------------------------------
-    sim.reset().await?;
+/// Phase 4: Microsoft's answers as they come in real life: some 429s, 503s, 403s.
+async fn mix(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, guard: &mut Guard, rows: &mut Rows) -> anyhow::Result<()> {
+    env.sim.reset().await?;
     env.purge_all().await?;
     let fault = |probability: f64, status: u16, code: Option<&str>, retry_after: Option<u64>| Rule {
         route: sim::Route::Send,
@@ -476,21 +511,22 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     // A generic 403 (not a quarantine code), so that every 403 is one dead letter.
-    sim.add_fault(&fault(0.01, 403, Some("Forbidden"), None)).await?;
-    sim.add_fault(&fault(0.02, 503, None, None)).await?;
-    sim.add_fault(&fault(0.05, 429, Some("Throttled"), Some(1))).await?;
-    let bodies = random_jobs(&mut rng, &scale, scale.mix_jobs);
-    publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
+    env.sim.add_fault(&fault(0.01, 403, Some("Forbidden"), None)).await?;
+    env.sim.add_fault(&fault(0.02, 503, None, None)).await?;
+    env.sim.add_fault(&fault(0.05, 429, Some("Throttled"), Some(1))).await?;
+    let bodies = random_jobs(rng, scale, scale.mix_jobs);
+    publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
     let http_port = free_port();
     guard.0.push(env.spawn_worker(http_port)?);
     let dead_queue = env.topology.dead_queue();
     let mix = scale.mix_jobs as u64;
     let took = wait_for("the mix to settle", Duration::from_secs(900), || async {
-        Ok(sim.stats().await?.activities_total + u64::from(env.queue_len(&dead_queue).await?) >= mix)
+        Ok(env.sim.stats().await?.activities_total + u64::from(env.queue_len(&dead_queue).await?) >= mix)
     })
     .await?;
-    let stats = sim.stats().await?;
-    let letters = dlq::browse(&env.connection, &dead_queue, scale.mix_jobs).await?;
+    let stats = env.sim.stats().await?;
+    let signer = herald::worker::signer(&env.settings()?, &env.store).await?;
+    let letters = dlq::browse(&env.connection, &dead_queue, &signer, scale.mix_jobs).await?;
     let forbidden = stats.responses_by_status.get(&403).copied().unwrap_or(0);
     let all_forbidden = letters.iter().all(|l| l.reason.as_deref() == Some("teams_forbidden"));
     let goodput = stats.activities_total as f64 / took.as_secs_f64();
@@ -510,15 +546,15 @@ async fn main() -> anyhow::Result<()> {
         format!("{} dead letters, {forbidden} 403 answers, all `teams_forbidden`: {all_forbidden}", letters.len()),
         verdict(letters.len() as u64 == forbidden && all_forbidden, "equal"),
     ));
-    if let Some(mut worker) = guard.0.pop() {
-        let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
-        let _ = worker.wait();
-    }
+    stop_last(guard);
+    Ok(())
+}
 
-    // ---- 4b. Teams' throttling on: herald's 429 rate ------------------------
-    sim.reset().await?;
+/// Phase 4b: Teams' throttling on, herald's pacing on: how often Teams says 429.
+async fn throttled(env: &Env, scale: &Scale, guard: &mut Guard, rows: &mut Rows) -> anyhow::Result<()> {
+    env.sim.reset().await?;
     env.purge_all().await?;
-    sim.set_throttling(&sim::Throttling { enabled: true, limits: None }).await?;
+    env.sim.set_throttling(&sim::Throttling { enabled: true, limits: None }).await?;
     let conversations_used = (scale.orgs / 5).max(1);
     let bodies: Vec<_> = (0..scale.throttled_jobs)
         .map(|i| {
@@ -527,14 +563,15 @@ async fn main() -> anyhow::Result<()> {
             job_body(org, &conversation(org, 0), chrono::Utc::now())
         })
         .collect();
-    publish_all(&publisher, &env.topology.jobs_exchange(), bodies, FieldTable::default).await?;
+    publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
     let http_port = free_port();
     guard.0.push(env.spawn_paced_worker(http_port)?);
     let throttled_total = scale.throttled_jobs as u64;
-    let took =
-        wait_for("the throttled run", Duration::from_secs(900), || async { Ok(sim.stats().await?.activities_total >= throttled_total) })
-            .await?;
-    let stats = sim.stats().await?;
+    let took = wait_for("the throttled run", Duration::from_secs(900), || async {
+        Ok(env.sim.stats().await?.activities_total >= throttled_total)
+    })
+    .await?;
+    let stats = env.sim.stats().await?;
     let requests: u64 = stats.responses_by_status.values().sum::<u64>() - stats.tokens_issued.values().sum::<u64>();
     let too_many = stats.responses_by_status.get(&429).copied().unwrap_or(0);
     eprintln!("throttled: {too_many} 429s of {requests} requests in {:.1} s", took.as_secs_f64());
@@ -547,25 +584,20 @@ async fn main() -> anyhow::Result<()> {
         ),
         verdict((too_many as f64) <= 0.01 * requests as f64, "429 rate low (≤ 1%)"),
     ));
-    sim.set_throttling(&sim::Throttling { enabled: false, limits: None }).await?;
-    if let Some(mut worker) = guard.0.pop() {
-        let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
-        let _ = worker.wait();
-    }
+    env.sim.set_throttling(&sim::Throttling { enabled: false, limits: None }).await?;
+    stop_last(guard);
+    Ok(())
+}
 
-    // ---- 5. replay ----------------------------------------------------------
+/// Phase 5: `herald dlq replay` of a full dead-letter queue.
+async fn replay(env: &Env, scale: &Scale, rows: &mut Rows) -> anyhow::Result<()> {
     env.purge_all().await?;
     let now = chrono::Utc::now();
     let bodies: Vec<_> = (0..scale.replay).map(|i| job_body(i % scale.orgs, &conversation(i % scale.orgs, 0), now)).collect();
-    let reason = || {
-        let mut table = FieldTable::default();
-        headers::set_str(&mut table, headers::REASON, "teams_forbidden");
-        table
-    };
-    publish_all(&publisher, &env.topology.dead_exchange(), bodies, reason).await?;
+    publish_all(&env.publisher, &env.topology.dead_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
     let started = Instant::now();
     let status = Command::new(binary("herald")?)
-        .args(["dlq", "replay"])
+        .args(["dlq", "replay", "--all", "--yes"])
         .envs(env.worker_env(0))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -580,17 +612,19 @@ async fn main() -> anyhow::Result<()> {
         format!("{replay_secs:.1} s ({:.0}/s)", scale.replay as f64 / replay_secs),
         verdict(replay_secs < 60.0, "well under a minute"),
     ));
-    env.purge_all().await?;
-    let channel = env.connection.create_channel().await?;
-    for queue in env.topology.queues() {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-    }
-    let _ = env.store.database().drop().await;
-    let _ = std::fs::remove_file(&world_path);
-
-    write_report(&scale, rows)?;
-    drop(guard);
     Ok(())
+}
+
+fn stop(worker: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+    let _ = worker.wait();
+}
+
+/// Stop the worker a phase started last.
+fn stop_last(guard: &mut Guard) {
+    if let Some(mut worker) = guard.0.pop() {
+        stop(&mut worker);
+    }
 }
 
 fn verdict(met: bool, target: &str) -> String {

@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use herald::dlq;
 use herald::job::Job;
-use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc};
+use herald::mongo::{BotDoc, ConversationDoc, IntegrationStatus, OrgIntegrationDoc};
 use herald::producer::Producer;
-use herald::rabbitmq;
+use herald::rabbitmq::{self, Topology};
 use herald::settings::Settings;
-use herald::sim::client::SimClient;
-use herald::sim::{ActivityFilter, Route};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use support::{Guard, binary};
+use teams_sim::client::SimClient;
+use teams_sim::{ActivityFilter, Route};
 
 const PREFIX: &str = "herald-demo";
 const DATABASE: &str = "herald_demo";
@@ -36,30 +36,21 @@ fn free_port() -> anyhow::Result<u16> {
 
 fn org_integration(org: &str, tenant: &str, app: &str, secret: &str, service_url: &str) -> OrgIntegrationDoc {
     OrgIntegrationDoc {
-        id: Some(format!("{org}/{INTEGRATION}").into()),
+        id: None,
         organization_id: org.into(),
         integration_id: INTEGRATION.into(),
         status: IntegrationStatus::Active,
         tenant_id: tenant.into(),
         cloud: None,
         service_url: service_url.into(),
-        bot: BotDoc { app_id: app.into(), app_secret: Some(secret.into()), app_secret_env: None, app_secret_file: None, authority: None },
-        created_at: Some(mongodb::bson::DateTime::now()),
+        bot: BotDoc::with_secret(app, secret),
+        created_at: None,
         updated_at: None,
     }
 }
 
 fn registered_channel(org: &str, id: &str) -> ConversationDoc {
-    ConversationDoc {
-        organization_id: org.into(),
-        integration_id: INTEGRATION.into(),
-        conversation_id: id.into(),
-        kind: ConversationKind::Channel,
-        user_id: None,
-        status: ConversationStatus::Active,
-        quarantine: None,
-        created_at: Some(mongodb::bson::DateTime::now()),
-    }
+    ConversationDoc::channel(org, INTEGRATION, id)
 }
 
 fn alert(org: &str, conversation: &str, title: &str, text: &str) -> anyhow::Result<Job> {
@@ -115,32 +106,28 @@ async fn main() -> anyhow::Result<()> {
 
     // A clean slate: the demo's own queues and database.
     let connection = rabbitmq::connect(AMQP, "herald demo").await?;
-    let topology = herald::worker::run::topology(&settings);
+    let topology = Topology::from(&settings);
     let channel = connection.create_channel().await?;
     for queue in topology.queues() {
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
     }
     let store = herald::mongo::Store::connect(&settings).await?;
-    store.database().drop().await?;
+    store.drop_database().await?;
     store.ensure_indexes().await?;
 
     println!("seeding MongoDB `{DATABASE}`: organizations acme and globex share the Teams integration `{INTEGRATION}`");
-    store
-        .org_integrations()
-        .insert_many([
-            // Globex's record first: "the first org_integration of the integration" is the wrong one for Acme.
-            org_integration("globex", "22222222-bbbb-4bbb-8bbb-222222222222", "globex-bot-app", "globex-demo-secret", &service_url),
-            org_integration("acme", "11111111-aaaa-4aaa-8aaa-111111111111", "acme-bot-app", "acme-demo-secret", &service_url),
-        ])
-        .await?;
-    store
-        .conversations()
-        .insert_many([
-            registered_channel("acme", "19:acme-alerts@thread.tacv2"),
-            registered_channel("globex", "19:globex-alerts@thread.tacv2"),
-            registered_channel("globex", "19:globex-ops@thread.tacv2"),
-        ])
-        .await?;
+    let integrations = [
+        // Globex's record first: "the first org_integration of the integration" is the wrong one for Acme.
+        org_integration("globex", "22222222-bbbb-4bbb-8bbb-222222222222", "globex-bot-app", "globex-demo-secret", &service_url),
+        org_integration("acme", "11111111-aaaa-4aaa-8aaa-111111111111", "acme-bot-app", "acme-demo-secret", &service_url),
+    ];
+    let conversations = [
+        registered_channel("acme", "19:acme-alerts@thread.tacv2"),
+        registered_channel("globex", "19:globex-alerts@thread.tacv2"),
+        registered_channel("globex", "19:globex-ops@thread.tacv2"),
+    ];
+    store.seed(&integrations, &conversations, false).await?;
+    let signer = herald::worker::signer(&settings, &store).await?;
 
     println!("starting `herald worker` (topology prefix {PREFIX})");
     guard.0.push(
@@ -181,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let (delivered, letters) = loop {
         let delivered = sim.activities(&ActivityFilter { route: Some(Route::Send), ..Default::default() }).await?;
-        let letters = dlq::browse(&connection, &topology.dead_queue(), 100).await?;
+        let letters = dlq::browse(&connection, &topology.dead_queue(), &signer, 100).await?;
         if delivered.len() >= 2 && letters.len() >= 2 {
             break (delivered, letters);
         }
@@ -212,5 +199,9 @@ async fn main() -> anyhow::Result<()> {
     println!("\nToken requests per bot app: {tokens:?}");
     println!("Worker log: target/demo-worker.log. Try `HERALD_TOPOLOGY_PREFIX={PREFIX} cargo run -q -- dlq list`.");
     drop(guard);
+    // Close every client before the runtime ends, so nothing fails under it.
+    producer.close().await;
+    let _ = connection.close(200, "demo done".into()).await;
+    store.shutdown().await;
     Ok(())
 }

@@ -12,69 +12,31 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const CONV_A: &str = "19:conv-a@thread.tacv2";
-const CONV_B: &str = "19:conv-b@thread.tacv2";
-
-async fn herald(env: &TestEnv, args: &[&str]) -> Output {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .envs(env.env_vars())
-        .env("HERALD_LOG__FILTER", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("herald runs");
-    assert!(output.status.success(), "herald {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
 /// `herald args` once the dead-letter queue is back at `n` messages (a
 /// listing hands its messages back asynchronously; see `settles_at`).
 async fn after_settling(env: &TestEnv, n: u32, args: &[&str]) -> Output {
     env.settles_at(&env.topology.dead_queue(), n).await;
-    herald(env, args).await
+    env.herald_ok(args).await
 }
 
 fn json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
 }
 
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// Put a dead letter straight into the dead-letter queue, as the worker would.
-async fn dead_letter(
-    publisher: &Publisher,
-    env: &TestEnv,
-    job: &herald::job::Job,
-    reason: &str,
-    code: Option<&str>,
-    at: &str,
-    replays: u32,
-) {
-    let mut table = FieldTable::default();
-    headers::set_str(&mut table, headers::REASON, reason);
-    headers::set_str(&mut table, headers::ORGANIZATION_ID, job.organization_id.as_str());
-    headers::set_str(&mut table, headers::DEAD_LETTERED_AT, at);
-    headers::set_u32(&mut table, headers::REPLAYS, replays);
-    if let Some(code) = code {
-        headers::set_str(&mut table, headers::TEAMS_CODE, code);
-    }
-    let properties = BasicProperties::default().with_message_id(job.id.to_string().into()).with_headers(table);
-    publisher.publish(&env.topology.dead_exchange(), ROUTING_KEY, &wire(job), properties).await.unwrap();
+async fn dead_letter(env: &TestEnv, job: &herald::job::Job, reason: &str, code: Option<&str>, at: &str, replays: u32) {
+    env.put_dead_letter(job, dead_letter_headers(job, reason, code, at, replays)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_stats_and_show_remove_nothing_and_filter() {
     let env = TestEnv::new(two_org_world()).await;
-    let publisher = Publisher::open(&env.connection).await.unwrap();
     let a1 = job("org-a", CONV_A, "a1");
     let a2 = job("org-a", CONV_A, "a2");
     let b1 = job("org-b", CONV_B, "b1");
-    dead_letter(&publisher, &env, &a1, "teams_forbidden", Some("BotNotInConversationRoster"), "2026-11-20T10:00:00Z", 0).await;
-    dead_letter(&publisher, &env, &a2, "org_integration_disabled", None, "2026-11-21T10:00:00Z", 0).await;
-    dead_letter(&publisher, &env, &b1, "teams_forbidden", Some("ConversationBlockedByUser"), "2026-11-22T10:00:00Z", 0).await;
+    dead_letter(&env, &a1, "teams_forbidden", Some("BotNotInConversationRoster"), "2026-11-20T10:00:00Z", 0).await;
+    dead_letter(&env, &a2, "org_integration_disabled", None, "2026-11-21T10:00:00Z", 0).await;
+    dead_letter(&env, &b1, "teams_forbidden", Some("ConversationBlockedByUser"), "2026-11-22T10:00:00Z", 0).await;
 
     for _ in 0..3 {
         let all = json(&after_settling(&env, 3, &["dlq", "list", "--json"]).await);
@@ -111,7 +73,6 @@ async fn list_stats_and_show_remove_nothing_and_filter() {
     assert!(shown["dead_letter"]["body"].as_str().unwrap().contains("a1"));
     assert!(shown["delivery"].is_null());
     env.settles_at(&env.topology.dead_queue(), 3).await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,18 +89,18 @@ async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
     // The operator re-adds the bot and releases the quarantine.
     env.sim.client().add_to_roster(CONV_A, "app-a").await.unwrap();
     let released = stdout(
-        &herald(&env, &["conversations", "release", "--org", "org-a", "--integration", INTEGRATION, "--conversation", CONV_A]).await,
+        &env.herald_ok(&["conversations", "release", "--org", "org-a", "--integration", INTEGRATION, "--conversation", CONV_A]).await,
     );
     assert!(released.contains("herald dlq replay"), "{released}");
     // Workers trust their cache for resolution_cache_ttl_secs; a new worker reads afresh.
     worker.stop().await;
     let worker = env.spawn_worker();
 
-    let dry = stdout(&herald(&env, &["dlq", "replay", "--org", "org-a", "--dry-run"]).await);
+    let dry = stdout(&env.herald_ok(&["dlq", "replay", "--org", "org-a", "--dry-run"]).await);
     assert!(dry.contains(&refused.id.to_string()) && dry.contains("would replay 1"), "{dry}");
     // A dry run changes nothing.
     env.settles_at(&env.topology.dead_queue(), 2).await;
-    let out = stdout(&herald(&env, &["dlq", "replay", "--org", "org-a", "--reason", "teams_forbidden"]).await);
+    let out = stdout(&env.herald_ok(&["dlq", "replay", "--org", "org-a", "--reason", "teams_forbidden"]).await);
     assert!(out.contains("replayed 1") && out.contains("1 did not match"), "{out}");
     let records = env.activities(1).await;
     assert_eq!(records[0].app_id, "app-a");
@@ -147,7 +108,6 @@ async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].reason.as_deref(), Some("org_integration_not_found"));
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,9 +119,13 @@ async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_
     env.publish(&lost).await;
     env.dead_letters(1).await;
     for round in 1..=2 {
-        herald(&env, &["dlq", "replay"]).await;
+        env.herald_ok(&["dlq", "replay"]).await;
         let letter = eventually("the job to fail again", Duration::from_secs(20), || async {
-            herald::dlq::browse(&env.connection, &env.topology.dead_queue(), 5).await.ok()?.into_iter().find(|l| l.replays() == round)
+            herald::dlq::browse(&env.connection, &env.topology.dead_queue(), &env.signer, 5)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|l| l.replays() == round)
         })
         .await;
         assert_eq!(letter.reason.as_deref(), Some("org_integration_not_found"));
@@ -183,38 +147,36 @@ async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_
         .unwrap();
     assert!(String::from_utf8_lossy(&forced.stdout).contains("replayed 1"));
     env.settles_at(&env.topology.work_queue(), 1).await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_needs_yes_and_export_import_round_trips() {
     let env = TestEnv::new(two_org_world()).await;
-    let publisher = Publisher::open(&env.connection).await.unwrap();
     let old = job("org-a", CONV_A, "old");
     let new = job("org-b", CONV_B, "new");
-    dead_letter(&publisher, &env, &old, "teams_forbidden", Some("BotNotInConversationRoster"), "2026-01-01T00:00:00Z", 1).await;
+    dead_letter(&env, &old, "teams_forbidden", Some("BotNotInConversationRoster"), "2026-01-01T00:00:00Z", 1).await;
     let now = chrono::Utc::now().to_rfc3339();
-    dead_letter(&publisher, &env, &new, "invalid_job", None, &now, 0).await;
+    dead_letter(&env, &new, "invalid_job", None, &now, 0).await;
 
     let dir = std::env::temp_dir().join(format!("herald-it-{}", env.id));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("dlq.jsonl");
-    let out = stdout(&herald(&env, &["dlq", "export", "--out", file.to_str().unwrap()]).await);
+    let out = stdout(&env.herald_ok(&["dlq", "export", "--out", file.to_str().unwrap()]).await);
     assert!(out.contains("exported 2"), "{out}");
     assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 2);
     // Export removes nothing.
     env.settles_at(&env.topology.dead_queue(), 2).await;
 
-    let dry = stdout(&herald(&env, &["dlq", "purge", "--older-than", "30d"]).await);
+    let dry = stdout(&env.herald_ok(&["dlq", "purge", "--older-than", "30d"]).await);
     assert!(dry.contains("1 dead letter(s) match; nothing removed"), "{dry}");
     env.settles_at(&env.topology.dead_queue(), 2).await;
-    let purged = stdout(&herald(&env, &["dlq", "purge", "--older-than", "30d", "--yes"]).await);
+    let purged = stdout(&env.herald_ok(&["dlq", "purge", "--older-than", "30d", "--yes"]).await);
     assert!(purged.contains(&format!("removed {}", old.id)) && purged.contains("removed 1 dead letter(s)"), "{purged}");
     env.settles_at(&env.topology.dead_queue(), 1).await;
-    herald(&env, &["dlq", "purge", "--yes"]).await;
+    env.herald_ok(&["dlq", "purge", "--yes"]).await;
     env.settles_at(&env.topology.dead_queue(), 0).await;
 
-    let imported = stdout(&herald(&env, &["dlq", "import", file.to_str().unwrap()]).await);
+    let imported = stdout(&env.herald_ok(&["dlq", "import", file.to_str().unwrap()]).await);
     assert!(imported.contains("imported 2"), "{imported}");
     let letters = env.dead_letters(2).await;
     let by_id: HashMap<_, _> = letters.iter().map(|l| (l.message_id.clone().unwrap(), l)).collect();
@@ -223,7 +185,6 @@ async fn purge_needs_yes_and_export_import_round_trips() {
     assert_eq!(back.headers["x-herald-replays"], "1");
     assert_eq!(back.body.as_bytes(), wire(&old).as_slice());
     std::fs::remove_dir_all(&dir).unwrap();
-    env.teardown().await;
 }
 
 /// SIGKILL a replay of 10,000 dead letters half-way: afterwards each message
@@ -233,7 +194,7 @@ async fn purge_needs_yes_and_export_import_round_trips() {
 async fn a_replay_killed_half_way_loses_nothing() {
     const LETTERS: usize = 10_000;
     let env = TestEnv::new(two_org_world()).await;
-    let publisher = Publisher::open(&env.connection).await.unwrap();
+    let publisher = Publisher::open(env.connection.clone()).await.unwrap();
     let mut ids = Vec::with_capacity(LETTERS);
     for chunk in 0..LETTERS / 500 {
         let mut pending = Vec::new();
@@ -274,7 +235,7 @@ async fn a_replay_killed_half_way_loses_nothing() {
     assert!(in_work < LETTERS, "killed half-way ({in_work} replayed)");
     let mut seen: HashMap<String, usize> = HashMap::new();
     for queue in [&dead, &work] {
-        for letter in herald::dlq::browse(&env.connection, queue, LETTERS + 1000).await.unwrap() {
+        for letter in herald::dlq::browse(&env.connection, queue, &env.signer, LETTERS + 1000).await.unwrap() {
             *seen.entry(letter.message_id.unwrap()).or_default() += 1;
         }
     }
@@ -282,5 +243,4 @@ async fn a_replay_killed_half_way_loses_nothing() {
     let twice = seen.values().filter(|n| **n > 1).count();
     assert_eq!(missing, 0, "{missing} dead letters lost ({in_dead} in the DLQ, {in_work} in the work queue)");
     assert!(twice <= 256, "duplicates only for the one batch in flight: {twice}");
-    env.teardown().await;
 }

@@ -4,8 +4,6 @@ use figment::providers::Serialized;
 
 use crate::support::*;
 
-const CONV_A: &str = "19:conv-a@thread.tacv2";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics() {
     let port = free_port();
@@ -51,7 +49,6 @@ async fn health_readiness_and_metrics() {
     worker.stop().await;
     let after = http.get(format!("{base}/readyz")).send().await;
     assert!(after.is_err() || after.unwrap().status() != 200, "not ready once stopped");
-    env.teardown().await;
 }
 
 /// The producer's W3C trace continues in the worker: the job's span carries
@@ -112,5 +109,4 @@ async fn the_trace_of_a_published_job_continues_in_the_worker_and_is_exported() 
     let exported = bodies.lock().unwrap().iter().any(|b| b.windows(16).any(|w| w == raw_trace_id.as_slice()));
     assert!(exported, "the job's span was exported over OTLP with the producer's trace id");
     std::fs::remove_dir_all(&dir).unwrap();
-    env.teardown().await;
 }

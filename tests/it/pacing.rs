@@ -2,7 +2,7 @@
 //! throttling on, few 429s, and a busy conversation does not stall the others.
 
 use figment::providers::Serialized;
-use herald::sim;
+use teams_sim as sim;
 
 use crate::support::*;
 
@@ -61,5 +61,4 @@ async fn a_busy_conversation_is_paced_and_does_not_stall_the_others() {
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     env.drained().await;
     worker.stop().await;
-    env.teardown().await;
 }

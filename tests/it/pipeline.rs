@@ -5,15 +5,12 @@ use std::time::Duration;
 
 use figment::providers::Serialized;
 use herald::job::{ConversationId, IntegrationId, OrganizationId};
-use herald::mongo::{ConversationStatus, DeliveryState};
-use herald::sim::{self, Action, Route, Rule};
+use herald::mongo::ConversationStatus;
 use mongodb::bson::doc;
 use serde_json::json;
+use teams_sim::{self as sim, Action, Route, Rule};
 
 use crate::support::*;
-
-const CONV_A: &str = "19:conv-a@thread.tacv2";
-const CONV_B: &str = "19:conv-b@thread.tacv2";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_delivers_with_the_organizations_own_bot_and_records_it() {
@@ -31,15 +28,11 @@ async fn happy_path_delivers_with_the_organizations_own_bot_and_records_it() {
     assert_eq!(record.conversation_id, CONV_A);
     assert_eq!(record.body["attachments"][0]["content"]["body"][0]["text"], "Disk full");
 
-    let delivery = eventually("the ledger to say sent", Duration::from_secs(10), || async {
-        env.store.delivery(&job.id.to_string()).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
-    })
-    .await;
+    let delivery = env.sent(&job.id.to_string()).await;
     assert_eq!(delivery.activity_id.as_deref(), Some(record.activity_id.as_str()));
     assert_eq!(delivery.attempts, 1);
     env.drained().await;
     worker.stop().await;
-    env.teardown().await;
 }
 
 /// Incident regression (background/incident-msteams-wrong-org.md): a Teams
@@ -49,8 +42,17 @@ async fn happy_path_delivers_with_the_organizations_own_bot_and_records_it() {
 async fn incident_shared_integration_each_org_is_delivered_by_its_own_bot() {
     let env = TestEnv::new(two_org_world()).await;
     env.seed_two_orgs().await;
-    let first = env.store.org_integrations().find_one(doc! { "integration_id": INTEGRATION }).await.unwrap().unwrap();
-    assert_eq!(first.organization_id, "org-b", "the setup must make the first-found record the wrong one for org-a");
+    // What the incident's client did, straight against the database: the
+    // first record of the integration belongs to the other organization.
+    let raw = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true").await.unwrap();
+    let first = raw
+        .database(&env.settings.mongodb_database)
+        .collection::<mongodb::bson::Document>("org_integrations")
+        .find_one(doc! { "integration_id": INTEGRATION })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.get_str("organization_id").unwrap(), "org-b", "the setup must make the first-found record the wrong one for org-a");
     let worker = env.spawn_worker();
     for i in 0..5 {
         env.publish(&job("org-a", CONV_A, &format!("a{i}"))).await;
@@ -66,7 +68,6 @@ async fn incident_shared_integration_each_org_is_delivered_by_its_own_bot() {
     assert_eq!(stats.responses_by_status.get(&403), None, "no BotNotInConversationRoster");
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +94,6 @@ async fn unknown_disabled_and_missing_organizations_are_dead_lettered_without_a_
     assert_eq!(reason_of("missing-org").as_deref(), Some("missing_organization"));
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0, "no token or Connector request for any of them");
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +134,6 @@ async fn bot_not_in_roster_is_dead_lettered_at_once_with_every_header_and_quaran
     assert!(letters.iter().any(|l| l.reason.as_deref() == Some("conversation_quarantined")));
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, before);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,13 +149,9 @@ async fn throttled_with_retry_after_then_delivered() {
     let stats = env.sim.client().stats().await.unwrap();
     assert_eq!(stats.responses_by_status.get(&429), Some(&1));
     assert_eq!(stats.activities_total, 1);
-    let delivery = eventually("sent", Duration::from_secs(10), || async {
-        env.store.delivery(&job.id.to_string()).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
-    })
-    .await;
+    let delivery = env.sent(&job.id.to_string()).await;
     assert_eq!(delivery.attempts, 2);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,17 +165,13 @@ async fn a_503_storm_goes_through_a_delayed_retry_and_is_then_delivered() {
     let job = job("org-a", CONV_A, "x");
     env.publish(&job).await;
     env.activities(1).await;
-    let delivery = eventually("sent", Duration::from_secs(15), || async {
-        env.store.delivery(&job.id.to_string()).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
-    })
-    .await;
+    let delivery = env.sent(&job.id.to_string()).await;
     assert_eq!(delivery.attempts, 5, "3 quick attempts, a delayed retry, then 2 more");
     let stats = env.sim.client().stats().await.unwrap();
     assert_eq!(stats.responses_by_status.get(&503), Some(&4));
     assert_eq!(stats.activities_total, 1);
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +192,6 @@ async fn retries_exhausted_are_dead_lettered_with_the_last_error() {
     assert_eq!(letter.headers["x-herald-attempts"], "6", "3 quick attempts on each of 2 deliveries");
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +222,6 @@ async fn malformed_wrong_version_and_oversized_bodies_are_dead_lettered_with_the
     assert_eq!(oversized.body.len(), big.len(), "the body is kept whole");
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +238,6 @@ async fn a_service_url_off_the_allowlist_gets_zero_requests() {
     assert_eq!(letter.headers["x-herald-reason"], "service_url_not_allowed");
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0, "no token request, no Connector request");
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +256,6 @@ async fn a_token_that_expires_mid_run_is_refreshed_once() {
     assert_eq!(stats.responses_by_status.get(&401), Some(&1), "one 401, then the refreshed token worked");
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,7 +272,6 @@ async fn many_concurrent_jobs_share_one_token_request() {
     let stats = env.sim.client().stats().await.unwrap();
     assert_eq!(stats.tokens_issued.get("app-a"), Some(&1));
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +293,6 @@ async fn a_redelivered_job_that_was_sent_is_not_posted_twice() {
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1);
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,7 +306,6 @@ async fn a_recipient_of_another_organization_is_refused_without_a_request() {
     assert_eq!(letter.headers["x-herald-reason"], "recipient_not_in_organization");
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,7 +324,6 @@ async fn an_expired_job_is_dead_lettered_not_sent() {
     assert_eq!(letter.headers["x-herald-reason"], "job_expired");
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,7 +342,6 @@ async fn a_token_is_refreshed_before_it_expires() {
     assert_eq!(stats.tokens_issued.get("app-a"), Some(&2));
     assert_eq!(stats.responses_by_status.get(&401), None, "refreshed before Teams refused it");
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,14 +353,13 @@ async fn disabling_an_org_integration_stops_deliveries_within_the_cache_ttl() {
     let worker = env.spawn_worker();
     env.publish(&job("org-a", CONV_A, "before")).await;
     env.activities(1).await;
-    env.store.org_integrations().update_one(doc! { "organization_id": "org-a" }, doc! { "$set": { "status": "disabled" } }).await.unwrap();
+    assert!(env.store.set_org_integration_status("org-a", INTEGRATION, herald::mongo::IntegrationStatus::Disabled).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1200)).await;
     env.publish(&job("org-a", CONV_A, "after")).await;
     let letter = env.dead_letters(1).await.remove(0);
     assert_eq!(letter.headers["x-herald-reason"], "org_integration_disabled");
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1);
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,18 +374,8 @@ async fn two_copies_of_one_job_consumed_at_once_are_posted_once() {
     let worker = env.spawn_worker();
     env.activities(1).await;
     env.drained().await;
-    eventually("the second copy to be settled", Duration::from_secs(30), || async {
-        let ready = env.queue_len(&env.topology.work_queue()).await;
-        let retrying: u32 =
-            futures_util::future::join_all(env.topology.tiers.iter().map(|t| env.queue_len_owned(env.topology.retry_queue(*t))))
-                .await
-                .into_iter()
-                .sum();
-        (ready + retrying == 0).then_some(())
-    })
-    .await;
+    eventually("the second copy to be settled", Duration::from_secs(30), || async { (env.waiting().await == 0).then_some(()) }).await;
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 1, "posted once");
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     worker.stop().await;
-    env.teardown().await;
 }

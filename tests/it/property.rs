@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use figment::providers::Serialized;
 use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Quarantine};
-use herald::sim::{self, Bot, Conversation, Tenant, User, World};
 use serde_json::json;
+use teams_sim::{self as sim, Bot, Conversation, Tenant, User, World};
 
 use crate::support::*;
 
@@ -103,18 +103,11 @@ async fn seed_world(env: &TestEnv, orgs: &[Org]) {
             tenant_id: o.tenant.clone(),
             cloud: None,
             service_url: env.sim.service_url(),
-            bot: BotDoc {
-                app_id: o.app.clone(),
-                app_secret: Some(format!("secret-{}", o.app.trim_start_matches("app-"))),
-                app_secret_env: None,
-                app_secret_file: None,
-                authority: None,
-            },
+            bot: BotDoc::with_secret(&o.app, &format!("secret-{}", o.app.trim_start_matches("app-"))),
             created_at: None,
             updated_at: None,
         })
         .collect();
-    env.store.org_integrations().insert_many(integrations).await.unwrap();
     let mut conversations = Vec::new();
     let doc = |o: &Org, id: &str, kind, user: Option<&str>, quarantined: bool| ConversationDoc {
         organization_id: o.id.clone(),
@@ -141,7 +134,7 @@ async fn seed_world(env: &TestEnv, orgs: &[Org]) {
             conversations.push(doc(o, c, ConversationKind::Personal, Some(user), false));
         }
     }
-    env.store.conversations().insert_many(conversations).await.unwrap();
+    env.store.seed(&integrations, &conversations, false).await.unwrap();
 }
 
 /// A random job and what the world predicts for it.
@@ -283,7 +276,7 @@ async fn every_job_is_delivered_by_its_own_org_or_dead_lettered_as_the_world_pre
         }
         assert!(seen.insert(job_id.clone(), ()).is_none(), "job {job_id} was posted twice");
     }
-    let letters = herald::dlq::browse(&env.connection, &dead_queue, jobs + 10).await.unwrap();
+    let letters = herald::dlq::browse(&env.connection, &dead_queue, &env.signer, jobs + 10).await.unwrap();
     for letter in &letters {
         let job_id = letter.message_id.clone().unwrap();
         match expected.get(&job_id) {
@@ -294,5 +287,4 @@ async fn every_job_is_delivered_by_its_own_org_or_dead_lettered_as_the_world_pre
     assert_eq!(records.len(), predicted_delivered);
     assert_eq!(records.len() + letters.len(), jobs, "delivered + dead-lettered = enqueued");
     eprintln!("property test: {} delivered, {} dead-lettered", records.len(), letters.len());
-    env.teardown().await;
 }

@@ -1,10 +1,6 @@
 //! A producer in another language: examples/python/producer.py (pika)
 //! publishes a job that the worker then delivers.
 
-use std::time::Duration;
-
-use herald::mongo::DeliveryState;
-
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,10 +27,7 @@ async fn a_job_published_with_pika_is_delivered() {
     assert_eq!(record.conversation_id, "19:conv-a@thread.tacv2");
     assert_eq!(record.body["attachments"][0]["content"]["body"][0]["text"], "from python");
     assert_eq!(record.body["attachments"][0]["content"]["body"][0]["color"], "Warning");
-    let delivery = eventually("the ledger", Duration::from_secs(10), || async {
-        env.store.delivery(&job_id).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
-    })
-    .await;
+    let delivery = env.sent(&job_id).await;
     assert_eq!(delivery.activity_id.as_deref(), Some(record.activity_id.as_str()));
 
     // A publish the broker cannot route is an error in Python too.
@@ -48,5 +41,4 @@ async fn a_job_published_with_pika_is_delivered() {
         .unwrap();
     assert!(!unroutable.status.success(), "publishing to a missing exchange must fail");
     worker.stop().await;
-    env.teardown().await;
 }

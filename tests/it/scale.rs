@@ -6,12 +6,11 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
 use herald::mongo::DeliveryState;
 use herald::rabbitmq::{Publisher, ROUTING_KEY};
-use herald::sim;
 use lapin::BasicProperties;
 use mongodb::bson::doc;
+use teams_sim as sim;
 
 use crate::support::*;
 
@@ -41,7 +40,7 @@ async fn three_workers_one_killed_every_job_delivered_none_posted_after_sent() {
     }
     env.sim.client().set_latency(sim::Latency::Fixed { ms: 2 }).await.unwrap();
 
-    let publisher = Publisher::open(&env.connection).await.unwrap();
+    let publisher = Publisher::open(env.connection.clone()).await.unwrap();
     let mut titles = Vec::with_capacity(JOBS);
     for chunk in 0..JOBS / 500 {
         let mut pending = Vec::new();
@@ -103,7 +102,7 @@ async fn three_workers_one_killed_every_job_delivered_none_posted_after_sent() {
     assert!(duplicates.len() <= CONCURRENCY, "only the killed worker's in-flight jobs may be posted twice: {}", duplicates.len());
 
     // The ledger agrees, and no post came after the job was recorded sent.
-    let ledger: Vec<herald::mongo::DeliveryDoc> = env.store.deliveries().find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    let ledger = env.store.list_deliveries(doc! {}, JOBS as i64 * 2).await.unwrap();
     assert_eq!(ledger.len(), JOBS);
     assert!(ledger.iter().all(|d| d.state == DeliveryState::Sent), "every ledger record says sent");
     let activity_ids: std::collections::HashSet<&str> = records.iter().map(|r| r.activity_id.as_str()).collect();
@@ -128,5 +127,4 @@ async fn three_workers_one_killed_every_job_delivered_none_posted_after_sent() {
         }
     }
     eprintln!("{JOBS} jobs, 3 workers, one SIGKILLed: {} posted twice (in flight when killed)", duplicates.len());
-    env.teardown().await;
 }

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use herald::mongo::BotDoc;
-use herald::sim::Bot;
+use teams_sim::Bot;
 
 use crate::support::*;
 
@@ -128,5 +128,4 @@ async fn no_secret_or_token_leaks_and_every_attempt_names_its_credentials() {
     assert_eq!(forbidden["tenant_id"], "tenant-b");
     assert_eq!(forbidden["teams_code"], "BotNotInConversationRoster");
     std::fs::remove_dir_all(&dir).unwrap();
-    env.teardown().await;
 }

@@ -4,11 +4,9 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
-use herald::sim;
+use teams_sim as sim;
 
 use crate::support::*;
-
-const CONV_A: &str = "19:conv-a@thread.tacv2";
 
 fn titles(records: &[sim::ActivityRecord]) -> Vec<String> {
     records.iter().map(|r| r.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap().to_owned()).collect()
@@ -61,5 +59,4 @@ async fn sigterm_finishes_in_flight_jobs_and_loses_none() {
     assert_eq!(records.len(), JOBS);
     assert_eq!(distinct.len(), JOBS);
     worker.stop().await;
-    env.teardown().await;
 }

@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use herald::sim::{self, Action, ActivityFilter, Bot, Conversation, ConversationKind, Latency, Route, Rule, Running, Tenant, User, World};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use teams_sim::{
+    self as sim, Action, ActivityFilter, Bot, Conversation, ConversationKind, Latency, Route, Rule, Running, Tenant, User, World,
+};
 
 const CONV: &str = "19:general@thread.tacv2";
 const SCOPE: &str = "https://api.botframework.com/.default";

@@ -1,29 +1,37 @@
 //! Test environment: a random topology prefix and MongoDB database per test, an
 //! in-process teams-sim on its own port (real HTTP), the real broker and the
-//! real MongoDB-protocol server. Every wait has a timeout.
+//! real MongoDB-protocol server. Every wait has a timeout. Dropping the
+//! environment deletes its queues, exchanges and database, whether the test
+//! passed or failed.
 
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::process::{Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::providers::Serialized;
 use herald::dlq::{self, DeadLetter};
 use herald::job::{Job, WireJob};
-use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
+use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, DeliveryDoc, DeliveryState, IntegrationStatus, OrgIntegrationDoc, Store};
 use herald::producer::Producer;
-use herald::rabbitmq::{self, Topology};
+use herald::rabbitmq::headers::{self, Signer};
+use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
 use herald::settings::Settings;
-use herald::sim::{self, Bot, Conversation, Running, Tenant, World};
-use herald::worker::{Worker, run::topology};
-use lapin::Connection;
+use herald::worker::Worker;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
 use secrecy::ExposeSecret;
 use serde_json::json;
+use teams_sim::{self as sim, Bot, Conversation, Running, Tenant, World};
 use tokio_util::sync::CancellationToken;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const INTEGRATION: &str = "int-shared";
+pub const CONV_A: &str = "19:conv-a@thread.tacv2";
+pub const CONV_B: &str = "19:conv-b@thread.tacv2";
 
 /// Wait until `check` returns `Some`, or fail after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -43,34 +51,36 @@ where
     }
 }
 
+/// A bot of the simulator's world whose secret is `secret-<suffix of app>`.
+pub fn bot(app: &str) -> Bot {
+    Bot {
+        app_id: app.into(),
+        app_secret: format!("secret-{}", app.trim_start_matches("app-")),
+        authority: "botframework.com".into(),
+        disabled: false,
+    }
+}
+
+/// A channel of the simulator's world with `app` in its roster.
+pub fn channel(id: &str, tenant: &str, app: &str) -> Conversation {
+    Conversation {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        kind: sim::ConversationKind::Channel,
+        roster: [app.to_owned()].into(),
+        blocked: false,
+        user_id: None,
+    }
+}
+
 /// The world of the incident: two organizations share one Teams integration,
 /// each with its own bot app in its own tenant.
 pub fn two_org_world() -> World {
     World {
         tenants: vec![Tenant { id: "tenant-a".into(), name: None }, Tenant { id: "tenant-b".into(), name: None }],
-        bots: vec![
-            Bot { app_id: "app-a".into(), app_secret: "secret-a".into(), authority: "botframework.com".into(), disabled: false },
-            Bot { app_id: "app-b".into(), app_secret: "secret-b".into(), authority: "botframework.com".into(), disabled: false },
-        ],
+        bots: vec![bot("app-a"), bot("app-b")],
         users: vec![],
-        conversations: vec![
-            Conversation {
-                id: "19:conv-a@thread.tacv2".into(),
-                tenant_id: "tenant-a".into(),
-                kind: sim::ConversationKind::Channel,
-                roster: ["app-a".to_owned()].into(),
-                blocked: false,
-                user_id: None,
-            },
-            Conversation {
-                id: "19:conv-b@thread.tacv2".into(),
-                tenant_id: "tenant-b".into(),
-                kind: sim::ConversationKind::Channel,
-                roster: ["app-b".to_owned()].into(),
-                blocked: false,
-                user_id: None,
-            },
-        ],
+        conversations: vec![channel(CONV_A, "tenant-a", "app-a"), channel(CONV_B, "tenant-b", "app-b")],
     }
 }
 
@@ -79,9 +89,10 @@ pub struct TestEnv {
     pub settings: Settings,
     pub sim: Running,
     pub store: Store,
-    pub connection: Connection,
+    pub connection: Arc<Connection>,
     pub producer: Producer,
     pub topology: Topology,
+    pub signer: Signer,
 }
 
 impl TestEnv {
@@ -99,6 +110,7 @@ impl TestEnv {
             .merge(Serialized::default("teams.clouds.public.token_endpoint", sim.base_url()))
             .merge(Serialized::default("teams.insecure_loopback_hosts", ["127.0.0.1"]))
             .merge(Serialized::default("teams.request_timeout_secs", 2))
+            .merge(Serialized::default("worker.claim_lease_secs", 15))
             .merge(Serialized::default("retry.tiers_secs", [1, 2]))
             .merge(Serialized::default("retry.quick_min_delay_ms", 10))
             .merge(Serialized::default("retry.quick_max_delay_ms", 50))
@@ -109,18 +121,20 @@ impl TestEnv {
             .merge(Serialized::default("log.format", "pretty"));
         let settings = Settings::from_figment(tweak(figment)).expect("test settings are valid");
         let store = Store::connect(&settings).await.expect("MongoDB answers (run `make services`)");
-        let connection =
-            rabbitmq::connect(settings.amqp_url.expose_secret(), "herald it").await.expect("RabbitMQ answers (run `make services`)");
-        let topology = topology(&settings);
+        let connection = Arc::new(
+            rabbitmq::connect(settings.amqp_url.expose_secret(), "herald it").await.expect("RabbitMQ answers (run `make services`)"),
+        );
+        let topology = Topology::from(&settings);
         topology.declare(&connection).await.expect("topology declares");
         store.ensure_indexes().await.expect("indexes");
+        let signer = herald::worker::signer(&settings, &store).await.expect("the header key");
         let producer = Producer::on(&connection, &settings.topology_prefix).await.expect("producer");
-        Self { id, settings, sim, store, connection, producer, topology }
+        Self { id, settings, sim, store, connection, producer, topology, signer }
     }
 
     /// A new broker connection and producer (after the broker restarted).
     pub async fn reconnect(&mut self) {
-        self.connection = rabbitmq::connect(AMQP_URL, "herald it").await.expect("RabbitMQ answers again");
+        self.connection = Arc::new(rabbitmq::connect(AMQP_URL, "herald it").await.expect("RabbitMQ answers again"));
         self.producer = Producer::on(&self.connection, &self.settings.topology_prefix).await.expect("producer");
     }
 
@@ -131,11 +145,32 @@ impl TestEnv {
             ("HERALD_MONGODB_DATABASE".into(), self.settings.mongodb_database.clone()),
             ("HERALD_TEAMS__CLOUDS__PUBLIC__TOKEN_ENDPOINT".into(), self.sim.base_url()),
             ("HERALD_TEAMS__INSECURE_LOOPBACK_HOSTS".into(), "[\"127.0.0.1\"]".into()),
+            ("HERALD_TEAMS__REQUEST_TIMEOUT_SECS".into(), "2".into()),
+            ("HERALD_WORKER__CLAIM_LEASE_SECS".into(), "15".into()),
             ("HERALD_RETRY__TIERS_SECS".into(), "[1,2]".into()),
             ("HERALD_LOG__FORMAT".into(), "json".into()),
             ("HERALD_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
             ("HERALD_TEAMS__RATE_LIMITS__ENABLED".into(), "false".into()),
         ]
+    }
+
+    /// A `herald` process of this environment, not yet started.
+    pub fn herald_command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        command.args(args).envs(self.env_vars()).env("HERALD_LOG__FILTER", "warn").stdin(Stdio::null()).kill_on_drop(true);
+        command
+    }
+
+    /// Run `herald args` to its end, whatever its exit status.
+    pub async fn herald(&self, args: &[&str]) -> Output {
+        self.herald_command(args).output().await.expect("herald runs")
+    }
+
+    /// Run `herald args` and require success.
+    pub async fn herald_ok(&self, args: &[&str]) -> Output {
+        let output = self.herald(args).await;
+        assert!(output.status.success(), "herald {args:?} failed: {}{}", stdout(&output), stderr(&output));
+        output
     }
 
     pub fn org_integration(&self, org: &str, app: &str, tenant: &str) -> OrgIntegrationDoc {
@@ -147,34 +182,20 @@ impl TestEnv {
             tenant_id: tenant.into(),
             cloud: None,
             service_url: self.sim.service_url(),
-            bot: BotDoc {
-                app_id: app.into(),
-                app_secret: Some(format!("secret-{}", app.trim_start_matches("app-"))),
-                app_secret_env: None,
-                app_secret_file: None,
-                authority: None,
-            },
+            bot: BotDoc::with_secret(app, &format!("secret-{}", app.trim_start_matches("app-"))),
             created_at: None,
             updated_at: None,
         }
     }
 
     pub async fn insert_org_integration(&self, doc: OrgIntegrationDoc) {
-        self.store.org_integrations().insert_one(doc).await.expect("insert org_integration");
+        self.store.put_org_integration(&doc).await.expect("insert org_integration");
     }
 
     pub async fn insert_conversation(&self, org: &str, conversation_id: &str, kind: ConversationKind, user_id: Option<&str>) {
-        let doc = ConversationDoc {
-            organization_id: org.into(),
-            integration_id: INTEGRATION.into(),
-            conversation_id: conversation_id.into(),
-            kind,
-            user_id: user_id.map(str::to_owned),
-            status: ConversationStatus::Active,
-            quarantine: None,
-            created_at: None,
-        };
-        self.store.conversations().insert_one(doc).await.expect("insert conversation");
+        let doc =
+            ConversationDoc { kind, user_id: user_id.map(str::to_owned), ..ConversationDoc::channel(org, INTEGRATION, conversation_id) };
+        self.store.put_conversation(&doc).await.expect("insert conversation");
     }
 
     /// Org A and org B on the shared integration, with one channel each.
@@ -183,8 +204,8 @@ impl TestEnv {
     pub async fn seed_two_orgs(&self) {
         self.insert_org_integration(self.org_integration("org-b", "app-b", "tenant-b")).await;
         self.insert_org_integration(self.org_integration("org-a", "app-a", "tenant-a")).await;
-        self.insert_conversation("org-a", "19:conv-a@thread.tacv2", ConversationKind::Channel, None).await;
-        self.insert_conversation("org-b", "19:conv-b@thread.tacv2", ConversationKind::Channel, None).await;
+        self.insert_conversation("org-a", CONV_A, ConversationKind::Channel, None).await;
+        self.insert_conversation("org-b", CONV_B, ConversationKind::Channel, None).await;
     }
 
     pub fn spawn_worker(&self) -> TestWorker {
@@ -199,6 +220,23 @@ impl TestEnv {
         self.producer.publish_raw(body, message_id, None).await.expect("publish confirmed");
     }
 
+    /// Publish `body` to `exchange` with exactly these properties.
+    pub async fn publish_with(&self, exchange: &str, body: &[u8], properties: BasicProperties) {
+        let publisher = Publisher::open(self.connection.clone()).await.expect("publisher");
+        publisher.publish(exchange, ROUTING_KEY, body, properties).await.expect("publish confirmed");
+        publisher.close().await;
+    }
+
+    /// Put a dead letter straight into the dead-letter queue, with herald's
+    /// headers signed as the worker signs them.
+    pub async fn put_dead_letter(&self, job: &Job, mut table: FieldTable) {
+        let id = job.id.to_string();
+        let body = wire(job);
+        self.signer.sign(Some(&id), &body, &mut table);
+        let properties = BasicProperties::default().with_message_id(id.as_str().into()).with_headers(table);
+        self.publish_with(&self.topology.dead_exchange(), &body, properties).await;
+    }
+
     /// Wait until the dead-letter queue holds `n` messages, and return them.
     pub async fn dead_letters(&self, n: usize) -> Vec<DeadLetter> {
         let queue = self.topology.dead_queue();
@@ -206,11 +244,7 @@ impl TestEnv {
             (self.queue_len(&queue).await >= n as u32).then_some(())
         })
         .await;
-        dlq::browse(&self.connection, &queue, n + 10).await.expect("browse")
-    }
-
-    pub async fn queue_len_owned(&self, queue: String) -> u32 {
-        self.queue_len(&queue).await
+        dlq::browse(&self.connection, &queue, &self.signer, n + 10).await.expect("browse")
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
@@ -219,6 +253,15 @@ impl TestEnv {
         let count = channel.queue_declare(queue.into(), passive, Default::default()).await.expect("queue exists").message_count();
         let _ = channel.close(200, "".into()).await;
         count
+    }
+
+    /// Messages waiting in the work queue and every retry tier.
+    pub async fn waiting(&self) -> u32 {
+        let mut total = self.queue_len(&self.topology.work_queue()).await;
+        for tier in &self.topology.tiers {
+            total += self.queue_len(&self.topology.retry_queue(*tier)).await;
+        }
+        total
     }
 
     /// Wait until `queue` holds exactly `n` ready messages. Messages a tool
@@ -249,24 +292,50 @@ impl TestEnv {
         .await
     }
 
-    /// Wait until every queue of the topology is empty and nothing is unacked.
-    pub async fn drained(&self) {
-        let queue = self.topology.work_queue();
-        eventually("the work queue to drain", Duration::from_secs(30), || async { (self.queue_len(&queue).await == 0).then_some(()) })
-            .await;
+    /// Wait until the ledger records `job_id` sent.
+    pub async fn sent(&self, job_id: &str) -> DeliveryDoc {
+        eventually("the ledger to say sent", Duration::from_secs(15), || async {
+            self.store.delivery(job_id).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
+        })
+        .await
     }
 
-    /// Delete this test's queues, exchanges and database.
-    pub async fn teardown(self) {
-        let channel = self.connection.create_channel().await.expect("channel");
-        for queue in self.topology.queues() {
-            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        for exchange in self.topology.exchanges() {
-            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
-        }
-        let _ = self.store.database().drop().await;
-        let _ = self.connection.close(200, "".into()).await;
+    /// Wait until the work queue and every retry tier are empty.
+    pub async fn drained(&self) {
+        eventually("the work queue and retry tiers to drain", Duration::from_secs(30), || async {
+            (self.waiting().await == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for TestEnv {
+    /// Delete this test's queues, exchanges and database, on a thread of its
+    /// own (Drop cannot wait on the test's runtime, which may be unwinding).
+    fn drop(&mut self) {
+        let topology = self.topology.clone();
+        let settings = self.settings.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            runtime.block_on(async move {
+                if let Ok(connection) = rabbitmq::connect(AMQP_URL, "herald it cleanup").await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    for queue in topology.queues() {
+                        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+                    }
+                    for exchange in topology.exchanges() {
+                        let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                    }
+                    let _ = connection.close(200, "".into()).await;
+                }
+                if let Ok(store) = Store::connect(&settings).await {
+                    let _ = store.drop_database().await;
+                    store.shutdown().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
@@ -275,9 +344,22 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A job as a producer would build it.
 pub fn job(org: &str, conversation: &str, title: &str) -> Job {
-    job_json(json!({
+    job_json(job_value(org, conversation, title))
+}
+
+/// The wire form of [`job`], to change before decoding or publishing.
+pub fn job_value(org: &str, conversation: &str, title: &str) -> serde_json::Value {
+    json!({
         "version": 1,
         "job_id": uuid::Uuid::new_v4(),
         "organization_id": org,
@@ -285,7 +367,7 @@ pub fn job(org: &str, conversation: &str, title: &str) -> Job {
         "recipient": {"conversation_id": conversation},
         "message": {"title": title, "text": "details", "severity": "error"},
         "created_at": chrono::Utc::now(),
-    }))
+    })
 }
 
 pub fn job_json(value: serde_json::Value) -> Job {
@@ -296,10 +378,23 @@ pub fn wire(job: &Job) -> Vec<u8> {
     serde_json::to_vec(&WireJob::from(job)).unwrap()
 }
 
-/// The worker running in this process, on its own task.
+/// Headers of a dead letter as the worker writes them (before signing).
+pub fn dead_letter_headers(job: &Job, reason: &str, code: Option<&str>, at: &str, replays: u32) -> FieldTable {
+    let mut table = FieldTable::default();
+    headers::set_str(&mut table, headers::REASON, reason);
+    headers::set_str(&mut table, headers::ORGANIZATION_ID, job.organization_id.as_str());
+    headers::set_str(&mut table, headers::DEAD_LETTERED_AT, at);
+    headers::set_u32(&mut table, headers::REPLAYS, replays);
+    if let Some(code) = code {
+        headers::set_str(&mut table, headers::TEAMS_CODE, code);
+    }
+    table
+}
+
+/// The worker running in this process, on its own task; stopped on drop.
 pub struct TestWorker {
     shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<()>,
+    handle: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestWorker {
@@ -310,11 +405,19 @@ impl TestWorker {
             let worker = Worker::build(settings, token.clone()).await.expect("worker builds");
             worker.run(token).await.expect("worker runs");
         });
-        Self { shutdown, handle }
+        Self { shutdown, handle: Some(handle) }
     }
 
-    pub async fn stop(self) {
+    /// Stop, and require that the worker stops within 15 s.
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.handle).await.expect("worker stops within 15 s").expect("worker task");
+        let handle = self.handle.take().expect("a running worker");
+        tokio::time::timeout(Duration::from_secs(15), handle).await.expect("worker stops within 15 s").expect("worker task");
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }

@@ -2,8 +2,8 @@
 
 use herald::job::{IntegrationId, OrganizationId, UserId};
 use herald::mongo::ConversationKind;
-use herald::sim::{self, Conversation, User};
 use serde_json::json;
+use teams_sim::{self as sim, Conversation, User};
 
 use crate::support::*;
 
@@ -63,7 +63,6 @@ async fn incident_stale_conversation_of_another_org_is_corrected_to_this_orgs_co
         .unwrap();
     assert!(activity_in_b.is_empty(), "nothing ever went into org B's conversation");
     worker.stop().await;
-    env.teardown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,5 +105,4 @@ async fn a_user_without_a_conversation_gets_one_created_in_the_org_integrations_
     // Carol is in tenant A: the Connector refuses a chat in org B's tenant.
     assert_eq!(letter.headers["x-herald-reason"], "teams_bad_request", "{:?}", letter.headers);
     worker.stop().await;
-    env.teardown().await;
 }

@@ -13,8 +13,6 @@ use support::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const CONV_A: &str = "19:conv-a@thread.tacv2";
-
 fn rabbitmqctl(args: &[&str]) {
     let status = Command::new("rabbitmqctl").args(args).status().expect("rabbitmqctl runs");
     assert!(status.success(), "rabbitmqctl {args:?}");
@@ -44,7 +42,6 @@ async fn the_worker_reconnects_after_a_broker_restart_without_a_process_restart(
     assert_eq!(records.len(), 20, "the same worker delivered the jobs published after the restart");
     env.drained().await;
     worker.stop().await;
-    env.teardown().await;
 }
 
 fn mongo_port_open() -> bool {
@@ -89,5 +86,4 @@ async fn jobs_wait_through_a_30_second_mongodb_outage_and_are_then_delivered() {
     env.drained().await;
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0, "waited, not dead-lettered");
     worker.stop().await;
-    env.teardown().await;
 }
