@@ -75,6 +75,14 @@ fn default_code(status: u16) -> &'static str {
     }
 }
 
+/// What an injected fault does to a request.
+enum Injected {
+    /// Answer with this instead of handling the request.
+    Answer(Response),
+    /// Handle the request, then spoil the answer (`Lose`, `Garble`).
+    After(Action),
+}
+
 impl Sim {
     /// Latency, then any injected fault for this request.
     async fn inject(
@@ -83,7 +91,7 @@ impl Sim {
         app_id: Option<&str>,
         conversation_id: Option<&str>,
         killer: &ConnectionKiller,
-    ) -> Option<Response> {
+    ) -> Option<Injected> {
         let (delay, action) = {
             let mut state = self.lock();
             (state.faults.delay(), state.faults.next(route, app_id, conversation_id))
@@ -91,8 +99,9 @@ impl Sim {
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        match action? {
-            Action::Pass => None,
+        let answer = match action? {
+            Action::Pass => return None,
+            after @ (Action::Lose { .. } | Action::Garble) => return Some(Injected::After(after)),
             Action::Status { status, code, retry_after } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 let code = code.unwrap_or_else(|| default_code(status.as_u16()).to_owned());
@@ -100,18 +109,33 @@ impl Sim {
                 if let Some(secs) = retry_after {
                     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
                 }
-                Some(response)
+                response
             }
             Action::Hang { ms } => {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                Some(error(StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout", "The request timed out."))
+                error(StatusCode::GATEWAY_TIMEOUT, "GatewayTimeout", "The request timed out.")
             }
             Action::Reset => {
                 self.lock().stats.connections_reset += 1;
                 killer.kill();
                 std::future::pending().await
             }
+        };
+        Some(Injected::Answer(answer))
+    }
+}
+
+/// Spoil the answer of a request that was handled (`Lose`, `Garble`).
+async fn spoil(action: Option<Action>, answer: Response) -> Response {
+    match action {
+        Some(Action::Lose { ms }) => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            answer
         }
+        Some(Action::Garble) if answer.status().is_success() => {
+            (answer.status(), [(header::CONTENT_TYPE, "application/json")], "{\"id\": \"1").into_response()
+        }
+        _ => answer,
     }
 }
 
@@ -145,9 +169,17 @@ async fn token(
     let form: std::collections::HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     let client_id = field("client_id");
-    if let Some(response) = sim.inject(Route::Token, Some(client_id), None, &killer).await {
-        return response;
-    }
+    let after = match sim.inject(Route::Token, Some(client_id), None, &killer).await {
+        Some(Injected::Answer(response)) => return response,
+        Some(Injected::After(action)) => Some(action),
+        None => None,
+    };
+    spoil(after, issue_token(&sim, &authority, &form)).await
+}
+
+fn issue_token(sim: &Sim, authority: &str, form: &std::collections::HashMap<String, String>) -> Response {
+    let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+    let client_id = field("client_id");
     for name in ["grant_type", "client_id", "client_secret", "scope"] {
         if !form.contains_key(name) {
             return aad_error(
@@ -167,7 +199,7 @@ async fn token(
         );
     }
     let mut state = sim.lock();
-    if authority != MULTI_TENANT_AUTHORITY && !state.world.tenants.contains_key(&authority) {
+    if authority != MULTI_TENANT_AUTHORITY && !state.world.tenants.contains_key(authority) {
         return aad_error(StatusCode::BAD_REQUEST, "invalid_request", 90002, &format!("Tenant '{authority}' not found."));
     }
     let Some(bot) = state.world.bots.get(client_id).filter(|bot| bot.authority == authority) else {
@@ -201,7 +233,7 @@ async fn token(
     }
     let token = format!("sim.{:032x}", fastrand::u128(..));
     let ttl = state.token_ttl;
-    let grant = Grant { app_id: client_id.to_owned(), authority: authority.clone(), expires_at: state.now() + ttl };
+    let grant = Grant { app_id: client_id.to_owned(), authority: authority.to_owned(), expires_at: state.now() + ttl };
     state.tokens.insert(token.clone(), grant);
     *state.stats.tokens_issued.entry(client_id.to_owned()).or_default() += 1;
     axum::Json(json!({
@@ -326,9 +358,15 @@ impl Sim {
         killer: &ConnectionKiller,
     ) -> Response {
         let app = self.app_of(headers);
-        if let Some(response) = self.inject(route, app.as_deref(), Some(&conversation_id), killer).await {
-            return response;
-        }
+        let after = match self.inject(route, app.as_deref(), Some(&conversation_id), killer).await {
+            Some(Injected::Answer(response)) => return response,
+            Some(Injected::After(action)) => Some(action),
+            None => None,
+        };
+        spoil(after, self.accept(route, conversation_id, target, headers, body)).await
+    }
+
+    fn accept(&self, route: Route, conversation_id: String, target: Option<String>, headers: &HeaderMap, body: Bytes) -> Response {
         let grant = match self.authenticate(headers) {
             Ok(grant) => grant,
             Err(response) => return response,
@@ -400,14 +438,20 @@ async fn create_conversation(
     body: Bytes,
 ) -> Response {
     let app = sim.app_of(&headers);
-    if let Some(response) = sim.inject(Route::CreateConversation, app.as_deref(), None, &killer).await {
-        return response;
-    }
-    let grant = match sim.authenticate(&headers) {
+    let after = match sim.inject(Route::CreateConversation, app.as_deref(), None, &killer).await {
+        Some(Injected::Answer(response)) => return response,
+        Some(Injected::After(action)) => Some(action),
+        None => None,
+    };
+    spoil(after, create_conversation_now(&sim, &headers, &body)).await
+}
+
+fn create_conversation_now(sim: &Sim, headers: &HeaderMap, body: &Bytes) -> Response {
+    let grant = match sim.authenticate(headers) {
         Ok(grant) => grant,
         Err(response) => return response,
     };
-    let params: Value = match serde_json::from_slice(&body) {
+    let params: Value = match serde_json::from_slice(body) {
         Ok(value) => value,
         Err(err) => {
             return error(StatusCode::BAD_REQUEST, "BadArgument", format!("The request body is not valid JSON: {err}"));

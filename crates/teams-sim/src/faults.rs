@@ -33,6 +33,12 @@ pub enum Action {
     Hang { ms: u64 },
     /// Reset the TCP connection without answering.
     Reset,
+    /// Accept the activity (it is recorded), then hold the answer for `ms`
+    /// (past the client's timeout): the post happened, the answer is lost.
+    Lose { ms: u64 },
+    /// Accept the activity (it is recorded), then answer 201 with a body that
+    /// is not JSON: the post happened, the answer cannot be read.
+    Garble,
     /// Let the request through untouched (a gap in a sequence).
     Pass,
 }
