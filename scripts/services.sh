@@ -67,6 +67,13 @@ if ! port_open "$MONGO_PORT"; then
 fi
 wait_port SecantusDB "$MONGO_PORT" 60 "$STATE/secantusd.log"
 
+# --- test tools ---------------------------------------------------------------
+# libfaketime: tests run worker processes whose wall clocks are off by ±30 s.
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then
+  say "installing faketime"
+  apt_install faketime
+fi
+
 # --- optional tools ---------------------------------------------------------
 if [ "${1:-}" = "--bench" ] && ! command -v wrk >/dev/null 2>&1; then
   say "installing wrk"
