@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use herald::cli::{Cli, run};
+use herald::cli::{Cli, exit_code, run};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("herald: error: {err:#}");
-            ExitCode::FAILURE
+            exit_code(&err)
         }
     }
 }

@@ -50,11 +50,22 @@ pub enum Command {
     /// See, quarantine and release conversations of org_integrations.
     #[command(subcommand)]
     Conversations(conversations::ConversationsCommand),
-    /// Load org_integrations and conversations from a JSON file (upsert).
+    /// Load org_integrations and conversations from a JSON file (see
+    /// deploy/demo/seed.json). Each org_integration in the file replaces the
+    /// stored one's fields (a secret source or cloud it leaves out is
+    /// removed); conversations keep their quarantine unless
+    /// --release-quarantined. Every record is checked first; nothing is
+    /// written if one fails. Safe to repeat.
     Seed {
         /// {"org_integrations": [...], "conversations": [...]}
         #[arg(long)]
         file: PathBuf,
+        /// Check the file; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Set every conversation in the file active, lifting quarantines.
+        #[arg(long)]
+        release_quarantined: bool,
     },
     /// Check the settings and the connections to RabbitMQ and MongoDB.
     Doctor,
@@ -100,6 +111,19 @@ pub struct EnqueueArgs {
     pub rate: Option<u32>,
 }
 
+/// A command line that asks for something herald will not do as given (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// Some of what a command was asked to do was refused or skipped.
+pub const EXIT_PARTIAL: u8 = 3;
+
+/// The exit code for a failed command: 2 for a usage error, else 1.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    if err.downcast_ref::<Usage>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = telemetry::init(&settings);
@@ -118,7 +142,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enqueue(args) => enqueue::enqueue(&settings, *args).await?,
         Command::Dlq(command) => return dlq::run(&settings, command).await,
         Command::Conversations(command) => conversations::run(&settings, command).await?,
-        Command::Seed { file } => ops::seed(&settings, &file).await?,
+        Command::Seed { file, dry_run, release_quarantined } => ops::seed(&settings, &file, dry_run, release_quarantined).await?,
         Command::Doctor => return ops::doctor(&settings).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -10,7 +10,10 @@ use crate::mongo::{ConversationDoc, OrgIntegrationDoc, Store};
 use crate::rabbitmq;
 use crate::settings::{Settings, redact_url};
 
+/// The file `herald seed` reads (docs/operations.md, "Onboard an
+/// organization"; an example is deploy/demo/seed.json).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SeedFile {
     #[serde(default)]
     org_integrations: Vec<OrgIntegrationDoc>,
@@ -18,13 +21,52 @@ struct SeedFile {
     conversations: Vec<ConversationDoc>,
 }
 
-pub async fn seed(settings: &Settings, file: &std::path::Path) -> anyhow::Result<()> {
+/// Load org_integrations and conversations: every record is checked with
+/// the worker's own checks first, and nothing is written if one fails.
+pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, release_quarantined: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let seed: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let teams = crate::teams::Teams::new(&settings.teams)?;
+    let mut problems = Vec::new();
+    for (i, record) in seed.org_integrations.iter().enumerate() {
+        if let Err(problem) = crate::worker::resolve::check_record(record, &teams) {
+            problems.push(format!("org_integrations[{i}]: {problem}"));
+        }
+    }
+    for (i, conversation) in seed.conversations.iter().enumerate() {
+        let known = seed
+            .org_integrations
+            .iter()
+            .any(|o| o.organization_id == conversation.organization_id && o.integration_id == conversation.integration_id);
+        if conversation.conversation_id.trim().is_empty() {
+            problems.push(format!("conversations[{i}]: blank conversation_id"));
+        }
+        if !known {
+            println!(
+                "note: conversations[{i}] belongs to {}/{}, which this file does not define (it must exist already)",
+                conversation.organization_id, conversation.integration_id
+            );
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{} refused, nothing written:\n  {}", file.display(), problems.join("\n  "));
+    }
+    let (orgs, conversations) = (seed.org_integrations.len(), seed.conversations.len());
+    if dry_run {
+        println!("{} is valid: would write {orgs} org_integration(s) and {conversations} conversation(s); nothing written", file.display());
+        return Ok(());
+    }
     let store = Store::connect(settings).await?;
     store.ensure_indexes().await?;
-    store.seed(&seed.org_integrations, &seed.conversations, false).await?;
-    println!("seeded {} org_integration(s) and {} conversation(s)", seed.org_integrations.len(), seed.conversations.len());
+    let report = store.seed(&seed.org_integrations, &seed.conversations, release_quarantined).await?;
+    println!(
+        "seeded {orgs} org_integration(s) ({} new, {} replaced) and {conversations} conversation(s) ({} new, {} updated{})",
+        report.org_integrations_created,
+        report.org_integrations_updated,
+        report.conversations_created,
+        report.conversations_updated,
+        if release_quarantined { ", quarantines lifted" } else { ", quarantines kept" }
+    );
     store.shutdown().await;
     Ok(())
 }

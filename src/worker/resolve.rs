@@ -200,29 +200,53 @@ fn usable(conversation: ConversationDoc) -> Result<String, DeliveryError> {
     }
 }
 
-/// The bot's secret: stored, or referenced by environment variable or file.
-fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
+/// The worker's own checks of a stored record, before anything is written
+/// (`herald seed`, `herald org-integrations add`): everything [`active`]
+/// checks except reading the secret, plus the service-URL allowlist of the
+/// record's cloud.
+pub fn check_record(doc: &OrgIntegrationDoc, teams: &Teams) -> Result<(), String> {
+    let cloud = structure(doc, teams)?;
+    cloud.policy.check(&doc.service_url).map(drop).map_err(|err| format!("org_integration {}: {err}", doc.id_string()))
+}
+
+/// What every record needs: non-blank ids and tenant, a configured cloud,
+/// exactly one secret source.
+fn structure<'a>(doc: &OrgIntegrationDoc, teams: &'a Teams) -> Result<&'a crate::teams::Cloud, String> {
     let id = doc.id_string();
-    let cloud_name = doc.cloud.clone().unwrap_or_else(|| DEFAULT_CLOUD.to_owned());
-    let Some(cloud) = teams.cloud(&cloud_name) else {
+    let blank = |value: &str| value.trim().is_empty();
+    if blank(&doc.organization_id) || blank(&doc.integration_id) {
+        return Err(format!("org_integration {id}: blank organization_id or integration_id"));
+    }
+    if blank(&doc.tenant_id) || blank(&doc.bot.app_id) {
+        return Err(format!("org_integration {id}: blank tenant_id or bot.app_id"));
+    }
+    let cloud_name = doc.cloud.as_deref().unwrap_or(DEFAULT_CLOUD);
+    let Some(cloud) = teams.cloud(cloud_name) else {
         return Err(format!("org_integration {id}: cloud {cloud_name:?} is not configured (teams.clouds)"));
     };
     let bot = &doc.bot;
+    match [&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file].iter().filter(|s| s.is_some()).count() {
+        1 => Ok(cloud),
+        0 => Err(format!("org_integration {id}: bot has no app_secret, app_secret_env or app_secret_file")),
+        _ => Err(format!("org_integration {id}: bot must have exactly one of app_secret, app_secret_env, app_secret_file")),
+    }
+}
+
+/// The bot's secret: stored, or referenced by environment variable or file.
+fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
+    let cloud = structure(&doc, teams)?;
+    let id = doc.id_string();
+    let bot = &doc.bot;
     let secret = match (&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file) {
-        (Some(secret), None, None) => secret.clone(),
-        (None, Some(var), None) => {
+        (Some(secret), _, _) => secret.clone(),
+        (None, Some(var), _) => {
             std::env::var(var).map_err(|_| format!("org_integration {id}: environment variable {var} (bot.app_secret_env) is not set"))?
         }
         (None, None, Some(path)) => std::fs::read_to_string(path)
             .map_err(|err| format!("org_integration {id}: cannot read bot.app_secret_file {path}: {err}"))?
             .trim()
             .to_owned(),
-        (None, None, None) => {
-            return Err(format!("org_integration {id}: bot has no app_secret, app_secret_env or app_secret_file"));
-        }
-        _ => {
-            return Err(format!("org_integration {id}: bot must have exactly one of app_secret, app_secret_env, app_secret_file"));
-        }
+        (None, None, None) => return Err(format!("org_integration {id}: bot has no secret source")),
     };
     if secret.is_empty() {
         return Err(format!("org_integration {id}: the bot secret is empty"));
@@ -240,7 +264,7 @@ fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, Strin
         service_url: doc.service_url,
         bot: BotCredentials {
             authority: doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone()),
-            cloud: cloud_name,
+            cloud: cloud.name.clone(),
             app_id: doc.bot.app_id,
             app_secret: SecretString::from(secret),
         },

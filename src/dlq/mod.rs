@@ -17,6 +17,10 @@ use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod export;
+
+pub use export::{ExportError, Exported};
+
 use crate::rabbitmq::headers::{self, Signer};
 use crate::rabbitmq::{BrokerError, Publisher, ROUTING_KEY, Topology, amqp};
 
@@ -34,6 +38,10 @@ pub struct DeadLetter {
     /// are left out of `headers` and of every filter).
     #[serde(default)]
     pub unverified_headers: bool,
+    /// When it was dead-lettered: herald's header, or for a letter the broker
+    /// dead-lettered itself, the time in its `x-death`.
+    #[serde(default)]
+    pub dead_lettered_at: Option<DateTime<Utc>>,
     /// The original body, unchanged (lossy UTF-8 for display).
     pub body: String,
 }
@@ -51,19 +59,26 @@ impl DeadLetter {
             }
         }
         let table = Some(&shown);
+        let stamped = headers::get_str(table, headers::DEAD_LETTERED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc));
         DeadLetter {
             message_id,
             reason: headers::get_str(table, headers::REASON).or_else(|| broker_reason(table)),
-            organization_id: headers::get_str(table, headers::ORGANIZATION_ID),
+            // A letter the broker dead-lettered carries no herald verdict:
+            // its organization is the one its body names.
+            organization_id: headers::get_str(table, headers::ORGANIZATION_ID)
+                .or_else(|| crate::job::Job::peek_organization(data).map(|o| crate::text::clip(&o, 256))),
             teams_code: headers::get_str(table, headers::TEAMS_CODE),
             headers: shown.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect(),
             unverified_headers,
+            dead_lettered_at: stamped.or_else(|| broker_time(table)),
             body: String::from_utf8_lossy(data).into_owned(),
         }
     }
 
     pub fn dead_lettered_at(&self) -> Option<DateTime<Utc>> {
-        self.headers.get(headers::DEAD_LETTERED_AT).and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc))
+        self.dead_lettered_at
     }
 
     pub fn replays(&self) -> u32 {
@@ -91,6 +106,19 @@ fn broker_reason(table: Option<&FieldTable>) -> Option<String> {
         .filter_map(|death| death.as_field_table())
         .any(|death| matches!(death.inner().get("reason"), Some(AMQPValue::LongString(r)) if r.as_bytes() == b"delivery_limit"));
     limit.then(|| crate::outcome::Reason::DeliveryLimitExceeded.as_str().to_owned())
+}
+
+/// When the broker dead-lettered the message (the newest `x-death` entry).
+fn broker_time(table: Option<&FieldTable>) -> Option<DateTime<Utc>> {
+    let deaths = table?.inner().get("x-death")?.as_array()?;
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death.as_field_table()?.inner().get("time")? {
+            AMQPValue::Timestamp(secs) => DateTime::from_timestamp(i64::try_from(*secs).ok()?, 0),
+            _ => None,
+        })
+        .max()
 }
 
 fn text(value: &AMQPValue) -> String {
@@ -221,6 +249,23 @@ pub async fn list(
     Ok(letters)
 }
 
+/// What identifies a dead letter for `import`: its message id and a digest
+/// of its body. Every letter in the queue now, left in place.
+pub async fn fingerprints(
+    connection: &Connection,
+    queue: &str,
+    signer: &Signer,
+) -> Result<std::collections::HashSet<(Option<String>, [u8; 32])>, BrokerError> {
+    use sha2::{Digest, Sha256};
+    let mut pass = Pass::open(connection, queue, signer).await?;
+    let mut seen = std::collections::HashSet::new();
+    while let Some(taken) = pass.next().await? {
+        seen.insert((taken.letter.message_id.clone(), Sha256::digest(&taken.data).into()));
+    }
+    pass.close().await?;
+    Ok(seen)
+}
+
 /// Up to `limit` dead letters, left in place.
 pub async fn browse(connection: &Connection, queue: &str, signer: &Signer, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
     list(connection, queue, signer, &Filter::default(), limit).await
@@ -271,78 +316,6 @@ pub async fn replay(publisher: &Publisher, topology: &Topology, signer: &Signer,
     Ok(())
 }
 
-/// One line of `herald dlq export`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Exported {
-    pub message_id: Option<String>,
-    /// Header values: strings and integers as JSON strings and numbers.
-    pub headers: BTreeMap<String, Value>,
-    /// The body as text when it is UTF-8 ...
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<String>,
-    /// ... else as base64-free hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body_hex: Option<String>,
-}
-
-impl Exported {
-    pub fn from_taken(taken: &Taken) -> Self {
-        let headers = taken
-            .properties
-            .headers()
-            .as_ref()
-            .map(|t| {
-                t.inner()
-                    .iter()
-                    .filter(|(k, _)| !headers::BROKER_BOOKKEEPING.contains(&k.as_str()))
-                    .map(|(k, v)| {
-                        let value = match v {
-                            AMQPValue::LongLongInt(n) => Value::from(*n),
-                            AMQPValue::LongInt(n) => Value::from(*n),
-                            AMQPValue::LongUInt(n) => Value::from(*n),
-                            other => Value::String(text(other)),
-                        };
-                        (k.to_string(), value)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let (body, body_hex) = match std::str::from_utf8(&taken.data) {
-            Ok(text) => (Some(text.to_owned()), None),
-            Err(_) => (None, Some(taken.data.iter().map(|b| format!("{b:02x}")).collect())),
-        };
-        Self { message_id: taken.letter.message_id.clone(), headers, body, body_hex }
-    }
-
-    /// The message to publish back into the dead-letter queue.
-    pub fn to_message(&self) -> Result<(Vec<u8>, BasicProperties), String> {
-        let data = match (&self.body, &self.body_hex) {
-            (Some(text), None) => text.as_bytes().to_vec(),
-            (None, Some(hex)) => (0..hex.len())
-                .step_by(2)
-                .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect::<Option<Vec<u8>>>()
-                .ok_or("body_hex is not hex")?,
-            _ => return Err("a line needs exactly one of `body` and `body_hex`".into()),
-        };
-        let mut table = FieldTable::default();
-        for (key, value) in &self.headers {
-            match value {
-                Value::Number(n) if n.is_i64() => {
-                    table.insert(key.as_str().into(), AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()));
-                }
-                Value::String(s) => headers::set_str(&mut table, key, s),
-                other => headers::set_str(&mut table, key, &other.to_string()),
-            }
-        }
-        let mut properties = BasicProperties::default().with_content_type("application/json".into()).with_headers(table);
-        if let Some(id) = &self.message_id {
-            properties = properties.with_message_id(id.as_str().into());
-        }
-        Ok((data, properties))
-    }
-}
-
 /// Counts of the dead-letter queue.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Stats {
@@ -382,6 +355,7 @@ mod tests {
             teams_code: None,
             headers,
             unverified_headers: false,
+            dead_lettered_at: DateTime::parse_from_rfc3339(at).ok().map(|t| t.with_timezone(&Utc)),
             body: r#"{"integration_id": "int-1"}"#.into(),
         }
     }
@@ -429,10 +403,16 @@ mod tests {
         let mut death = FieldTable::default();
         death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
         death.insert("queue".into(), AMQPValue::LongString("herald.msteams".into()));
+        death.insert("time".into(), AMQPValue::Timestamp(1_795_000_000));
         let mut table = FieldTable::default();
         table.insert("x-death".into(), AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()));
         assert_eq!(broker_reason(Some(&table)).as_deref(), Some("delivery_limit_exceeded"));
         assert_eq!(broker_reason(Some(&FieldTable::default())), None);
+        let properties = BasicProperties::default().with_message_id("j1".into()).with_headers(table);
+        let letter = DeadLetter::from_message(&properties, br#"{"organization_id": "org-a"}"#, &Signer::new([0; 32]));
+        assert_eq!(letter.reason.as_deref(), Some("delivery_limit_exceeded"));
+        assert_eq!(letter.organization_id.as_deref(), Some("org-a"), "from the body");
+        assert_eq!(letter.dead_lettered_at.unwrap().timestamp(), 1_795_000_000, "from x-death");
     }
 
     #[test]
