@@ -100,7 +100,7 @@ async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
     assert!(dry.contains(&refused.id.to_string()) && dry.contains("would replay 1"), "{dry}");
     // A dry run changes nothing.
     env.settles_at(&env.topology.dead_queue(), 2).await;
-    let out = stdout(&env.herald_ok(&["dlq", "replay", "--org", "org-a", "--reason", "teams_forbidden"]).await);
+    let out = stdout(&env.herald_ok(&["dlq", "replay", "--org", "org-a", "--reason", "teams_forbidden", "--yes"]).await);
     assert!(out.contains("replayed 1") && out.contains("1 did not match"), "{out}");
     let records = env.activities(1).await;
     assert_eq!(records[0].app_id, "app-a");
@@ -119,7 +119,7 @@ async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_
     env.publish(&lost).await;
     env.dead_letters(1).await;
     for round in 1..=2 {
-        env.herald_ok(&["dlq", "replay"]).await;
+        env.herald_ok(&["dlq", "replay", "--all", "--yes"]).await;
         let letter = eventually("the job to fail again", Duration::from_secs(20), || async {
             herald::dlq::browse(&env.connection, &env.topology.dead_queue(), &env.signer, 5)
                 .await
@@ -134,13 +134,18 @@ async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_
     // Past dlq.max_replays (2 here) replay refuses it unless forced.
     let mut env_vars = env.env_vars();
     env_vars.push(("HERALD_DLQ__MAX_REPLAYS".into(), "2".into()));
-    let refused =
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald")).args(["dlq", "replay"]).envs(env_vars.clone()).output().await.unwrap();
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["dlq", "replay", "--all", "--yes"])
+        .envs(env_vars.clone())
+        .output()
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&refused.stdout);
     assert!(text.contains("replayed 0") && text.contains("already replayed 2 times"), "{text}");
+    assert_eq!(refused.status.code(), Some(3), "a partial replay exits 3");
     env.settles_at(&env.topology.dead_queue(), 1).await;
     let forced = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["dlq", "replay", "--force"])
+        .args(["dlq", "replay", "--all", "--yes", "--force"])
         .envs(env_vars)
         .output()
         .await
@@ -173,7 +178,7 @@ async fn purge_needs_yes_and_export_import_round_trips() {
     let purged = stdout(&env.herald_ok(&["dlq", "purge", "--older-than", "30d", "--yes"]).await);
     assert!(purged.contains(&format!("removed {}", old.id)) && purged.contains("removed 1 dead letter(s)"), "{purged}");
     env.settles_at(&env.topology.dead_queue(), 1).await;
-    env.herald_ok(&["dlq", "purge", "--yes"]).await;
+    env.herald_ok(&["dlq", "purge", "--all", "--yes"]).await;
     env.settles_at(&env.topology.dead_queue(), 0).await;
 
     let imported = stdout(&env.herald_ok(&["dlq", "import", file.to_str().unwrap()]).await);
@@ -213,7 +218,7 @@ async fn a_replay_killed_half_way_loses_nothing() {
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await as usize, LETTERS);
 
     let mut replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["dlq", "replay", "--rate", "2000"])
+        .args(["dlq", "replay", "--all", "--yes", "--rate", "2000"])
         .envs(env.env_vars())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -243,4 +248,94 @@ async fn a_replay_killed_half_way_loses_nothing() {
     let twice = seen.values().filter(|n| **n > 1).count();
     assert_eq!(missing, 0, "{missing} dead letters lost ({in_dead} in the DLQ, {in_work} in the work queue)");
     assert!(twice <= 256, "duplicates only for the one batch in flight: {twice}");
+}
+
+/// Scripts get exit codes and refusals they can rely on: a replay or purge
+/// without a filter or `--all` is a usage error (2), so is a misspelt
+/// reason, and a replay a script did not confirm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_purge_refuse_to_guess_what_the_operator_meant() {
+    let env = TestEnv::new(two_org_world()).await;
+    let letter = job("org-a", CONV_A, "kept");
+    dead_letter(&env, &letter, "teams_forbidden", None, "2026-11-20T10:00:00Z", 0).await;
+    for args in [
+        vec!["dlq", "replay", "--yes"],
+        vec!["dlq", "purge", "--yes"],
+        vec!["dlq", "replay", "--all", "--org", "org-a", "--yes"],
+        vec!["dlq", "replay", "--reason", "teams_forbiden", "--yes"],
+        vec!["dlq", "replay", "--org", "org-a"],
+        vec!["dlq", "purge", "--older-than", "18446744073709551615d", "--yes"],
+        vec!["dlq", "list", "--since", "99999999999d"],
+    ] {
+        let output = env.herald(&args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}{}", stdout(&output), stderr(&output));
+    }
+    let typo = stderr(&env.herald(&["dlq", "list", "--reason", "teams_forbiden"]).await);
+    assert!(typo.contains("teams_forbidden") && typo.contains("not a reason"), "{typo}");
+    env.settles_at(&env.topology.dead_queue(), 1).await;
+
+    // --job-id picks one letter; --json everywhere.
+    let other = job("org-a", CONV_A, "purged");
+    dead_letter(&env, &other, "teams_forbidden", None, "2026-11-20T10:00:00Z", 0).await;
+    env.settles_at(&env.topology.dead_queue(), 2).await;
+    let purged = json(&env.herald_ok(&["dlq", "purge", "--job-id", &other.id.to_string(), "--yes", "--json"]).await);
+    assert_eq!(purged["removed"], true);
+    assert_eq!(purged["letters"][0]["message_id"], other.id.to_string());
+    env.settles_at(&env.topology.dead_queue(), 1).await;
+    let replayed = json(&env.herald_ok(&["dlq", "replay", "--job-id", &letter.id.to_string(), "--yes", "--json"]).await);
+    assert_eq!(replayed["replayed"], 1);
+    env.settles_at(&env.topology.work_queue(), 1).await;
+}
+
+/// A letter the broker dead-lettered itself (a job that crashed workers past
+/// the delivery limit) has no herald verdict: its reason, organization and
+/// time come from `x-death` and the body, and survive export and import.
+/// Importing twice adds nothing the second time; a bad line names itself
+/// and nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_dead_letters_are_read_from_x_death_and_survive_export_and_import() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let env = TestEnv::new(two_org_world()).await;
+    let crashed = job("org-b", CONV_B, "crashed workers");
+    let mut death = FieldTable::default();
+    death.insert("reason".into(), AMQPValue::LongString("delivery_limit".into()));
+    death.insert("queue".into(), AMQPValue::LongString(env.topology.work_queue().as_str().into()));
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("time".into(), AMQPValue::Timestamp(1_795_000_000));
+    let mut table = FieldTable::default();
+    table.insert("x-death".into(), AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()));
+    let id = crashed.id.to_string();
+    let properties = lapin::BasicProperties::default().with_message_id(id.as_str().into()).with_headers(table);
+    env.publish_with(&env.topology.dead_exchange(), &wire(&crashed), properties).await;
+
+    let listed = json(&after_settling(&env, 1, &["dlq", "list", "--org", "org-b", "--reason", "delivery_limit_exceeded", "--json"]).await);
+    assert_eq!(listed[0]["message_id"], id, "{listed}");
+    assert_eq!(listed[0]["dead_lettered_at"], "2026-11-18T11:06:40Z");
+    let since = json(&after_settling(&env, 1, &["dlq", "list", "--since", "2026-11-18T00:00:00Z", "--json"]).await);
+    assert_eq!(since.as_array().unwrap().len(), 1);
+
+    let dir = std::env::temp_dir().join(format!("herald-it-broker-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dlq.jsonl");
+    env.settles_at(&env.topology.dead_queue(), 1).await;
+    env.herald_ok(&["dlq", "export", "--out", file.to_str().unwrap()]).await;
+    env.settles_at(&env.topology.dead_queue(), 1).await;
+    env.herald_ok(&["dlq", "purge", "--all", "--yes"]).await;
+    env.settles_at(&env.topology.dead_queue(), 0).await;
+    let first = json(&env.herald_ok(&["dlq", "import", file.to_str().unwrap(), "--json"]).await);
+    assert_eq!((first["imported"].as_u64(), first["already_there"].as_u64()), (Some(1), Some(0)));
+    env.settles_at(&env.topology.dead_queue(), 1).await;
+    let again = json(&env.herald_ok(&["dlq", "import", file.to_str().unwrap(), "--json"]).await);
+    assert_eq!((again["imported"].as_u64(), again["already_there"].as_u64()), (Some(0), Some(1)), "a re-run adds nothing");
+    let back = env.dead_letters(1).await.remove(0);
+    assert_eq!(back.reason.as_deref(), Some("delivery_limit_exceeded"), "x-death survived the round trip");
+
+    let broken = dir.join("broken.jsonl");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&broken, format!("{good}{{\"message_id\": \"{}\", \"headers\": {{}}, \"body\": \n", "x".repeat(300))).unwrap();
+    let refused = env.herald(&["dlq", "import", broken.to_str().unwrap()]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("broken.jsonl:2"), "names the line: {}", stderr(&refused));
+    env.settles_at(&env.topology.dead_queue(), 1).await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

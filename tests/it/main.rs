@@ -1,4 +1,5 @@
 mod dlq;
+mod isolation;
 mod observe;
 mod pacing;
 mod pipeline;

@@ -161,6 +161,17 @@ impl TestEnv {
         command
     }
 
+    /// A `herald worker` process of this environment with `extra` settings,
+    /// its output discarded, killed if dropped.
+    pub fn worker_process(&self, extra: &[(&str, &str)]) -> tokio::process::Child {
+        self.herald_command(&["worker"])
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("herald worker starts")
+    }
+
     /// Run `herald args` to its end, whatever its exit status.
     pub async fn herald(&self, args: &[&str]) -> Output {
         self.herald_command(args).output().await.expect("herald runs")
@@ -337,6 +348,40 @@ impl Drop for TestEnv {
         });
         let _ = cleanup.join();
     }
+}
+
+/// Send SIGTERM to a process and wait (at most 15 s) for its exit.
+pub async fn terminate(mut process: tokio::process::Child) -> std::process::ExitStatus {
+    let pid = process.id().expect("running").to_string();
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+    tokio::time::timeout(Duration::from_secs(15), process.wait()).await.expect("exits within 15 s").expect("exit status")
+}
+
+/// SIGKILL a process.
+pub fn kill(process: &tokio::process::Child) {
+    let pid = process.id().expect("running").to_string();
+    let status = std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    assert!(status.success(), "kill -KILL {pid}");
+}
+
+/// The settings that make a process see its wall clock `offset` off (for
+/// example "-30s") through libfaketime, its monotonic clock untouched.
+pub fn skewed_clock(offset: &'static str) -> [(&'static str, &'static str); 3] {
+    [("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"), ("FAKETIME", offset), ("FAKETIME_DONT_FAKE_MONOTONIC", "1")]
+}
+
+/// The title of a posted activity (the first text block of its card).
+pub fn title(record: &sim::ActivityRecord) -> String {
+    record.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap_or_default().to_owned()
+}
+
+/// How often each title was posted.
+pub fn posts_by_title(records: &[sim::ActivityRecord]) -> std::collections::HashMap<String, usize> {
+    let mut posts = std::collections::HashMap::new();
+    for record in records {
+        *posts.entry(title(record)).or_insert(0) += 1;
+    }
+    posts
 }
 
 /// A port that was free a moment ago.
