@@ -1,4 +1,5 @@
 mod dlq;
+mod hostile;
 mod isolation;
 mod observe;
 mod pacing;

@@ -1,0 +1,287 @@
+//! The hostile property test: the tenancy property test's question (does
+//! every alert go out with its own organization's credentials, into its own
+//! organization's conversation?) asked of a world that fights back, through
+//! three `herald worker` processes whose wall clocks disagree by a minute.
+//!
+//! The world, drawn from a seed:
+//! - impostor org_integrations that name another organization's bot app id
+//!   with a wrong or a previous secret, on the same shared integration, with a
+//!   channel whose roster would accept that bot;
+//! - an organization whose bot secret is rotated (in Teams and in MongoDB)
+//!   half-way through the run;
+//! - job ids reused by other organizations, and jobs published two or three
+//!   times, the copies interleaved with everything else;
+//! - sends slowed down and answered 503 with `Retry-After`, so attempts
+//!   approach the claim lease; 2xx answers with broken bodies and answers
+//!   lost after the activity was posted;
+//! - worker clocks skewed by -30 s, 0 and +30 s (libfaketime).
+//!
+//! The invariant, checked on teams-sim's record and the ledger at the end:
+//! every activity was sent with the bot, tenant and conversation of its job's
+//! own organization; every (organization, job id) ends exactly once in
+//! {posted, dead-lettered, unconfirmed}; nothing is posted twice.
+//!
+//! `HERALD_HOSTILE_JOBS` (default 5000) and `HERALD_HOSTILE_SEED` scale and
+//! replay it: `HERALD_HOSTILE_JOBS=20000 cargo test --test it hostile`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use herald::mongo::{BotDoc, ConversationDoc, DeliveryState, OrgIntegrationDoc};
+use serde_json::json;
+use teams_sim::{self as sim, Action, Route, Rule, Tenant, World};
+
+use crate::support::*;
+
+const ORGS: usize = 12;
+const IMPOSTORS: usize = 3;
+/// The organization whose secret is rotated half-way through.
+const ROTATED: usize = 4;
+
+/// An organization of the world and what its jobs should come to.
+struct Org {
+    id: String,
+    integration: String,
+    app: String,
+    tenant: String,
+    channels: Vec<String>,
+    fate: Fate,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fate {
+    Delivered,
+    /// Holds a bot app id it has no secret for.
+    Refused,
+    /// Delivered until its secret is rotated, then either.
+    Rotated,
+}
+
+fn build() -> (Vec<Org>, World) {
+    let mut orgs = Vec::new();
+    let mut world = World::default();
+    for i in 0..ORGS {
+        let (app, tenant) = (format!("app-{i}"), format!("tenant-{i}"));
+        let channels: Vec<String> = (0..2).map(|c| format!("19:org{i}-c{c}@thread.tacv2")).collect();
+        world.tenants.push(Tenant { id: tenant.clone(), name: None });
+        world.bots.push(bot(&app));
+        world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
+        let integration = if i % 2 == 0 { INTEGRATION.to_owned() } else { format!("int-{i}") };
+        let fate = if i == ROTATED { Fate::Rotated } else { Fate::Delivered };
+        orgs.push(Org { id: format!("org-{i}"), integration, app, tenant, channels, fate });
+    }
+    for k in 0..IMPOSTORS {
+        // The victim's bot is in the impostor's roster: only its credential stops it.
+        let (app, tenant) = (format!("app-{k}"), format!("tenant-imp-{k}"));
+        let channels = vec![format!("19:imp{k}@thread.tacv2")];
+        world.tenants.push(Tenant { id: tenant.clone(), name: None });
+        world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
+        orgs.push(Org { id: format!("imp-{k}"), integration: INTEGRATION.into(), app, tenant, channels, fate: Fate::Refused });
+    }
+    (orgs, world)
+}
+
+/// The secret an organization's org_integration holds.
+fn secret_of(org: &Org, index: usize) -> String {
+    match org.fate {
+        Fate::Refused if index % 2 == 0 => format!("forged-{index}"),
+        // The victim's secret before a rotation: once right, now refused.
+        Fate::Refused => format!("{}-previous", bot(&org.app).app_secret),
+        _ => bot(&org.app).app_secret,
+    }
+}
+
+async fn seed(env: &TestEnv, orgs: &[Org]) {
+    let integrations: Vec<OrgIntegrationDoc> = orgs
+        .iter()
+        .enumerate()
+        .map(|(index, o)| OrgIntegrationDoc {
+            integration_id: o.integration.clone(),
+            bot: BotDoc::with_secret(&o.app, &secret_of(o, index)),
+            ..env.org_integration(&o.id, &o.app, &o.tenant)
+        })
+        .collect();
+    let conversations: Vec<ConversationDoc> =
+        orgs.iter().flat_map(|o| o.channels.iter().map(|c| ConversationDoc::channel(&o.id, &o.integration, c))).collect();
+    env.store.seed(&integrations, &conversations, false).await.unwrap();
+}
+
+/// One (organization, job id) of the run.
+struct Planned {
+    org: usize,
+    job_id: uuid::Uuid,
+    conversation: String,
+    copies: usize,
+}
+
+/// Every job, with reused ids and extra copies, in publishing order.
+fn plan(rng: &mut fastrand::Rng, orgs: &[Org], jobs: usize) -> (Vec<Planned>, Vec<usize>) {
+    let mut planned: Vec<Planned> = Vec::with_capacity(jobs);
+    while planned.len() < jobs {
+        let org = rng.usize(..orgs.len());
+        // One job in ten reuses the id of another organization's job.
+        let reused = (rng.u8(..10) == 0 && !planned.is_empty())
+            .then(|| &planned[rng.usize(..planned.len())])
+            .filter(|p| p.org != org && !planned.iter().any(|q| q.org == org && q.job_id == p.job_id))
+            .map(|p| p.job_id);
+        let conversation = orgs[org].channels[rng.usize(..orgs[org].channels.len())].clone();
+        let copies = match rng.u8(..20) {
+            0 => 3,
+            1 | 2 => 2,
+            _ => 1,
+        };
+        let job_id = reused.unwrap_or_else(|| uuid::Uuid::from_u128(rng.u128(..)));
+        planned.push(Planned { org, job_id, conversation, copies });
+    }
+    // Copies go out at random later points of the stream, interleaved.
+    let mut order: Vec<usize> = (0..planned.len()).collect();
+    for (index, p) in planned.iter().enumerate() {
+        for _ in 1..p.copies {
+            let at = rng.usize(index..=order.len());
+            order.insert(at.max(order.iter().position(|&i| i == index).unwrap() + 1), index);
+        }
+    }
+    (planned, order)
+}
+
+fn body(p: &Planned, orgs: &[Org]) -> Vec<u8> {
+    let org = &orgs[p.org];
+    serde_json::to_vec(&json!({
+        "version": 1, "job_id": p.job_id, "organization_id": org.id, "integration_id": org.integration,
+        "recipient": {"conversation_id": p.conversation},
+        "message": {"title": format!("{}/{}", org.id, p.job_id), "text": "hostile"},
+        "created_at": chrono::Utc::now(),
+    }))
+    .unwrap()
+}
+
+/// What teams-sim, the dead-letter queue and the ledger hold, as one figure
+/// that stops changing once every job has settled.
+async fn progress(env: &TestEnv) -> Option<(u32, u64, u32, u32)> {
+    let stats = env.sim.client().stats().await.ok()?;
+    let dead = env.queue_len(&env.topology.dead_queue()).await;
+    Some((env.waiting().await, stats.requests_total, dead, stats.activities_total as u32))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice() {
+    let jobs: usize = std::env::var("HERALD_HOSTILE_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000);
+    let seed_value: u64 = std::env::var("HERALD_HOSTILE_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261130);
+    eprintln!("hostile property test: {jobs} jobs, seed {seed_value} (HERALD_HOSTILE_JOBS, HERALD_HOSTILE_SEED)");
+    let mut rng = fastrand::Rng::with_seed(seed_value);
+    let (orgs, world) = build();
+    let options = sim::Options { throttling: false, seed: seed_value, ..Default::default() };
+    let env = TestEnv::with(world, options, |f| f).await;
+    seed(&env, &orgs).await;
+    let (planned, order) = plan(&mut rng, &orgs, jobs);
+
+    let client = env.sim.client();
+    client.set_latency(sim::Latency::Uniform { min_ms: 0, max_ms: 40 }).await.unwrap();
+    let send =
+        |probability, action| Rule { route: Route::Send, probability: Some(probability), action: Some(action), ..Default::default() };
+    // Lost after the post (past the 2 s request timeout), and broken 2xx bodies: unconfirmed.
+    client.add_fault(&send(0.002, Action::Lose { ms: 2500 })).await.unwrap();
+    client.add_fault(&send(0.004, Action::Garble)).await.unwrap();
+    // Busy, with a Retry-After that stretches attempts toward the lease.
+    client.add_fault(&send(0.02, Action::Status { status: 503, code: None, retry_after: Some(3) })).await.unwrap();
+    client.add_fault(&send(0.01, Action::Hang { ms: 2500 })).await.unwrap();
+
+    let tuning = [
+        ("HERALD_WORKER__CLAIM_LEASE_SECS", "10"),
+        ("HERALD_WORKER__RESOLUTION_CACHE_TTL_SECS", "1"),
+        ("HERALD_WORKER__CONCURRENCY", "32"),
+        ("HERALD_RETRY__MAX_IN_PROCESS_WAIT_SECS", "4"),
+        ("HERALD_LOG__FILTER", "error"),
+    ];
+    let workers: Vec<_> = ["-30s", "+0s", "+30s"]
+        .into_iter()
+        .map(|offset| env.worker_process(&[tuning.as_slice(), skewed_clock(offset).as_slice()].concat()))
+        .collect();
+
+    for (n, &index) in order.iter().enumerate() {
+        if n == order.len() / 2 {
+            // Rotate the secret in Teams and in MongoDB while jobs flow.
+            let rotated = &orgs[ROTATED];
+            client.put_bot(&sim::Bot { app_secret: "rotated".into(), ..bot(&rotated.app) }).await.unwrap();
+            let doc = OrgIntegrationDoc {
+                integration_id: rotated.integration.clone(),
+                bot: BotDoc::with_secret(&rotated.app, "rotated"),
+                ..env.org_integration(&rotated.id, &rotated.app, &rotated.tenant)
+            };
+            env.insert_org_integration(doc).await;
+        }
+        let p = &planned[index];
+        env.publish_raw(&body(p, &orgs), &p.job_id.to_string()).await;
+    }
+
+    // Settled: nothing waiting and nothing changing for 4 s (longer than any lease wait).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    let (mut last, mut still) = (None, 0);
+    while still < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "not settled after 600 s: {last:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = progress(&env).await;
+        still = if now.is_some() && now == last && now.is_some_and(|n| n.0 == 0) { still + 1 } else { 0 };
+        last = now;
+    }
+    for worker in workers {
+        assert!(terminate(worker).await.success(), "a worker exits cleanly on SIGTERM");
+    }
+
+    // Every activity: the bot, tenant and conversation of its job's own organization.
+    let records = client.activities(&sim::ActivityFilter { route: Some(Route::Send), ..Default::default() }).await.unwrap();
+    let by_key: HashMap<(String, String), &Planned> = planned.iter().map(|p| ((orgs[p.org].id.clone(), p.job_id.to_string()), p)).collect();
+    let mut posts: HashMap<(String, String), usize> = HashMap::new();
+    for record in &records {
+        let text = title(record);
+        let (org_id, job_id) = text.split_once('/').expect("a title this test wrote");
+        let key = (org_id.to_owned(), job_id.to_owned());
+        let p = by_key.get(&key).unwrap_or_else(|| panic!("an activity for no job: {text}"));
+        let org = &orgs[p.org];
+        assert_ne!(org.fate, Fate::Refused, "{text}: posted for an org_integration that holds another's bot app id");
+        assert_eq!((record.app_id.as_str(), record.tenant_id.as_str()), (org.app.as_str(), org.tenant.as_str()), "{text}");
+        assert_eq!(record.conversation_id, p.conversation, "{text}");
+        *posts.entry(key).or_insert(0) += 1;
+    }
+
+    // Every (organization, job id): exactly one of posted, dead-lettered, unconfirmed.
+    let letters = herald::dlq::browse(&env.connection, &env.topology.dead_queue(), &env.signer, 2 * jobs + 10).await.unwrap();
+    let mut dead: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for letter in &letters {
+        let key = (letter.organization_id.clone().unwrap_or_default(), letter.message_id.clone().unwrap_or_default());
+        dead.entry(key).or_default().push(letter.reason.clone().unwrap_or_default());
+    }
+    let ledger = env.store.list_deliveries(mongodb::bson::doc! {}, 10 * jobs as i64).await.unwrap();
+    let state: HashMap<(String, String), DeliveryState> = ledger.into_iter().map(|d| ((d.organization_id, d.job_id), d.state)).collect();
+    let (mut delivered, mut refused, mut unconfirmed, mut rotated_refused) = (0, 0, 0, 0);
+    for (key, p) in &by_key {
+        let org = &orgs[p.org];
+        let (posts, reasons, state) = (posts.get(key).copied().unwrap_or(0), dead.get(key).cloned().unwrap_or_default(), state.get(key));
+        let what = format!("{key:?} ({:?}, {} copies): posted {posts}, dead letters {reasons:?}, ledger {state:?}", org.fate, p.copies);
+        assert!(posts <= 1, "posted twice: {what}");
+        assert!(reasons.len() <= p.copies, "more dead letters than copies: {what}");
+        match (posts, reasons.first().map(String::as_str), state) {
+            (1, None, Some(DeliveryState::Sent)) if org.fate != Fate::Refused => delivered += 1,
+            // Posted, but the answer was lost or broken: counted, dead-lettered once, never resent.
+            (_, Some("delivery_unconfirmed"), Some(DeliveryState::Unconfirmed)) if reasons.len() == 1 => unconfirmed += 1,
+            (0, Some("teams_unauthorized"), _) if org.fate == Fate::Refused => refused += 1,
+            (0, Some("teams_unauthorized"), _) if org.fate == Fate::Rotated => rotated_refused += 1,
+            _ => panic!("not exactly one of posted, dead-lettered, unconfirmed: {what}"),
+        }
+    }
+    assert!(reasons_all_one_kind(&dead), "each job's dead letters share one reason");
+    assert_eq!(delivered + refused + unconfirmed + rotated_refused, by_key.len());
+    assert!(refused > 0 && unconfirmed > 0, "the run met impostors ({refused}) and ambiguous answers ({unconfirmed})");
+    let stats = client.stats().await.unwrap();
+    eprintln!(
+        "hostile property test: {} (org, job) pairs from {} publishes; {delivered} posted once, {refused} impostor jobs refused, \
+         {rotated_refused} refused around the rotation, {unconfirmed} unconfirmed; Teams answered {:?}",
+        by_key.len(),
+        order.len(),
+        stats.responses_by_status
+    );
+}
+
+fn reasons_all_one_kind(dead: &HashMap<(String, String), Vec<String>>) -> bool {
+    dead.values().all(|reasons| reasons.iter().all(|r| *r == reasons[0]))
+}
