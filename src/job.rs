@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Bodies larger than this are refused (contract §4).
+/// Bodies larger than this are refused (docs/contract.md §4).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// The job format this worker reads.
 pub const VERSION: u64 = 1;

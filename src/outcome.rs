@@ -134,7 +134,7 @@ pub enum Verdict {
     DeadLetter(Reason),
 }
 
-/// The one classifier (contract §7). Exhaustive over our own variants, so a
+/// The one classifier (docs/contract.md §7). Exhaustive over our own variants, so a
 /// new variant forces a decision; what is not known to be transient is never
 /// retried forever.
 pub fn classify(err: &DeliveryError, max_in_process_wait: Duration) -> Verdict {
@@ -309,5 +309,25 @@ mod tests {
             assert!(names.insert(reason.as_str()), "{reason} twice");
         }
         assert_eq!(Reason::parse("teams_forbiden"), None);
+    }
+
+    /// docs/contract.md §6 names exactly the reasons of this enum, and
+    /// docs/operations.md says what to do about each.
+    #[test]
+    fn the_contract_and_the_runbook_name_every_reason() {
+        let contract = include_str!("../docs/contract.md");
+        let section = &contract[contract.find("Reasons of dead letters:").unwrap()..contract.find("## 7.").unwrap()];
+        let named: std::collections::BTreeSet<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|word| word.chars().all(|c| c.is_ascii_lowercase() || c == '_') && word.contains('_'))
+            .collect();
+        let reasons: std::collections::BTreeSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(named, reasons, "docs/contract.md §6 and Reason::ALL differ");
+        let runbook = include_str!("../docs/operations.md");
+        for reason in Reason::ALL {
+            assert!(runbook.contains(&format!("`{reason}`")), "docs/operations.md does not mention `{reason}`");
+        }
     }
 }

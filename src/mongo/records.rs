@@ -42,7 +42,7 @@ impl BotDoc {
     }
 }
 
-/// One organization's use of a Teams integration (contract §5).
+/// One organization's use of a Teams integration (docs/contract.md §5).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OrgIntegrationDoc {
     #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]

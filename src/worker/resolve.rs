@@ -1,6 +1,6 @@
 //! Resolving a job's organization context: its org_integration, strictly by
 //! `(organization_id, integration_id)`, and a recipient that belongs to that
-//! organization (contract §1). Never a fallback, never a guess.
+//! organization (docs/contract.md §1). Never a fallback, never a guess.
 
 use std::sync::Arc;
 use std::time::Duration;
