@@ -20,7 +20,7 @@ test: services ## Unit and integration tests against the real services and teams
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
 	$(CARGO) test --test resilience --no-fail-fast
-	$(CARGO) test --test it --no-fail-fast
+	$(CARGO) test --test it --features fault-injection --no-fail-fast
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
 	@bash scripts/services.sh --bench
@@ -29,6 +29,6 @@ bench: ## The benchmark (release build, real services, throttling off); writes b
 
 lint: ## rustfmt, clippy (warnings are errors), and the deploy/ manifests, rules and dashboard
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	@bash scripts/deploy-tools.sh
 	python3 deploy/check.py

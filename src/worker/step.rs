@@ -153,6 +153,10 @@ impl Pipeline {
                 return self.conclude(None, incoming.history, Attempt::default(), organization_id, Err(err)).await;
             }
         };
+        #[cfg(feature = "fault-injection")]
+        if matches!(&job.content, crate::job::Content::Message(m) if m.title == "herald-fault: panic") {
+            panic!("fault injection: a panic while processing job {}", job.id);
+        }
         let span = info_span!(
             "job",
             otel.name = "msteams process",

@@ -4,6 +4,7 @@ mod isolation;
 mod observe;
 mod pacing;
 mod pipeline;
+mod poison;
 mod property;
 mod python;
 mod scale;

@@ -3,9 +3,6 @@
 //! every send attempt is attributable: the logs name the org_integration, bot
 //! app and tenant used.
 
-use std::process::Stdio;
-use std::time::Duration;
-
 use herald::mongo::BotDoc;
 use teams_sim::Bot;
 
@@ -60,19 +57,7 @@ async fn no_secret_or_token_leaks_and_every_attempt_names_its_credentials() {
     let client = env.sim.client();
     client.remove_from_roster("19:conv-b@thread.tacv2", "app-b").await.unwrap();
 
-    let log_path = dir.join("worker.log");
-    let port = free_port();
-    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("worker")
-        .envs(env.env_vars())
-        .env("HERALD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("HERALD_IT_SECRET_A", SECRET_A)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let worker = env.observed_worker(&[("HERALD_IT_SECRET_A", SECRET_A), ("HERALD_LOG__FILTER", "debug")]);
 
     env.publish(&job("org-a", "19:conv-a@thread.tacv2", "first")).await;
     env.activities(1).await;
@@ -83,13 +68,8 @@ async fn no_secret_or_token_leaks_and_every_attempt_names_its_credentials() {
     env.publish(&job("org-c", "19:conv-a@thread.tacv2", "wrong secret")).await;
     env.activities(2).await;
     let letters = env.dead_letters(2).await;
-    let metrics = eventually("metrics", Duration::from_secs(10), || async {
-        reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()
-    })
-    .await;
-    std::process::Command::new("kill").args(["-TERM", &process.id().unwrap().to_string()]).status().unwrap();
-    tokio::time::timeout(Duration::from_secs(15), process.wait()).await.unwrap().unwrap();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let metrics = worker.metrics().await;
+    let log = worker.stop().await;
 
     let tokens = client.tokens().await.unwrap();
     assert!(tokens.len() >= 3, "app-a twice, app-b once: {tokens:?}");

@@ -172,6 +172,23 @@ impl TestEnv {
             .expect("herald worker starts")
     }
 
+    /// A `herald worker` process whose log (JSON lines) goes to a file and
+    /// whose `/metrics` listens on a known port.
+    pub fn observed_worker(&self, extra: &[(&str, &str)]) -> ObservedWorker {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!("herald-it-{}-{port}.log", self.id));
+        let process = self
+            .herald_command(&["worker"])
+            .env("HERALD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("HERALD_LOG__FILTER", "info")
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
+            .spawn()
+            .expect("herald worker starts");
+        ObservedWorker { process, port, log }
+    }
+
     /// Run `herald args` to its end, whatever its exit status.
     pub async fn herald(&self, args: &[&str]) -> Output {
         self.herald_command(args).output().await.expect("herald runs")
@@ -348,6 +365,45 @@ impl Drop for TestEnv {
         });
         let _ = cleanup.join();
     }
+}
+
+/// A worker process with its log file and metrics port.
+pub struct ObservedWorker {
+    pub process: tokio::process::Child,
+    pub port: u16,
+    pub log: std::path::PathBuf,
+}
+
+impl ObservedWorker {
+    /// The metrics page (waits until the endpoint answers).
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.port);
+        eventually("the metrics endpoint", Duration::from_secs(15), || async {
+            reqwest::get(&url).await.ok()?.error_for_status().ok()?.text().await.ok()
+        })
+        .await
+    }
+
+    /// The sum of every series of `name` on the metrics page.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&self.metrics().await, name)
+    }
+
+    /// SIGTERM; require a clean exit; the log.
+    pub async fn stop(self) -> String {
+        assert!(terminate(self.process).await.success(), "the worker exits cleanly on SIGTERM");
+        let log = std::fs::read_to_string(&self.log).expect("the worker log");
+        let _ = std::fs::remove_file(&self.log);
+        log
+    }
+}
+
+/// The sum of every series of `name` in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Send SIGTERM to a process and wait (at most 15 s) for its exit.

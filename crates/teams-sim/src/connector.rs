@@ -79,7 +79,7 @@ fn default_code(status: u16) -> &'static str {
 enum Injected {
     /// Answer with this instead of handling the request.
     Answer(Response),
-    /// Handle the request, then spoil the answer (`Lose`, `Garble`).
+    /// Handle the request, then spoil the answer (`Lose`, `Garble`, `Stall`, `Flood`).
     After(Action),
 }
 
@@ -101,7 +101,20 @@ impl Sim {
         }
         let answer = match action? {
             Action::Pass => return None,
-            after @ (Action::Lose { .. } | Action::Garble) => return Some(Injected::After(after)),
+            after @ (Action::Lose { .. } | Action::Garble | Action::Stall { .. } | Action::Flood { .. }) => {
+                return Some(Injected::After(after));
+            }
+            Action::RetryAt { status, secs } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                let code = default_code(status.as_u16());
+                let mut response = error(status, code, format!("Injected fault: {code}"));
+                let at = Utc::now() + chrono::Duration::seconds(secs.min(86_400 * 365) as i64);
+                let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                if let Ok(value) = HeaderValue::from_str(&date) {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                response
+            }
             Action::Status { status, code, retry_after } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 let code = code.unwrap_or_else(|| default_code(status.as_u16()).to_owned());
@@ -134,6 +147,24 @@ async fn spoil(action: Option<Action>, answer: Response) -> Response {
         }
         Some(Action::Garble) if answer.status().is_success() => {
             (answer.status(), [(header::CONTENT_TYPE, "application/json")], "{\"id\": \"1").into_response()
+        }
+        Some(Action::Stall { ms }) if answer.status().is_success() => {
+            let parts = futures_util::stream::unfold(0u8, move |step| async move {
+                match step {
+                    0 => Some((Ok::<_, std::io::Error>(Bytes::from_static(b"{\"id\": ")), 1)),
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        Some((Ok(Bytes::from_static(b"\"stalled\"}")), 2))
+                    }
+                    _ => None,
+                }
+            });
+            (answer.status(), [(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(parts)).into_response()
+        }
+        Some(Action::Flood { bytes }) if answer.status().is_success() => {
+            let padding = "x".repeat(bytes.min(64 << 20) as usize);
+            let body = format!("{{\"id\": \"flood\", \"padding\": \"{padding}\"}}");
+            (answer.status(), [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         _ => answer,
     }

@@ -39,6 +39,16 @@ pub enum Action {
     /// Accept the activity (it is recorded), then answer 201 with a body that
     /// is not JSON: the post happened, the answer cannot be read.
     Garble,
+    /// Answer `status` with `Retry-After` as an HTTP-date `secs` from now
+    /// (RFC 9110's other form).
+    RetryAt { status: u16, secs: u64 },
+    /// Accept the activity (it is recorded), send the 201's headers and the
+    /// start of its body, then hold the rest for `ms`: a Connector that hangs
+    /// after its headers.
+    Stall { ms: u64 },
+    /// Accept the activity (it is recorded), then answer 201 with a JSON body
+    /// of `bytes` bytes (at most 64 MiB): an answer too large to read.
+    Flood { bytes: u64 },
     /// Let the request through untouched (a gap in a sequence).
     Pass,
 }
