@@ -174,8 +174,16 @@ pub enum InvalidJob {
 }
 
 impl Job {
-    /// Parse and validate a message body.
+    /// Parse and validate a message body. The error echoes at most
+    /// `text::MAX_FIELD_BYTES` of the input.
     pub fn decode(body: &[u8]) -> Result<Self, InvalidJob> {
+        Self::decode_unbounded(body).map_err(|err| match err {
+            InvalidJob::Invalid(why) => InvalidJob::Invalid(crate::text::field(&why)),
+            InvalidJob::MissingOrganization(why) => InvalidJob::MissingOrganization(crate::text::field(&why)),
+        })
+    }
+
+    fn decode_unbounded(body: &[u8]) -> Result<Self, InvalidJob> {
         if body.len() > MAX_BODY_BYTES {
             return Err(InvalidJob::Invalid(format!("body of {} bytes exceeds the limit of {MAX_BODY_BYTES} bytes", body.len())));
         }

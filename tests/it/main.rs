@@ -1,4 +1,5 @@
 mod dlq;
+mod fuzz;
 mod hostile;
 mod isolation;
 mod observe;
