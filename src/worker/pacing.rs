@@ -74,3 +74,47 @@ impl Drop for WaitSlot<'_> {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident and peak resident memory of this process, in MiB (Linux).
+    fn rss_mib() -> (f64, f64) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |field: &str| {
+            status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+    }
+
+    /// 100,000 distinct conversations in 100,000 distinct tenants are
+    /// admitted; once their windows (the longest is an hour) have passed, a
+    /// sweep forgets every one of them. The clock is tokio's, paused.
+    #[tokio::test(start_paused = true)]
+    async fn a_hundred_thousand_conversations_and_tenants_are_forgotten_once_their_windows_pass() {
+        let settings = Settings::from_figment(Settings::defaults()).unwrap();
+        let pacing = Pacing::new(&settings);
+        let until = Instant::now() + Duration::from_secs(60);
+        let (rss_before, _) = rss_mib();
+        for i in 0..100_000 {
+            let (tenant, conversation) = (format!("tenant-{i}"), format!("19:conversation-{i}@thread.tacv2"));
+            assert_eq!(pacing.admit("app", &tenant, &conversation, until, Duration::ZERO).await, Ok(()));
+        }
+        let tracked = pacing.tracked();
+        assert!(tracked >= 100_000, "{tracked} keys tracked");
+        let (rss_full, peak) = rss_mib();
+
+        tokio::time::advance(Duration::from_secs(30 * 60)).await;
+        pacing.sweep();
+        assert_eq!(pacing.tracked(), 100_000, "the tenants' windows (seconds) passed, the conversations' hour has not");
+        tokio::time::advance(Duration::from_secs(31 * 60)).await;
+        pacing.sweep();
+        assert_eq!(pacing.tracked(), 0, "every window passed: nothing kept");
+        let (rss_after, _) = rss_mib();
+        eprintln!(
+            "pacing, 100,000 conversations and tenants: {tracked} keys; RSS {rss_before:.1} MiB before, {rss_full:.1} MiB full \
+             (peak {peak:.1} MiB), {rss_after:.1} MiB after the sweep"
+        );
+    }
+}
