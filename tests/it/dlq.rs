@@ -339,3 +339,35 @@ async fn broker_dead_letters_are_read_from_x_death_and_survive_export_and_import
     env.settles_at(&env.topology.dead_queue(), 1).await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The dead-letter tools take bad input cleanly: absurd durations are a
+/// usage error that says why, and an import file with an over-long header
+/// name or message id names the line and publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_durations_and_over_long_import_lines_are_refused_with_the_line_named() {
+    let env = TestEnv::new(two_org_world()).await;
+    for args in [["dlq", "list", "--since", "99999999999d"], ["dlq", "purge", "--older-than", "18446744073709551615s"]] {
+        let refused = env.herald(&args).await;
+        assert_eq!(refused.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&refused).contains("is too long"), "{args:?}: {}", stderr(&refused));
+    }
+    let kept = job("org-a", CONV_A, "already there");
+    env.put_dead_letter(&kept, dead_letter_headers(&kept, "teams_forbidden", None, "2026-11-30T10:00:00Z", 0)).await;
+    let dir = std::env::temp_dir().join(format!("herald-it-import-{}", env.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = serde_json::json!({"message_id": "fine", "headers": {}, "body": "{}"});
+    for (name, bad) in [
+        ("header-name", serde_json::json!({"message_id": "a", "headers": {"x".repeat(300): "v"}, "body": "{}"})),
+        ("message-id", serde_json::json!({"message_id": "m".repeat(300), "headers": {}, "body": "{}"})),
+        ("headers-size", serde_json::json!({"message_id": "b", "headers": {"x-big": "v".repeat(70 * 1024)}, "body": "{}"})),
+    ] {
+        let file = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&file, format!("{good}\n{good}\n{bad}\n")).unwrap();
+        let refused = env.herald(&["dlq", "import", file.to_str().unwrap()]).await;
+        assert_eq!(refused.status.code(), Some(1), "{name}");
+        assert!(stderr(&refused).contains(&format!("{name}.jsonl:3")), "{name}: {}", stderr(&refused));
+        assert!(stderr(&refused).len() < 2048, "{name}: the error is bounded");
+        env.settles_at(&env.topology.dead_queue(), 1).await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -226,7 +226,11 @@ fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
         return Ok(at.with_timezone(&Utc));
     }
-    let ago = parse_duration(text).map_err(|_| format!("{text:?} is neither an RFC 3339 time nor a duration like 2h"))?;
+    let looks_like_a_duration = text.trim().starts_with(|c: char| c.is_ascii_digit()) && !text.contains(['-', ':']);
+    let ago = parse_duration(text).map_err(|why| match looks_like_a_duration {
+        true => why,
+        false => format!("{text:?} is neither an RFC 3339 time nor a duration like 2h"),
+    })?;
     chrono::Duration::from_std(ago)
         .ok()
         .and_then(|ago| Utc::now().checked_sub_signed(ago))
