@@ -173,6 +173,24 @@ pub enum InvalidJob {
     MissingOrganization(String),
 }
 
+/// A job's AMQP properties: its `content_type` is JSON (`application/json`,
+/// parameters such as `charset=utf-8` allowed) or absent, and it has no
+/// `content_encoding` (herald does not decompress).
+pub fn check_properties(content_type: Option<&str>, content_encoding: Option<&str>) -> Result<(), InvalidJob> {
+    if let Some(content_type) = content_type {
+        let media = content_type.split(';').next().unwrap_or_default().trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(InvalidJob::Invalid(format!("content_type {content_type:?} is not application/json")));
+        }
+    }
+    match content_encoding {
+        Some(encoding) if !encoding.trim().is_empty() && !encoding.eq_ignore_ascii_case("identity") => {
+            Err(InvalidJob::Invalid(format!("content_encoding {encoding:?} is not supported: publish the JSON itself")))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Job {
     /// Parse and validate a message body. The error echoes at most
     /// `text::MAX_FIELD_BYTES` of the input.
@@ -296,6 +314,19 @@ impl From<&Job> for WireJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_json_content_types_and_no_encoding_are_taken() {
+        for ok in [None, Some("application/json"), Some("application/json; charset=utf-8"), Some("Application/JSON")] {
+            assert_eq!(check_properties(ok, None), Ok(()), "{ok:?}");
+        }
+        assert_eq!(check_properties(None, Some("identity")), Ok(()));
+        for bad in ["text/plain", "application/x-protobuf", "application/jsonx", ""] {
+            assert!(check_properties(Some(bad), None).is_err(), "{bad:?}");
+        }
+        let gzip = check_properties(Some("application/json"), Some("gzip")).unwrap_err();
+        assert!(gzip.to_string().contains("gzip"), "{gzip}");
+    }
     use serde_json::json;
 
     fn valid() -> Value {

@@ -45,6 +45,9 @@ pub struct Incoming {
     pub history: History,
     /// The producer's W3C trace context, if any.
     pub traceparent: Option<String>,
+    /// The AMQP `content_type` and `content_encoding` properties, if set.
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
     pub redelivered: bool,
 }
 

@@ -53,6 +53,8 @@ impl Settler {
         }
         let incoming = Incoming {
             traceparent: headers::get_str(table, headers::TRACEPARENT).map(|t| crate::text::clip(&t, 128)),
+            content_type: properties.content_type().as_ref().map(|c| crate::text::clip(c.as_str(), 128)),
+            content_encoding: properties.content_encoding().as_ref().map(|c| crate::text::clip(c.as_str(), 128)),
             body: data,
             message_id,
             history,

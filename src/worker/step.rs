@@ -17,7 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::pacing::{Later, Pacing};
 use super::resolve::{OrgIntegration, Resolver};
 use super::{Acked, Disposition, Failure, History, Incoming};
-use crate::job::Job;
+use crate::job::{self, Job};
 use crate::metrics::Metrics;
 use crate::mongo::{Claim, DeliveryState, Lease, Store, StoreError};
 use crate::outcome::{DeliveryError, Reason, Verdict, classify, quarantines, retry_tier};
@@ -144,7 +144,8 @@ impl Pipeline {
     /// Decide what happens to one message. Never touches the broker; never
     /// panics on bad input.
     pub async fn process(&self, incoming: &Incoming) -> Disposition {
-        let job = match Job::decode(&incoming.body) {
+        let checked = job::check_properties(incoming.content_type.as_deref(), incoming.content_encoding.as_deref());
+        let job = match checked.and_then(|()| Job::decode(&incoming.body)) {
             Ok(job) => job,
             Err(invalid) => {
                 let err = DeliveryError::Invalid(invalid);
