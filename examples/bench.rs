@@ -4,6 +4,7 @@
 //! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
 //! so the benchmark cannot rot); the default is the full run of issue 8.
 
+mod fleet;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -16,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use figment::providers::Serialized;
+use fleet::{conversation, percentile};
 use futures_util::StreamExt;
 use herald::dlq;
-use herald::mongo::{BotDoc, ConversationDoc, IntegrationStatus, OrgIntegrationDoc, Store};
+use herald::mongo::Store;
 use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
 use herald::settings::Settings;
 use lapin::BasicProperties;
@@ -27,7 +29,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use support::{Guard, binary};
 use teams_sim::client::SimClient;
-use teams_sim::{self as sim, Action, Bot, Conversation, Rule, Tenant, World};
+use teams_sim::{self as sim, Action, Rule};
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -41,6 +43,8 @@ struct Scale {
     mix_jobs: usize,
     throttled_jobs: usize,
     replay: usize,
+    soak_jobs: usize,
+    soak_rate: u32,
 }
 
 const FULL: Scale = Scale {
@@ -53,6 +57,8 @@ const FULL: Scale = Scale {
     mix_jobs: 10_000,
     throttled_jobs: 2_000,
     replay: 10_000,
+    soak_jobs: 10_000,
+    soak_rate: 400,
 };
 const SMOKE: Scale = Scale {
     name: "smoke",
@@ -64,6 +70,8 @@ const SMOKE: Scale = Scale {
     mix_jobs: 500,
     throttled_jobs: 200,
     replay: 500,
+    soak_jobs: 1_000,
+    soak_rate: 200,
 };
 
 fn free_port() -> u16 {
@@ -88,13 +96,6 @@ fn usage(pid: u32) -> (f64, f64) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     (ticks / 100.0, hwm_kb / 1024.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 struct Env {
@@ -224,10 +225,6 @@ fn random_jobs(rng: &mut fastrand::Rng, scale: &Scale, n: usize) -> Vec<(String,
         .collect()
 }
 
-fn conversation(org: usize, c: usize) -> String {
-    format!("19:org{org}-c{c}@thread.tacv2")
-}
-
 async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<Duration>
 where
     F: FnMut() -> Fut,
@@ -281,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
     mix(&env, &scale, &mut rng, &mut guard, &mut rows).await?;
     throttled(&env, &scale, &mut guard, &mut rows).await?;
     replay(&env, &scale, &mut rows).await?;
+    soak(&env, &scale, &mut guard, &mut rows).await?;
     env.tear_down().await;
     let _ = std::fs::remove_file(&world_path);
 
@@ -327,26 +325,7 @@ async fn set_up(
 ) -> anyhow::Result<(Env, std::path::PathBuf)> {
     let sim_port = free_port();
     let sim_url = format!("http://127.0.0.1:{sim_port}");
-    let mut world = World::default();
-    for org in 0..scale.orgs {
-        world.tenants.push(Tenant { id: format!("tenant-{org}"), name: None });
-        world.bots.push(Bot {
-            app_id: format!("app-{org}"),
-            app_secret: format!("secret-{org}"),
-            authority: "botframework.com".into(),
-            disabled: false,
-        });
-        for c in 0..scale.conversations_per_org {
-            world.conversations.push(Conversation {
-                id: conversation(org, c),
-                tenant_id: format!("tenant-{org}"),
-                kind: sim::ConversationKind::Channel,
-                roster: [format!("app-{org}")].into(),
-                blocked: false,
-                user_id: None,
-            });
-        }
-    }
+    let (world, integrations, conversations) = fleet::fleet(scale.orgs, scale.conversations_per_org, &format!("{sim_url}/teams/"));
     let world_path = std::env::temp_dir().join(format!("herald-bench-world-{id}.json"));
     std::fs::write(&world_path, serde_json::to_vec(&world)?)?;
     guard.0.push(
@@ -371,26 +350,6 @@ async fn set_up(
     topology.declare(&connection).await?;
     let store = Store::connect(&settings).await?;
     store.ensure_indexes().await?;
-    let integrations: Vec<OrgIntegrationDoc> = (0..scale.orgs)
-        .map(|org| OrgIntegrationDoc {
-            id: None,
-            organization_id: format!("org-{org}"),
-            integration_id: "teams-main".into(),
-            status: IntegrationStatus::Active,
-            tenant_id: format!("tenant-{org}"),
-            cloud: None,
-            service_url: format!("{sim_url}/teams/"),
-            bot: BotDoc::with_secret(&format!("app-{org}"), &format!("secret-{org}")),
-            created_at: None,
-            updated_at: None,
-        })
-        .collect();
-    let conversations: Vec<ConversationDoc> = (0..scale.orgs)
-        .flat_map(|org| {
-            (0..scale.conversations_per_org)
-                .map(move |c| ConversationDoc::channel(&format!("org-{org}"), "teams-main", &conversation(org, c)))
-        })
-        .collect();
     store.seed(&integrations, &conversations, false).await?;
     Ok((Env { prefix, database, sim_url, sim, connection, publisher, topology, store }, world_path))
 }
@@ -611,6 +570,99 @@ async fn replay(env: &Env, scale: &Scale, rows: &mut Rows) -> anyhow::Result<()>
         format!("`herald dlq replay` of {} dead letters", scale.replay),
         format!("{replay_secs:.1} s ({:.0}/s)", scale.replay as f64 / replay_secs),
         verdict(replay_secs < 60.0, "well under a minute"),
+    ));
+    Ok(())
+}
+
+/// One soak run: `planned` published at `rate` per second into a fresh
+/// worker; what it came to, the worker's peak RSS (MiB) and reconnects.
+async fn soak_run(env: &Env, planned: &[fleet::Planned], rate: u32, guard: &mut Guard) -> anyhow::Result<(fleet::Verdict, f64, f64)> {
+    env.sim.reset().await?;
+    env.purge_all().await?;
+    let started = mongodb::bson::DateTime::now();
+    for rule in fleet::faults(3000) {
+        env.sim.add_fault(&rule).await?;
+    }
+    let http_port = free_port();
+    let worker = Command::new(binary("herald")?)
+        .arg("worker")
+        .envs(env.worker_env(http_port))
+        .env("HERALD_TEAMS__REQUEST_TIMEOUT_SECS", "2")
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = worker.id();
+    guard.0.push(worker);
+    wait_for("the soak worker to be ready", Duration::from_secs(20), || async {
+        Ok(reqwest::get(format!("http://127.0.0.1:{http_port}/readyz")).await.is_ok_and(|r| r.status().is_success()))
+    })
+    .await?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    let mut published_at = std::collections::HashMap::new();
+    for job in planned {
+        tick.tick().await;
+        published_at.insert(job.message_id.clone(), chrono::Utc::now());
+        env.publisher.publish(&env.topology.jobs_exchange(), ROUTING_KEY, &job.body, job.properties.clone()).await?;
+    }
+    let (jobs, dead_queue) = (planned.len() as u64, env.topology.dead_queue());
+    wait_for("the soak to settle", Duration::from_secs(600), || async {
+        let done = env.sim.stats().await?.activities_total + u64::from(env.queue_len(&dead_queue).await?);
+        Ok(done >= jobs && env.queue_len(&env.topology.work_queue()).await? == 0)
+    })
+    .await?;
+    // Retries of the last jobs may still be in a tier.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reconnects = metric(http_port, "herald_broker_reconnects_total").await;
+    let (_, rss) = usage(pid);
+    stop_last(guard);
+    let records = env.sim.all_activities().await?;
+    let signer = herald::worker::signer(&env.settings()?, &env.store).await?;
+    let letters = dlq::browse(&env.connection, &dead_queue, &signer, planned.len() + 10).await?;
+    let ledger = env.store.list_deliveries(mongodb::bson::doc! { "updated_at": { "$gte": started } }, 4 * planned.len() as i64).await?;
+    let ledger = ledger.into_iter().map(|d| (d.job_id, d.state)).collect();
+    Ok((fleet::check(planned, &published_at, &records, &letters, &ledger), rss, reconnects))
+}
+
+/// Phase 6: the poison soak, against a run of the same good traffic without
+/// hostile jobs: latency and memory must not suffer from the poison.
+async fn soak(env: &Env, scale: &Scale, guard: &mut Guard, rows: &mut Rows) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let clean = fleet::plan(&mut rng, scale.soak_jobs, 0.0, scale.orgs, scale.conversations_per_org);
+    let poisoned = fleet::plan(&mut rng, scale.soak_jobs, 0.10, scale.orgs, scale.conversations_per_org);
+    let (clean, clean_rss, _) = soak_run(env, &clean, scale.soak_rate, guard).await?;
+    let (poison, poison_rss, reconnects) = soak_run(env, &poisoned, scale.soak_rate, guard).await?;
+    let (clean_p99, poison_p99) = (percentile(&clean.latencies_ms, 0.99), percentile(&poison.latencies_ms, 0.99));
+    eprintln!(
+        "soak: clean p99 {clean_p99:.0} ms, RSS {clean_rss:.0} MiB; poisoned p99 {poison_p99:.0} ms, RSS {poison_rss:.0} MiB; \
+         {} problems, {reconnects} reconnects",
+        clean.problems.len() + poison.problems.len()
+    );
+    for problem in clean.problems.iter().chain(&poison.problems).take(10) {
+        eprintln!("soak problem: {problem}");
+    }
+    let jobs = scale.soak_jobs;
+    rows.push((
+        format!(
+            "poison soak, {jobs} jobs at {}/s, 10% hostile; Connector: 2% 429 (HTTP-date), 2% 503, hangs, resets, broken 2xx",
+            scale.soak_rate
+        ),
+        format!(
+            "{} good posted once, {} unconfirmed, {} hostile dead-lettered once; {} broken rules; {reconnects} broker reconnects",
+            poison.delivered,
+            poison.unconfirmed,
+            poison.hostile_dead_lettered,
+            poison.problems.len()
+        ),
+        verdict(poison.problems.is_empty() && clean.problems.is_empty() && reconnects == 0.0, "every job settled once; 0 reconnects"),
+    ));
+    rows.push((
+        "good-job p99 latency, poisoned run vs the same traffic without hostile jobs".into(),
+        format!("{poison_p99:.0} ms vs {clean_p99:.0} ms ({:.2}×)", poison_p99 / clean_p99),
+        verdict(poison_p99 <= 2.0 * clean_p99, "≤ 2×"),
+    ));
+    rows.push((
+        "worker peak RSS, poisoned run vs clean run".into(),
+        format!("{poison_rss:.0} MiB vs {clean_rss:.0} MiB ({:.2}×)", poison_rss / clean_rss),
+        verdict(poison_rss <= 1.5 * clean_rss, "≤ 1.5×"),
     ));
     Ok(())
 }

@@ -1,4 +1,7 @@
 mod dlq;
+#[path = "../../examples/fleet/mod.rs"]
+#[allow(dead_code)]
+mod fleet;
 mod fuzz;
 mod hostile;
 mod isolation;
@@ -13,5 +16,6 @@ mod schema;
 mod secrets;
 mod shutdown;
 mod sim;
+mod soak;
 mod support;
 mod tenancy;
