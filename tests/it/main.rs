@@ -17,5 +17,6 @@ mod secrets;
 mod shutdown;
 mod sim;
 mod soak;
+mod step;
 mod support;
 mod tenancy;
