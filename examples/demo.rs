@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use herald::dlq;
 use herald::job::Job;
-use herald::mongo::{BotDoc, ConversationDoc, IntegrationStatus, OrgIntegrationDoc};
+use herald::mongo::{BotDoc, ConversationDoc, OrgIntegrationDoc};
 use herald::producer::Producer;
 use herald::rabbitmq::{self, Topology};
 use herald::settings::Settings;
@@ -35,18 +35,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn org_integration(org: &str, tenant: &str, app: &str, secret: &str, service_url: &str) -> OrgIntegrationDoc {
-    OrgIntegrationDoc {
-        id: None,
-        organization_id: org.into(),
-        integration_id: INTEGRATION.into(),
-        status: IntegrationStatus::Active,
-        tenant_id: tenant.into(),
-        cloud: None,
-        service_url: service_url.into(),
-        bot: BotDoc::with_secret(app, secret),
-        created_at: None,
-        updated_at: None,
-    }
+    OrgIntegrationDoc::active(org, INTEGRATION, tenant, service_url, BotDoc::with_secret(app, secret))
 }
 
 fn registered_channel(org: &str, id: &str) -> ConversationDoc {

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use herald::dlq::DeadLetter;
-use herald::mongo::{BotDoc, ConversationDoc, DeliveryState, IntegrationStatus, OrgIntegrationDoc};
+use herald::mongo::{BotDoc, ConversationDoc, DeliveryState, OrgIntegrationDoc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
@@ -56,18 +56,13 @@ pub fn fleet(orgs: usize, per_org: usize, service_url: &str) -> (World, Vec<OrgI
             });
             conversations.push(ConversationDoc::channel(&organization(org), INTEGRATION, &conversation(org, c)));
         }
-        integrations.push(OrgIntegrationDoc {
-            id: None,
-            organization_id: organization(org),
-            integration_id: INTEGRATION.into(),
-            status: IntegrationStatus::Active,
-            tenant_id: tenant,
-            cloud: None,
-            service_url: service_url.to_owned(),
-            bot: BotDoc::with_secret(&app, &secret),
-            created_at: None,
-            updated_at: None,
-        });
+        integrations.push(OrgIntegrationDoc::active(
+            &organization(org),
+            INTEGRATION,
+            &tenant,
+            service_url,
+            BotDoc::with_secret(&app, &secret),
+        ));
     }
     (world, integrations, conversations)
 }

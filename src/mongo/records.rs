@@ -63,6 +63,22 @@ pub struct OrgIntegrationDoc {
 }
 
 impl OrgIntegrationDoc {
+    /// An active record on the public cloud, not yet stored.
+    pub fn active(organization_id: &str, integration_id: &str, tenant_id: &str, service_url: &str, bot: BotDoc) -> Self {
+        Self {
+            id: None,
+            organization_id: organization_id.to_owned(),
+            integration_id: integration_id.to_owned(),
+            status: IntegrationStatus::Active,
+            tenant_id: tenant_id.to_owned(),
+            cloud: None,
+            service_url: service_url.to_owned(),
+            bot,
+            created_at: None,
+            updated_at: None,
+        }
+    }
+
     /// The record's `_id` as text, for headers and logs.
     pub fn id_string(&self) -> String {
         match &self.id {

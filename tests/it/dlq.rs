@@ -77,8 +77,7 @@ async fn list_stats_and_show_remove_nothing_and_filter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     env.sim.client().remove_from_roster(CONV_A, "app-a").await.unwrap();
     let worker = env.spawn_worker();
     let refused = job("org-a", CONV_A, "parked");
@@ -112,8 +111,7 @@ async fn replay_after_the_cause_is_fixed_delivers_and_leaves_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_job_that_fails_again_counts_its_replays_and_is_refused_past_the_limit() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     let lost = job("org-unknown", CONV_A, "x");
     env.publish(&lost).await;

@@ -45,12 +45,9 @@ async fn a_wrong_secret_for_another_organizations_bot_never_rides_on_its_cached_
 /// token with it, and the old secret stops working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_fetches_a_new_token_at_the_next_resolution() {
-    let env =
-        TestEnv::with(two_org_world(), sim::Options::default(), |f| f.merge(Serialized::default("worker.resolution_cache_ttl_secs", 1)))
-            .await;
-    env.seed_two_orgs().await;
-    let worker = env.spawn_worker();
+    let env = TestEnv::two_orgs_with_setting("worker.resolution_cache_ttl_secs", 1).await;
     env.publish(&job("org-a", CONV_A, "before")).await;
+    let worker = env.spawn_worker();
     env.activities(1).await;
 
     let client = env.sim.client();
@@ -71,10 +68,9 @@ async fn a_rotated_secret_fetches_a_new_token_at_the_next_resolution() {
 /// is B's: it is delivered, and A's record is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_id_reused_by_another_organization_is_delivered_not_suppressed() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
-    let worker = env.spawn_worker();
     let a = job("org-a", CONV_A, "from a");
+    let env = TestEnv::two_orgs().await;
+    let worker = env.spawn_worker();
     env.publish(&a).await;
     env.activities(1).await;
     let a_record = env.sent(&a.id.to_string()).await;
@@ -111,8 +107,7 @@ async fn a_copy_that_finds_the_job_in_progress_never_frees_the_claim() {
     // Slower than the first retry tier (1 s): the second copy is back before the first is done.
     env.sim.client().set_latency(sim::Latency::Fixed { ms: 2500 }).await.unwrap();
     let job = job("org-a", CONV_A, "twice published");
-    env.publish(&job).await;
-    env.publish(&job).await;
+    env.publish_copies(&job, 2).await;
     let worker = env.spawn_worker();
     env.activities(1).await;
     env.drained().await;
@@ -138,8 +133,7 @@ async fn a_send_slower_than_the_lease_never_overlaps_another_copy() {
     let busy = Action::Status { status: 503, code: None, retry_after: Some(2) };
     env.sim.client().add_fault(&Rule { route: Route::Send, sequence: vec![busy; 6], ..Default::default() }).await.unwrap();
     let job = job("org-a", CONV_A, "slow");
-    env.publish(&job).await;
-    env.publish(&job).await;
+    env.publish_copies(&job, 2).await;
     let worker = env.spawn_worker();
     env.activities(1).await;
     env.drained().await;
@@ -155,8 +149,7 @@ async fn a_send_slower_than_the_lease_never_overlaps_another_copy() {
 /// server's clock, so neither takes over the other's live claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_hold_whatever_each_workers_clock_says() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     env.sim.client().set_latency(sim::Latency::Fixed { ms: 1500 }).await.unwrap();
     const JOBS: usize = 20;
     let jobs: Vec<_> = (0..JOBS)
@@ -184,8 +177,7 @@ async fn leases_hold_whatever_each_workers_clock_says() {
 /// and a later copy is not posted either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_whose_answer_is_lost_is_unconfirmed_and_never_resent() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let client = env.sim.client();
     client
         .add_fault(&Rule { route: Route::Send, sequence: vec![Action::Lose { ms: 4000 }, Action::Garble], ..Default::default() })
@@ -232,8 +224,7 @@ async fn a_send_whose_answer_is_lost_is_unconfirmed_and_never_resent() {
 /// lifted on purpose, and a file with an invalid record writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_replaces_what_it_owns_keeps_quarantines_and_checks_before_writing() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     env.store.quarantine("org-a", INTEGRATION, CONV_A, "teams_forbidden", Some("BotNotInConversationRoster")).await.unwrap();
     let dir = std::env::temp_dir().join(format!("herald-seed-{}", env.id));
     std::fs::create_dir_all(&dir).unwrap();

@@ -57,8 +57,7 @@ async fn health_readiness_and_metrics() {
 async fn the_trace_of_a_published_job_continues_in_the_worker_and_is_exported() {
     use std::sync::{Arc, Mutex};
 
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     // A minimal OTLP/HTTP collector that keeps every request body.
     let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let keep = bodies.clone();

@@ -14,8 +14,7 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_delivers_with_the_organizations_own_bot_and_records_it() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     let job = job("org-a", CONV_A, "Disk full");
     env.publish(&job).await;
@@ -40,8 +39,7 @@ async fn happy_path_delivers_with_the_organizations_own_bot_and_records_it() {
 /// found for the integration is the other organization's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incident_shared_integration_each_org_is_delivered_by_its_own_bot() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     // What the incident's client did, straight against the database: the
     // first record of the integration belongs to the other organization.
     let raw = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true").await.unwrap();
@@ -72,8 +70,7 @@ async fn incident_shared_integration_each_org_is_delivered_by_its_own_bot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_disabled_and_missing_organizations_are_dead_lettered_without_a_request() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let mut disabled = env.org_integration("org-off", "app-a", "tenant-a");
     disabled.status = herald::mongo::IntegrationStatus::Disabled;
     env.insert_org_integration(disabled).await;
@@ -98,8 +95,7 @@ async fn unknown_disabled_and_missing_organizations_are_dead_lettered_without_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bot_not_in_roster_is_dead_lettered_at_once_with_every_header_and_quarantined() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     env.sim.client().remove_from_roster(CONV_A, "app-a").await.unwrap();
     let worker = env.spawn_worker();
     let job = job("org-a", CONV_A, "x");
@@ -138,8 +134,7 @@ async fn bot_not_in_roster_is_dead_lettered_at_once_with_every_header_and_quaran
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_with_retry_after_then_delivered() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let throttle = Action::Status { status: 429, code: Some("Throttled".into()), retry_after: Some(1) };
     env.sim.client().add_fault(&Rule { route: Route::Send, sequence: vec![throttle], ..Default::default() }).await.unwrap();
     let worker = env.spawn_worker();
@@ -156,8 +151,7 @@ async fn throttled_with_retry_after_then_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_storm_goes_through_a_delayed_retry_and_is_then_delivered() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let unavailable = Action::Status { status: 503, code: None, retry_after: None };
     // Four 503s: more than the three quick attempts, so one delayed hop.
     env.sim.client().add_fault(&Rule { route: Route::Send, sequence: vec![unavailable; 4], ..Default::default() }).await.unwrap();
@@ -196,8 +190,7 @@ async fn retries_exhausted_are_dead_lettered_with_the_last_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_wrong_version_and_oversized_bodies_are_dead_lettered_with_the_parse_error() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     env.publish_raw(b"{\"version\": 1, \"organization_id\": ", "malformed").await;
     let mut v2 = serde_json::to_value(herald::job::WireJob::from(&job("org-a", CONV_A, "x"))).unwrap();
@@ -242,8 +235,7 @@ async fn a_service_url_off_the_allowlist_gets_zero_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_expires_mid_run_is_refreshed_once() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     env.publish(&job("org-a", CONV_A, "first")).await;
     env.activities(1).await;
@@ -260,8 +252,7 @@ async fn a_token_that_expires_mid_run_is_refreshed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_jobs_share_one_token_request() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     env.sim.client().set_throttling(&sim::Throttling { enabled: false, limits: None }).await.unwrap();
     env.sim.client().set_latency(sim::Latency::Fixed { ms: 20 }).await.unwrap();
     for i in 0..40 {
@@ -276,8 +267,7 @@ async fn many_concurrent_jobs_share_one_token_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_job_that_was_sent_is_not_posted_twice() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     let job = job("org-a", CONV_A, "once");
     env.publish(&job).await;
@@ -297,8 +287,7 @@ async fn a_redelivered_job_that_was_sent_is_not_posted_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recipient_of_another_organization_is_refused_without_a_request() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     // Org A's job naming org B's channel.
     env.publish(&job("org-a", CONV_B, "x")).await;
@@ -310,8 +299,7 @@ async fn a_recipient_of_another_organization_is_refused_without_a_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_job_is_dead_lettered_not_sent() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     let created = chrono::Utc::now() - chrono::Duration::minutes(10);
     let job = job_json(json!({
@@ -346,10 +334,7 @@ async fn a_token_is_refreshed_before_it_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabling_an_org_integration_stops_deliveries_within_the_cache_ttl() {
-    let env =
-        TestEnv::with(two_org_world(), sim::Options::default(), |f| f.merge(Serialized::default("worker.resolution_cache_ttl_secs", 1)))
-            .await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs_with_setting("worker.resolution_cache_ttl_secs", 1).await;
     let worker = env.spawn_worker();
     env.publish(&job("org-a", CONV_A, "before")).await;
     env.activities(1).await;
@@ -364,13 +349,11 @@ async fn disabling_an_org_integration_stops_deliveries_within_the_cache_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_copies_of_one_job_consumed_at_once_are_posted_once() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     // Slow Teams: the first copy is still being sent when the second is taken.
     env.sim.client().set_latency(sim::Latency::Fixed { ms: 700 }).await.unwrap();
     let job = job("org-a", CONV_A, "twice published");
-    env.publish(&job).await;
-    env.publish(&job).await;
+    env.publish_copies(&job, 2).await;
     let worker = env.spawn_worker();
     env.activities(1).await;
     env.drained().await;

@@ -41,8 +41,7 @@ fn assert_bounded(letter: &herald::dlq::DeadLetter) {
 /// every tenant around them is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_150_kb_value_in_any_field_is_one_bounded_dead_letter_and_no_reconnect() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.observed_worker(&[]);
     let big = "x".repeat(BIG);
     let mut bad = Vec::new();
@@ -98,8 +97,7 @@ async fn a_150_kb_value_in_any_field_is_one_bounded_dead_letter_and_no_reconnect
 /// any) carries what herald saw, never what the producer claimed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_herald_headers_are_ignored_and_never_reach_a_dead_letter() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     // One transient error: a job whose forged hop count were believed would be dead-lettered now.
     let busy = Action::Status { status: 503, code: None, retry_after: None };
     env.sim.client().add_fault(&Rule { route: Route::Send, sequence: vec![busy; 4], ..Default::default() }).await.unwrap();
@@ -142,8 +140,7 @@ async fn forged_herald_headers_are_ignored_and_never_reach_a_dead_letter() {
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_dead_lettered_internal_error_and_the_worker_goes_on() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.observed_worker(&[]);
     env.publish(&job("org-a", CONV_A, "herald-fault: panic")).await;
     env.publish(&job("org-b", CONV_B, "after the panic")).await;
@@ -161,8 +158,7 @@ async fn a_panic_is_dead_lettered_internal_error_and_the_worker_goes_on() {
 /// away) is clamped: the job waits in a retry tier, not for a year.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_as_an_http_date_is_honoured_and_clamped() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let client = env.sim.client();
     let dated = |secs| Action::RetryAt { status: 429, secs };
     client.add_fault(&Rule { route: Route::Send, sequence: vec![dated(1), dated(365 * 86_400)], ..Default::default() }).await.unwrap();
@@ -181,8 +177,7 @@ async fn retry_after_as_an_http_date_is_honoured_and_clamped() {
 /// the limits. Both end `unconfirmed` within the request timeout, never resent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connector_that_hangs_after_headers_or_floods_its_body_is_unconfirmed_in_time() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let client = env.sim.client();
     let sequence = vec![Action::Stall { ms: 60_000 }, Action::Flood { bytes: 10_000_000 }];
     client.add_fault(&Rule { route: Route::Send, conversation_id: Some(CONV_A.into()), sequence, ..Default::default() }).await.unwrap();
@@ -205,8 +200,7 @@ async fn a_connector_that_hangs_after_headers_or_floods_its_body_is_unconfirmed_
 /// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publishing_channel_heals_when_the_dead_letter_exchange_is_deleted() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.observed_worker(&[]);
     env.publish(&job("org-a", CONV_A, "warm up")).await;
     env.activities(1).await;
@@ -231,8 +225,7 @@ async fn credentials_in_urls_never_reach_a_log_a_dead_letter_or_a_metric() {
     const IN_SERVICE_URL: &str = "svc-pw-3141-SECRET";
     const IN_AMQP_URL: &str = "amqp-pw-2718-SECRET";
     const IN_MONGO_URL: &str = "mongo-pw-1618-SECRET";
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let sneaky = OrgIntegrationDoc {
         service_url: env.sim.service_url().replacen("http://", &format!("http://herald:{IN_SERVICE_URL}@"), 1),
         ..env.org_integration("org-c", "app-a", "tenant-a")

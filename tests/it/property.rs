@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use figment::providers::Serialized;
-use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Quarantine};
+use herald::mongo::{ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Quarantine};
 use serde_json::json;
 use teams_sim::{self as sim, Bot, Conversation, Tenant, User, World};
 
@@ -96,16 +96,9 @@ async fn seed_world(env: &TestEnv, orgs: &[Org]) {
         .iter()
         .rev()
         .map(|o| OrgIntegrationDoc {
-            id: None,
-            organization_id: o.id.clone(),
-            integration_id: o.integration.clone(),
             status: if o.disabled { IntegrationStatus::Disabled } else { IntegrationStatus::Active },
-            tenant_id: o.tenant.clone(),
-            cloud: None,
-            service_url: env.sim.service_url(),
-            bot: BotDoc::with_secret(&o.app, &format!("secret-{}", o.app.trim_start_matches("app-"))),
-            created_at: None,
-            updated_at: None,
+            integration_id: o.integration.clone(),
+            ..env.org_integration(&o.id, &o.app, &o.tenant)
         })
         .collect();
     let mut conversations = Vec::new();

@@ -5,8 +5,7 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_published_with_pika_is_delivered() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/producer.py");
     let output = tokio::process::Command::new("python3")

@@ -14,8 +14,7 @@ fn titles(records: &[sim::ActivityRecord]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_jobs_and_loses_none() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let client = env.sim.client();
     client.set_throttling(&sim::Throttling { enabled: false, limits: None }).await.unwrap();
     client.set_latency(sim::Latency::Fixed { ms: 200 }).await.unwrap();

@@ -63,6 +63,20 @@ impl Sim {
         Self::start_with(sim::Options::default()).await
     }
 
+    /// Post a message into `CONV` with reqwest itself (to see transport errors).
+    async fn post_message(&self, token: &str) -> reqwest::Result<reqwest::Response> {
+        let url = format!("{}/teams/v3/conversations/{}/activities", self.running.base_url(), encode(CONV));
+        self.http.post(url).bearer_auth(token).json(&message()).send().await
+    }
+
+    /// A simulator, its admin client, and a token of `app1`.
+    async fn with_token() -> (Self, teams_sim::client::SimClient, String) {
+        let sim = Self::start().await;
+        let client = sim.running.client();
+        let token = sim.token("app1", "s1", "botframework.com").await;
+        (sim, client, token)
+    }
+
     async fn start_with(options: sim::Options) -> Self {
         let running = Running::start(world(), options).await.unwrap();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
@@ -127,36 +141,15 @@ async fn token_endpoint_issues_tokens_and_refuses_like_the_identity_platform() {
 
     // (authority, form, status, error, AADSTS code)
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str, u64);
+    let form = |client: &'static str, secret: &'static str| {
+        vec![("grant_type", "client_credentials"), ("client_id", client), ("client_secret", secret), ("scope", SCOPE)]
+    };
     let cases: [Case; 6] = [
-        (
-            "botframework.com",
-            vec![("grant_type", "client_credentials"), ("client_id", "app1"), ("client_secret", "wrong"), ("scope", SCOPE)],
-            401,
-            "invalid_client",
-            7000215,
-        ),
-        (
-            "botframework.com",
-            vec![("grant_type", "client_credentials"), ("client_id", "nobody"), ("client_secret", "s1"), ("scope", SCOPE)],
-            400,
-            "unauthorized_client",
-            700016,
-        ),
+        ("botframework.com", form("app1", "wrong"), 401, "invalid_client", 7000215),
+        ("botframework.com", form("nobody", "s1"), 400, "unauthorized_client", 700016),
         // A single-tenant bot asking the multi-tenant authority, and a wrong tenant.
-        (
-            "botframework.com",
-            vec![("grant_type", "client_credentials"), ("client_id", "single"), ("client_secret", "s2"), ("scope", SCOPE)],
-            400,
-            "unauthorized_client",
-            700016,
-        ),
-        (
-            "no-such-tenant",
-            vec![("grant_type", "client_credentials"), ("client_id", "single"), ("client_secret", "s2"), ("scope", SCOPE)],
-            400,
-            "invalid_request",
-            90002,
-        ),
+        ("botframework.com", form("single", "s2"), 400, "unauthorized_client", 700016),
+        ("no-such-tenant", form("single", "s2"), 400, "invalid_request", 90002),
         (
             "botframework.com",
             vec![
@@ -220,9 +213,7 @@ async fn connector_authentication_and_expiry() {
 
 #[tokio::test]
 async fn connector_statuses_and_codes() {
-    let sim = Sim::start().await;
-    let client = sim.running.client();
-    let token = sim.token("app1", "s1", "botframework.com").await;
+    let (sim, client, token) = Sim::with_token().await;
     let outsider = sim.token("outsider", "s3", "botframework.com").await;
 
     let bad = [
@@ -311,9 +302,7 @@ async fn create_conversation_finds_or_creates_the_personal_chat() {
 
 #[tokio::test]
 async fn throttling_per_conversation_windows_over_http() {
-    let sim = Sim::start().await;
-    let client = sim.running.client();
-    let token = sim.token("app1", "s1", "botframework.com").await;
+    let (sim, client, token) = Sim::with_token().await;
     // 7 per second.
     for _ in 0..7 {
         assert_eq!(sim.send(Some(&token), CONV, &message()).await.0, StatusCode::CREATED);
@@ -345,9 +334,7 @@ async fn throttling_per_conversation_windows_over_http() {
 
 #[tokio::test]
 async fn throttling_per_hour_and_per_app_per_tenant_with_configurable_limits() {
-    let sim = Sim::start().await;
-    let client = sim.running.client();
-    let token = sim.token("app1", "s1", "botframework.com").await;
+    let (sim, client, token) = Sim::with_token().await;
     // The hour window: 2 per second for 900 s fills 1800.
     sim.send_spaced(&token, 1800, 2, Duration::from_secs(1)).await;
     client.advance_clock(Duration::from_secs(1)).await.unwrap();
@@ -392,9 +379,7 @@ async fn throttling_per_hour_and_per_app_per_tenant_with_configurable_limits() {
 
 #[tokio::test]
 async fn injected_statuses_hangs_resets_and_latency() {
-    let sim = Sim::start().await;
-    let client = sim.running.client();
-    let token = sim.token("app1", "s1", "botframework.com").await;
+    let (sim, client, token) = Sim::with_token().await;
     let status = |status: u16, retry_after: Option<u64>| Action::Status { status, code: None, retry_after };
     let sequence = vec![
         status(412, None),
@@ -429,23 +414,9 @@ async fn injected_statuses_hangs_resets_and_latency() {
         .add_fault(&Rule { route: Route::Send, sequence: vec![Action::Hang { ms: 5_000 }, Action::Reset], ..Default::default() })
         .await
         .unwrap();
-    let err = sim
-        .http
-        .post(format!("{}/teams/v3/conversations/{}/activities", sim.running.base_url(), encode(CONV)))
-        .bearer_auth(&token)
-        .json(&message())
-        .send()
-        .await
-        .unwrap_err();
+    let err = sim.post_message(&token).await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
-    let err = sim
-        .http
-        .post(format!("{}/teams/v3/conversations/{}/activities", sim.running.base_url(), encode(CONV)))
-        .bearer_auth(&token)
-        .json(&message())
-        .send()
-        .await
-        .unwrap_err();
+    let err = sim.post_message(&token).await.unwrap_err();
     assert!(!err.is_timeout() && (err.is_request() || err.is_connect() || err.is_body()), "a transport error: {err:?}");
     assert_eq!(client.stats().await.unwrap().connections_reset, 1);
 

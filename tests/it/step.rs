@@ -43,8 +43,7 @@ fn reason(disposition: &Disposition) -> Option<Reason> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_delivered_once_and_its_copy_is_acked_without_a_post() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let step = pipeline(&env);
     let job = job("org-a", CONV_A, "straight through");
     let first = step.process(&incoming(&job, History::default())).await;
@@ -57,8 +56,7 @@ async fn a_job_is_delivered_once_and_its_copy_is_acked_without_a_post() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_dead_letters_with_their_reason_and_nothing_is_sent() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let step = pipeline(&env);
     let cases = [
         (job("org-ghost", CONV_A, "unknown org"), Reason::OrgIntegrationNotFound),
@@ -88,8 +86,7 @@ async fn refusals_are_dead_letters_with_their_reason_and_nothing_is_sent() {
 /// decision: with the hops used up, the same answer is `retries_exhausted`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_is_decided_with_its_tier_and_the_budget_in_one_place() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let busy = Action::Status { status: 503, code: None, retry_after: Some(60) };
     env.sim.client().add_fault(&Rule { route: Route::Send, sequence: vec![busy.clone(), busy], ..Default::default() }).await.unwrap();
     let step = pipeline(&env);
@@ -111,8 +108,7 @@ async fn a_retry_is_decided_with_its_tier_and_the_budget_in_one_place() {
 /// (`in_progress`) that does not use up its budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_of_a_job_in_progress_is_told_to_come_back() {
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let job = job("org-a", CONV_A, "held");
     assert!(matches!(env.store.claim(job.id, &job.organization_id, &job.integration_id).await.unwrap(), herald::mongo::Claim::Fresh(_)));
     let step = pipeline(&env);

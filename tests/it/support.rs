@@ -14,7 +14,7 @@ use std::time::Duration;
 use figment::providers::Serialized;
 use herald::dlq::{self, DeadLetter};
 use herald::job::{Job, WireJob};
-use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, DeliveryDoc, DeliveryState, IntegrationStatus, OrgIntegrationDoc, Store};
+use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, DeliveryDoc, DeliveryState, OrgIntegrationDoc, Store};
 use herald::producer::Producer;
 use herald::rabbitmq::headers::{self, Signer};
 use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
@@ -98,6 +98,20 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new(world: World) -> Self {
         Self::with(world, sim::Options::default(), |f| f).await
+    }
+
+    /// The incident's world, seeded: org A and org B on the shared integration.
+    pub async fn two_orgs() -> Self {
+        let env = Self::new(two_org_world()).await;
+        env.seed_two_orgs().await;
+        env
+    }
+
+    /// [`TestEnv::two_orgs`] with one setting changed.
+    pub async fn two_orgs_with_setting<V: serde::Serialize>(key: &str, value: V) -> Self {
+        let env = Self::with(two_org_world(), sim::Options::default(), |f| f.merge(Serialized::default(key, value))).await;
+        env.seed_two_orgs().await;
+        env
     }
 
     /// `tweak` may override settings (e.g. retry tiers) on top of the test defaults.
@@ -202,18 +216,8 @@ impl TestEnv {
     }
 
     pub fn org_integration(&self, org: &str, app: &str, tenant: &str) -> OrgIntegrationDoc {
-        OrgIntegrationDoc {
-            id: None,
-            organization_id: org.into(),
-            integration_id: INTEGRATION.into(),
-            status: IntegrationStatus::Active,
-            tenant_id: tenant.into(),
-            cloud: None,
-            service_url: self.sim.service_url(),
-            bot: BotDoc::with_secret(app, &format!("secret-{}", app.trim_start_matches("app-"))),
-            created_at: None,
-            updated_at: None,
-        }
+        let secret = format!("secret-{}", app.trim_start_matches("app-"));
+        OrgIntegrationDoc::active(org, INTEGRATION, tenant, &self.sim.service_url(), BotDoc::with_secret(app, &secret))
     }
 
     pub async fn insert_org_integration(&self, doc: OrgIntegrationDoc) {
@@ -242,6 +246,13 @@ impl TestEnv {
 
     pub async fn publish(&self, job: &Job) {
         self.producer.publish(job).await.expect("publish confirmed");
+    }
+
+    /// Publish `job` `n` times (as a producer retrying, or a redelivery).
+    pub async fn publish_copies(&self, job: &Job, n: usize) {
+        for _ in 0..n {
+            self.publish(job).await;
+        }
     }
 
     pub async fn publish_raw(&self, body: &[u8], message_id: &str) {

@@ -51,8 +51,7 @@ fn mongo_port_open() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_wait_through_a_30_second_mongodb_outage_and_are_then_delivered() {
     let _serial = SERIAL.lock().await;
-    let env = TestEnv::new(two_org_world()).await;
-    env.seed_two_orgs().await;
+    let env = TestEnv::two_orgs().await;
     let worker = env.spawn_worker();
     env.publish(&job("org-a", CONV_A, "before")).await;
     env.activities(1).await;

@@ -28,8 +28,8 @@ pub(super) fn router(sim: Sim) -> Router {
         .route("/{root}/oauth2/v2.0/token", post(token))
         .route("/{root}/v3/conversations", post(create_conversation))
         .route("/{root}/v3/conversations/{conversation}/activities", post(send))
-        .route("/{root}/v3/conversations/{conversation}/activities/{activity}", post(reply).put(update))
-        .route("/{root}/v3/conversations/{conversation}/activities/{activity}/", put(update))
+        .route("/{root}/v3/conversations/{conversation}/activities/{activity}", post(targeted::<false>).put(targeted::<true>))
+        .route("/{root}/v3/conversations/{conversation}/activities/{activity}/", put(targeted::<true>))
         .layer(axum::middleware::map_response_with_state(sim.clone(), stamp))
         .with_state(sim)
 }
@@ -288,24 +288,16 @@ async fn send(
     sim.activity(Route::Send, conversation, None, &headers, body, &killer).await
 }
 
-async fn reply(
+/// Reply to an activity (`POST`, `UPDATE` false) or replace it (`PUT`).
+async fn targeted<const UPDATE: bool>(
     State(sim): State<Sim>,
     Path((_root, conversation, activity)): Path<(String, String, String)>,
     Extension(killer): Extension<ConnectionKiller>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    sim.activity(Route::Reply, conversation, Some(activity), &headers, body, &killer).await
-}
-
-async fn update(
-    State(sim): State<Sim>,
-    Path((_root, conversation, activity)): Path<(String, String, String)>,
-    Extension(killer): Extension<ConnectionKiller>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    sim.activity(Route::Update, conversation, Some(activity), &headers, body, &killer).await
+    let route = if UPDATE { Route::Update } else { Route::Reply };
+    sim.activity(route, conversation, Some(activity), &headers, body, &killer).await
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
