@@ -2,7 +2,9 @@
 
 use clap::{Args, Subcommand};
 
-use crate::mongo::{ConversationFilter, ConversationStatus, Store};
+use super::Usage;
+use crate::job::{IntegrationId, OrganizationId};
+use crate::mongo::{ConversationDoc, ConversationFilter, ConversationKind, ConversationStatus, Store};
 use crate::settings::Settings;
 
 #[derive(Debug, Subcommand)]
@@ -20,6 +22,23 @@ pub enum ConversationsCommand {
         limit: i64,
         #[arg(long)]
         json: bool,
+    },
+    /// Register a conversation for an org_integration, so that its jobs may
+    /// be sent there. Safe to repeat (a quarantine is kept).
+    Add {
+        #[command(flatten)]
+        target: Target,
+        /// channel, group or personal.
+        #[arg(long, default_value = "channel")]
+        kind: String,
+        /// The user of a personal chat (required with --kind personal).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Unregister a conversation: its jobs are refused (recipient_not_in_organization).
+    Remove {
+        #[command(flatten)]
+        target: Target,
     },
     /// Stop deliveries to a conversation of an org_integration.
     Quarantine {
@@ -85,6 +104,34 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
             }
             println!("{} conversation(s)", list.len());
         }
+        ConversationsCommand::Add { target: Target { org, integration, conversation }, kind, user } => {
+            let kind = match (kind.as_str(), &user) {
+                ("channel", None) => ConversationKind::Channel,
+                ("group", None) => ConversationKind::Group,
+                ("personal", Some(_)) => ConversationKind::Personal,
+                ("personal", None) => return Err(Usage("--kind personal needs --user".into()).into()),
+                ("channel" | "group", Some(_)) => return Err(Usage("--user is only for --kind personal".into()).into()),
+                (other, _) => return Err(Usage(format!("--kind must be channel, group or personal, not {other:?}")).into()),
+            };
+            anyhow::ensure!(!conversation.trim().is_empty(), Usage("--conversation must not be blank".into()));
+            let (Some(org_id), Some(integration_id)) = (OrganizationId::parse(org.clone()), IntegrationId::parse(integration.clone()))
+            else {
+                return Err(Usage("--org and --integration must not be blank".into()).into());
+            };
+            anyhow::ensure!(
+                store.org_integration(&org_id, &integration_id).await?.is_some(),
+                "no org_integration for organization {org} and integration {integration}: add it first (herald org-integrations add)"
+            );
+            let doc = ConversationDoc { kind, user_id: user, ..ConversationDoc::channel(&org, &integration, &conversation) };
+            store.put_conversation(&doc).await?;
+            println!("registered {conversation} for {org}/{integration}; workers send to it within {ttl} s");
+        }
+        ConversationsCommand::Remove { target: Target { org, integration, conversation } } => {
+            match store.remove_conversation(&org, &integration, &conversation).await? {
+                true => println!("removed {conversation} from {org}/{integration}; its jobs are refused within {ttl} s"),
+                false => println!("{conversation} was not registered for {org}/{integration}; nothing removed"),
+            }
+        }
         ConversationsCommand::Quarantine { target: Target { org, integration, conversation }, reason } => {
             anyhow::ensure!(
                 store.quarantine(&org, &integration, &conversation, &reason, None).await?,
@@ -103,9 +150,10 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
                 println!("it was quarantined for {} ({}) since {}", q.reason, q.teams_code.as_deref().unwrap_or("-"), q.at);
             }
             println!("its parked dead letters can now be replayed:");
-            println!("  herald dlq list   --org {org} --integration {integration} --reason conversation_quarantined");
-            println!("  herald dlq replay --org {org} --integration {integration} --reason conversation_quarantined");
-            println!("  herald dlq replay --org {org} --integration {integration} --reason teams_forbidden");
+            let target = format!("--org {org} --integration {integration} --conversation '{conversation}'");
+            println!("  herald dlq list   {target} --reason conversation_quarantined");
+            println!("  herald dlq replay {target} --reason conversation_quarantined --yes");
+            println!("  herald dlq replay {target} --reason teams_forbidden --yes");
         }
     }
     Ok(())

@@ -4,6 +4,7 @@ mod conversations;
 mod dlq;
 mod enqueue;
 mod ops;
+mod tenants;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,7 +48,11 @@ pub enum Command {
     /// See, understand, replay, purge, export and import dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
-    /// See, quarantine and release conversations of org_integrations.
+    /// Onboard an organization's use of a Teams integration, rotate its bot
+    /// secret, switch it off and on, remove it, and check that it works.
+    #[command(subcommand)]
+    OrgIntegrations(tenants::OrgIntegrationsCommand),
+    /// Register, list, quarantine, release and remove conversations of org_integrations.
     #[command(subcommand)]
     Conversations(conversations::ConversationsCommand),
     /// Load org_integrations and conversations from a JSON file (see
@@ -141,6 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Enqueue(args) => enqueue::enqueue(&settings, *args).await?,
         Command::Dlq(command) => return dlq::run(&settings, command).await,
+        Command::OrgIntegrations(command) => tenants::run(&settings, command).await?,
         Command::Conversations(command) => conversations::run(&settings, command).await?,
         Command::Seed { file, dry_run, release_quarantined } => ops::seed(&settings, &file, dry_run, release_quarantined).await?,
         Command::Doctor => return ops::doctor(&settings).await,

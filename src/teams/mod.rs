@@ -194,6 +194,15 @@ impl Teams {
         self.tokens.sweep();
     }
 
+    /// Fetch (or reuse) the bot's token from its cloud's token endpoint, as a
+    /// send would: `Ok` when the identity platform accepts the credential.
+    pub async fn fetch_token(&self, bot: &BotCredentials) -> Result<(), TeamsError> {
+        let Some(cloud) = self.clouds.get(&bot.cloud) else {
+            return Err(TeamsError::ServiceUrlNotAllowed { url: String::new(), why: format!("unknown cloud {:?}", bot.cloud) });
+        };
+        self.tokens.get(cloud, bot, self.request_timeout).await.map(drop)
+    }
+
     /// Serialize `activity`, refusing it when it exceeds the size limit.
     pub fn encode(&self, activity: &Value) -> Result<Vec<u8>, TeamsError> {
         let body = serde_json::to_vec(activity).expect("a serde_json::Value always serializes");

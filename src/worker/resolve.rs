@@ -232,6 +232,12 @@ fn structure<'a>(doc: &OrgIntegrationDoc, teams: &'a Teams) -> Result<&'a crate:
     }
 }
 
+/// A stored record as the worker would use it, its secret read (for
+/// `herald org-integrations check`): the same code path as a job's.
+pub fn credentials(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
+    active(doc, teams)
+}
+
 /// The bot's secret: stored, or referenced by environment variable or file.
 fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
     let cloud = structure(&doc, teams)?;

@@ -6,6 +6,7 @@ mod fuzz;
 mod hostile;
 mod isolation;
 mod observe;
+mod operate;
 mod pacing;
 mod pipeline;
 mod poison;

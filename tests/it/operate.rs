@@ -1,0 +1,86 @@
+//! Operating herald without a database shell: an admin onboards an
+//! organization, checks it, rotates its secret, switches it off and removes
+//! it, each with a `herald` command run as a process against the real
+//! services; and an operator asks what happened to one job.
+
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::support::*;
+
+/// `herald args` with `input` on standard input.
+async fn herald_with_stdin(env: &TestEnv, args: &[&str], input: &str) -> std::process::Output {
+    let mut child = env.herald_command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).await.unwrap();
+    child.wait_with_output().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_onboards_checks_rotates_disables_and_removes_an_organization() {
+    let env = TestEnv::new(two_org_world()).await;
+    let service_url = env.sim.service_url();
+    let target = ["--org", "org-a", "--integration", INTEGRATION];
+    let add = |url: &str| -> Vec<String> {
+        let flags = ["org-integrations", "add", "--tenant", "tenant-a", "--app-id", "app-a", "--secret-stdin", "--service-url", url];
+        flags.iter().chain(&target).map(|s| s.to_string()).collect()
+    };
+
+    // A record the worker would refuse is refused before anything is written.
+    let refused = herald_with_stdin(&env, &strs(&add("https://teams.evil.example/")), "secret-a").await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("nothing written"), "{}", stderr(&refused));
+    let listed = json(&env.herald_ok(&["org-integrations", "list", "--json"]).await);
+    assert_eq!(listed, serde_json::json!([]));
+
+    // Added, and adding again is safe. The secret came from stdin, never a flag.
+    let added = herald_with_stdin(&env, &strs(&add(&service_url)), "secret-a\n").await;
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert!(stdout(&added).contains("added org_integration org-a"), "{}", stdout(&added));
+    let again = herald_with_stdin(&env, &strs(&add(&service_url)), "secret-a").await;
+    assert!(stdout(&again).contains("updated org_integration org-a"), "{}", stdout(&again));
+    let shown = json(&env.herald_ok(&[&["org-integrations", "show"][..], &target, &["--json"]].concat()).await);
+    assert_eq!(shown["secret"], "stored in MongoDB");
+    assert!(!shown.to_string().contains("secret-a"), "the secret is never shown: {shown}");
+
+    // A conversation, then a check that posts a test card through the real path.
+    env.herald_ok(&[&["conversations", "add"][..], &target, &["--conversation", CONV_A]].concat()).await;
+    let check = [&["org-integrations", "check"][..], &target, &["--send-test", "--conversation", CONV_A, "--json"]].concat();
+    let steps = json(&env.herald_ok(&check).await);
+    let names: Vec<_> = steps.as_array().unwrap().iter().map(|s| (s["step"].as_str().unwrap(), s["ok"].as_bool().unwrap())).collect();
+    assert_eq!(names, [("record", true), ("structure", true), ("secret", true), ("token", true), ("conversation", true), ("send", true)]);
+    let record = env.activities(1).await.remove(0);
+    assert_eq!((record.app_id.as_str(), record.conversation_id.as_str()), ("app-a", CONV_A));
+
+    // Rotated to an env var the worker does not have: the check names the step.
+    env.herald_ok(&[&["org-integrations", "set-secret"][..], &target, &["--secret-env", "HERALD_IT_UNSET_SECRET"]].concat()).await;
+    let failed = env.herald(&[&["org-integrations", "check"][..], &target].concat()).await;
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(stderr(&failed).contains("failed at `secret`") && stderr(&failed).contains("HERALD_IT_UNSET_SECRET"), "{}", stderr(&failed));
+    // A wrong secret: the identity platform's own refusal, at the token step.
+    let wrong = herald_with_stdin(&env, &[&["org-integrations", "set-secret"][..], &target, &["--secret-stdin"]].concat(), "nope").await;
+    assert!(wrong.status.success(), "{}", stderr(&wrong));
+    let failed = env.herald(&[&["org-integrations", "check"][..], &target].concat()).await;
+    assert!(stderr(&failed).contains("failed at `token`") && stderr(&failed).contains("AADSTS7000215"), "{}", stderr(&failed));
+
+    // Disabled: the check says so; enabled again.
+    env.herald_ok(&[&["org-integrations", "disable"][..], &target].concat()).await;
+    let failed = env.herald(&[&["org-integrations", "check"][..], &target].concat()).await;
+    assert!(stderr(&failed).contains("failed at `record`") && stderr(&failed).contains("disabled"), "{}", stderr(&failed));
+    env.herald_ok(&[&["org-integrations", "enable"][..], &target].concat()).await;
+
+    // Removing needs --yes; it takes the conversations along.
+    let unconfirmed = env.herald(&[&["org-integrations", "remove"][..], &target].concat()).await;
+    assert_eq!(unconfirmed.status.code(), Some(2));
+    let removed = env.herald_ok(&[&["org-integrations", "remove"][..], &target, &["--yes"]].concat()).await;
+    assert!(stdout(&removed).contains("and its 1 conversation(s)"), "{}", stdout(&removed));
+    assert_eq!(json(&env.herald_ok(&["conversations", "list", "--json"]).await), serde_json::json!([]));
+}
+
+fn json(output: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("not JSON ({err}): {}", stdout(output)))
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
