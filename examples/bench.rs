@@ -20,7 +20,7 @@ use figment::providers::Serialized;
 use fleet::{conversation, percentile};
 use futures_util::StreamExt;
 use herald::dlq;
-use herald::mongo::Store;
+use herald::mongo::{DeliveryFilter, Store};
 use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
 use herald::settings::Settings;
 use lapin::BasicProperties;
@@ -617,7 +617,8 @@ async fn soak_run(env: &Env, planned: &[fleet::Planned], rate: u32, guard: &mut 
     let records = env.sim.all_activities().await?;
     let signer = herald::worker::signer(&env.settings()?, &env.store).await?;
     let letters = dlq::browse(&env.connection, &dead_queue, &signer, planned.len() + 10).await?;
-    let ledger = env.store.list_deliveries(mongodb::bson::doc! { "updated_at": { "$gte": started } }, 4 * planned.len() as i64).await?;
+    let ledger =
+        env.store.list_deliveries(&DeliveryFilter { since: Some(started), ..Default::default() }, 4 * planned.len() as i64).await?;
     let ledger = ledger.into_iter().map(|d| (d.job_id, d.state)).collect();
     Ok((fleet::check(planned, &published_at, &records, &letters, &ledger), rss, reconnects))
 }

@@ -33,6 +33,7 @@ pub struct Settings {
     pub teams: TeamsSettings,
     pub http: HttpSettings,
     pub dlq: DlqSettings,
+    pub ledger: LedgerSettings,
     pub headers: HeaderSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
@@ -47,6 +48,14 @@ pub struct TelemetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct DlqSettings {
     pub max_replays: u32,
+}
+
+/// The `deliveries` ledger.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LedgerSettings {
+    /// Days a record is kept after its last change (a TTL index on
+    /// `updated_at`); 0 keeps records forever.
+    pub retention_days: u32,
 }
 
 /// The key that signs herald's `x-herald-*` headers (see `rabbitmq::headers`).

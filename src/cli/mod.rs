@@ -1,6 +1,7 @@
 //! The `herald` command line.
 
 mod conversations;
+mod deliveries;
 mod dlq;
 mod enqueue;
 mod ops;
@@ -72,6 +73,9 @@ pub enum Command {
         #[arg(long)]
         release_quarantined: bool,
     },
+    /// What happened to a job: its ledger record(s) and last attempts.
+    #[command(subcommand)]
+    Deliveries(deliveries::DeliveriesCommand),
     /// Check the settings and the connections to RabbitMQ and MongoDB.
     Doctor,
 }
@@ -149,6 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::OrgIntegrations(command) => tenants::run(&settings, command).await?,
         Command::Conversations(command) => conversations::run(&settings, command).await?,
         Command::Seed { file, dry_run, release_quarantined } => ops::seed(&settings, &file, dry_run, release_quarantined).await?,
+        Command::Deliveries(command) => return deliveries::run(&settings, command).await,
         Command::Doctor => return ops::doctor(&settings).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -56,7 +56,7 @@ pub enum Claim {
 
 pub(super) enum Op {
     Claim { key: String, job_id: String, organization_id: String, integration_id: String, owner: String, lease_ms: i64 },
-    Sent { key: String, owner: String, conversation_id: String, activity_id: String, attempts: i64 },
+    Sent { key: String, owner: String, conversation_id: String, activity_id: String, attempts: i64, entries: Vec<Document> },
 }
 
 /// What one statement of a batch came to.
@@ -158,11 +158,12 @@ fn statement(op: &Op) -> Document {
             }
         }
         // Only the holder of the claim may mark it.
-        Op::Sent { key, owner, conversation_id, activity_id, attempts } => doc! {
+        Op::Sent { key, owner, conversation_id, activity_id, attempts, entries } => doc! {
             "q": { "_id": key, "owner": owner },
             "u": {
                 "$set": { "state": "sent", "conversation_id": conversation_id, "activity_id": activity_id },
                 "$inc": { "attempts": attempts },
+                "$push": { "history": { "$each": entries, "$slice": -super::MAX_HISTORY } },
                 "$unset": { "last_error": "", "reason": "", "lease_until": "", "owner": "", "claimed_from": "" },
                 "$currentDate": { "updated_at": true },
             },

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{DateTime, Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
@@ -38,6 +38,10 @@ pub struct StoreError {
     pub operation: &'static str,
     #[source]
     pub source: MongoError,
+}
+
+fn attempt_document(attempt: &AttemptRecord) -> Result<Document, StoreError> {
+    mongodb::bson::to_document(attempt).map_err(|e| StoreError { operation: "encode attempt", source: e.into() })
 }
 
 impl StoreError {
@@ -75,12 +79,29 @@ fn is_duplicate_key(err: &MongoError) -> bool {
     }
 }
 
+/// Which ledger records `Store::list_deliveries` returns; every field narrows.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub organization_id: Option<String>,
+    pub integration_id: Option<String>,
+    pub state: Option<DeliveryState>,
+    /// Last changed at or after.
+    pub since: Option<DateTime>,
+    /// Last changed at or before.
+    pub until: Option<DateTime>,
+}
+
+/// The TTL index of `deliveries` (`ledger.retention_days`).
+const RETENTION_INDEX: &str = "deliveries_retention";
+
 #[derive(Clone)]
 pub struct Store {
     client: Client,
     db: Database,
     /// How long a claim keeps other deliveries of the job away.
     claim_lease: Duration,
+    /// How long ledger records are kept after their last change (0: forever).
+    retention: Duration,
     ops: Arc<OpCounts>,
     ledger: ledger::Ledger,
 }
@@ -102,7 +123,14 @@ impl Store {
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).map_err(StoreError::new("connect"))?;
         let db = client.database(&settings.mongodb_database);
-        Ok(Self { ledger: ledger::Ledger::start(db.clone()), client, db, ops: Default::default(), claim_lease: settings.claim_lease() })
+        Ok(Self {
+            ledger: ledger::Ledger::start(db.clone()),
+            client,
+            db,
+            ops: Default::default(),
+            claim_lease: settings.claim_lease(),
+            retention: Duration::from_secs(u64::from(settings.ledger.retention_days) * 86_400),
+        })
     }
 
     /// Close the connections (so that a program can exit without the
@@ -195,9 +223,24 @@ impl Store {
         ] {
             conversations.create_index(model).await.map_err(StoreError::new("create index on conversations"))?;
         }
-        // `deliveries` keeps only its `_id` index: every job writes it twice,
-        // and a secondary index costs about 15% of that (make bench). Its
-        // `_id` starts with the job id, so one job's records are a range.
+        // Besides `_id` (it starts with the job id, so one job's records are
+        // a range), `deliveries` has only the retention index: every job
+        // writes the ledger, and each secondary index costs (make bench).
+        let deliveries = self.deliveries();
+        if self.retention.is_zero() {
+            let _ = deliveries.drop_index(RETENTION_INDEX).await;
+        } else {
+            let options = IndexOptions::builder().name(RETENTION_INDEX.to_owned()).expire_after(self.retention).build();
+            let model = index(doc! { "updated_at": 1 }, options);
+            if let Err(err) = deliveries.create_index(model.clone()).await {
+                // Another retention: the index is replaced.
+                let _ = deliveries.drop_index(RETENTION_INDEX).await;
+                deliveries
+                    .create_index(model)
+                    .await
+                    .map_err(|_| StoreError { operation: "create the ledger's retention index", source: err })?;
+            }
+        }
         Ok(())
     }
 
@@ -225,14 +268,15 @@ impl Store {
 
     /// Record the job sent. `false` when the claim was no longer this
     /// delivery's (its lease ran out and another delivery took the job).
-    pub async fn mark_sent(&self, lease: &Lease, conversation_id: &str, activity_id: &str, attempts: u32) -> Result<bool, StoreError> {
+    pub async fn mark_sent(&self, lease: &Lease, activity_id: &str, attempts: &[AttemptRecord]) -> Result<bool, StoreError> {
         self.write();
         let op = ledger::Op::Sent {
             key: lease.key.clone(),
             owner: lease.owner.clone(),
-            conversation_id: conversation_id.to_owned(),
+            conversation_id: attempts.last().and_then(|a| a.conversation_id.clone()).unwrap_or_default(),
             activity_id: activity_id.to_owned(),
-            attempts: i64::from(attempts),
+            attempts: attempts.iter().map(|a| a.sends).sum(),
+            entries: attempts.iter().map(attempt_document).collect::<Result<_, _>>()?,
         };
         match self.ledger.run("mark delivery sent", op).await? {
             ledger::Done::Marked(held) => Ok(held),
@@ -249,18 +293,20 @@ impl Store {
         &self,
         lease: &Lease,
         state: DeliveryState,
-        reason: &str,
         error: &str,
-        attempts: u32,
+        attempts: &[AttemptRecord],
     ) -> Result<bool, StoreError> {
         self.write();
+        let entries: Vec<Document> = attempts.iter().map(attempt_document).collect::<Result<_, _>>()?;
+        let reason = attempts.last().and_then(|a| a.reason.as_deref());
         let result = self
             .deliveries()
             .update_one(
                 doc! { "_id": &lease.key, "owner": &lease.owner },
                 doc! {
                     "$set": { "state": state.as_str(), "reason": reason, "last_error": error },
-                    "$inc": { "attempts": i64::from(attempts) },
+                    "$inc": { "attempts": attempts.iter().map(|a| a.sends).sum::<i64>() },
+                    "$push": { "history": { "$each": entries, "$slice": -MAX_HISTORY } },
                     "$unset": { "lease_until": "", "owner": "", "claimed_from": "" },
                     "$currentDate": { "updated_at": true },
                 },
@@ -310,10 +356,30 @@ impl Store {
     }
 
     /// Ledger records matching `filter`, newest first, at most `limit`.
-    pub async fn list_deliveries(&self, filter: Document, limit: i64) -> Result<Vec<DeliveryDoc>, StoreError> {
+    pub async fn list_deliveries(&self, filter: &DeliveryFilter, limit: i64) -> Result<Vec<DeliveryDoc>, StoreError> {
         self.read();
+        let mut query = Document::new();
+        if let Some(org) = &filter.organization_id {
+            query.insert("organization_id", org);
+        }
+        if let Some(integration) = &filter.integration_id {
+            query.insert("integration_id", integration);
+        }
+        if let Some(state) = filter.state {
+            query.insert("state", state.as_str());
+        }
+        let mut updated = Document::new();
+        if let Some(since) = filter.since {
+            updated.insert("$gte", since);
+        }
+        if let Some(until) = filter.until {
+            updated.insert("$lte", until);
+        }
+        if !updated.is_empty() {
+            query.insert("updated_at", updated);
+        }
         self.deliveries()
-            .find(filter)
+            .find(query)
             .sort(doc! { "updated_at": -1 })
             .limit(limit)
             .await

@@ -206,8 +206,36 @@ pub struct DeliveryDoc {
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until: Option<DateTime>,
+    /// The newest attempts, oldest first (at most [`MAX_HISTORY`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptRecord>,
     pub created_at: DateTime,
     pub updated_at: DateTime,
+}
+
+/// How many attempts a ledger record keeps (the newest).
+pub const MAX_HISTORY: i32 = 20;
+
+/// One delivery attempt of a job, as its ledger record keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    /// When the attempt ended (the worker's clock).
+    pub at: DateTime,
+    /// `sent`, `retrying`, `dead_lettered` or `unconfirmed`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teams_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot_app_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    /// Connector requests this attempt made.
+    pub sends: i64,
+    pub duration_ms: i64,
 }
 
 /// The ledger key of a job: `<job id>/<organization>/<integration>`, with `%`

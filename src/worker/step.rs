@@ -19,7 +19,7 @@ use super::resolve::{OrgIntegration, Resolver};
 use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::job::{self, Job};
 use crate::metrics::Metrics;
-use crate::mongo::{Claim, DeliveryState, Lease, Store, StoreError};
+use crate::mongo::{AttemptRecord, Claim, DeliveryState, Lease, Store, StoreError};
 use crate::outcome::{DeliveryError, Reason, Verdict, classify, quarantines, retry_tier};
 use crate::settings::{LEASE_MARGIN, Settings};
 use crate::teams::{Destination, Sent, Teams, card};
@@ -90,9 +90,63 @@ pub fn decide(verdict: Verdict, hops: u32, policy: &RetryPolicy) -> Decision {
 struct Attempt {
     lease: Option<Lease>,
     org_integration_id: Option<String>,
+    bot_app_id: Option<String>,
     conversation_id: Option<String>,
     /// Connector requests made to post the activity.
     sends: u32,
+    /// When the claim was taken.
+    started: Option<Instant>,
+    /// Each Connector request of this delivery (the ledger keeps the newest `MAX_HISTORY`).
+    requests: Vec<Request>,
+}
+
+/// One Connector request, for the ledger's history.
+#[derive(Debug)]
+struct Request {
+    at: mongodb::bson::DateTime,
+    http_status: Option<u16>,
+    teams_code: Option<String>,
+    duration: Duration,
+}
+
+impl Attempt {
+    /// This delivery as the ledger's history keeps it: each request retried
+    /// in process, then how the delivery ended (outcome, reason, duration).
+    fn record(&self, outcome: &str, failure: Option<&Failure>) -> Vec<AttemptRecord> {
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let entry = |at, outcome: &str, http_status: Option<u16>, teams_code: Option<String>, duration| AttemptRecord {
+            at,
+            outcome: outcome.to_owned(),
+            reason: None,
+            http_status: http_status.map(i32::from),
+            teams_code,
+            bot_app_id: self.bot_app_id.clone(),
+            conversation_id: self.conversation_id.clone(),
+            sends: 1,
+            duration_ms: millis(duration),
+        };
+        let retried = self.requests.len().saturating_sub(1);
+        let mut records: Vec<AttemptRecord> = self.requests[..retried]
+            .iter()
+            .map(|r| AttemptRecord {
+                reason: Some("retried_in_process".into()),
+                ..entry(r.at, "retrying", r.http_status, r.teams_code.clone(), r.duration)
+            })
+            .collect();
+        let last = self.requests.last();
+        records.push(AttemptRecord {
+            reason: failure.map(|f| f.reason.as_str().to_owned()),
+            sends: i64::from(u32::from(last.is_some())),
+            ..entry(
+                mongodb::bson::DateTime::now(),
+                outcome,
+                failure.and_then(|f| f.http_status).or(last.and_then(|r| r.http_status)),
+                failure.and_then(|f| f.teams_code.clone()),
+                self.started.map_or(Duration::ZERO, |s| s.elapsed()),
+            )
+        });
+        records
+    }
 }
 
 /// How the delivery ended when nothing failed.
@@ -204,6 +258,7 @@ impl Pipeline {
             warn!("another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
         }
         attempt.lease = Some(lease);
+        attempt.started = Some(claimed_at);
         let until = claimed_at + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
         let within = |what: &'static str| move |_| DeliveryError::OutOfTime(what);
 
@@ -211,6 +266,7 @@ impl Pipeline {
             .await
             .map_err(within("the org_integration lookup"))??;
         attempt.org_integration_id = Some(integration.id.clone());
+        attempt.bot_app_id = Some(integration.bot.app_id.clone());
         // Checked before any request (the recipient lookup may create a chat).
         let service_url = self.teams.check_service_url(&integration.bot, &integration.service_url)?;
         let recipient = tokio::time::timeout_at(until, self.resolver.recipient(&self.store, &self.teams, job, &integration, until))
@@ -229,7 +285,7 @@ impl Pipeline {
         let body = self.teams.encode(&card::activity(&job.content))?;
         let destination = Destination { service_url: &service_url, conversation_id: &recipient.conversation_id, bot: &integration.bot };
         let sent = self.send(&integration, &destination, &body, until, attempt).await?;
-        self.record_sent(attempt, &recipient.conversation_id, &sent).await;
+        self.record_sent(attempt, &sent).await;
         Ok(Done::Sent { sent, conversation_id: recipient.conversation_id })
     }
 
@@ -256,7 +312,14 @@ impl Pipeline {
             attempt.sends += 1;
             let started = std::time::Instant::now();
             let result = self.teams.send(to, body, until).await;
-            self.metrics.teams_request(result.as_ref().err().map_or(Some(201), |e| e.http_status()), started.elapsed());
+            let status = result.as_ref().err().map_or(Some(201), |e| e.http_status());
+            self.metrics.teams_request(status, started.elapsed());
+            attempt.requests.push(Request {
+                at: mongodb::bson::DateTime::now(),
+                http_status: status,
+                teams_code: result.as_ref().err().and_then(|e| e.code()).map(|c| text::clip(c, 128)),
+                duration: started.elapsed(),
+            });
             let err = match result {
                 Ok(sent) => {
                     info!(
@@ -289,11 +352,12 @@ impl Pipeline {
     /// happens here; while MongoDB does not answer, the mark is retried (the
     /// job's claim keeps other copies away meanwhile, and a copy cannot claim
     /// without MongoDB either), until it lands or the worker shuts down.
-    async fn record_sent(&self, attempt: &Attempt, conversation_id: &str, sent: &Sent) {
+    async fn record_sent(&self, attempt: &Attempt, sent: &Sent) {
         let Some(lease) = &attempt.lease else { return };
+        let record = attempt.record("sent", None);
         let mut backoff = self.policy.quick.build();
         loop {
-            match self.store.mark_sent(lease, conversation_id, &sent.activity_id, attempt.sends).await {
+            match self.store.mark_sent(lease, &sent.activity_id, &record).await {
                 Ok(true) => return,
                 Ok(false) => {
                     self.metrics.lease_lost();
@@ -415,7 +479,8 @@ impl Pipeline {
     /// expired, or another copy in progress) writes nothing.
     async fn record_outcome(&self, attempt: &Attempt, state: DeliveryState, failure: &Failure) {
         let Some(lease) = &attempt.lease else { return };
-        match self.store.release_claim(lease, state, failure.reason.as_str(), &failure.error, attempt.sends).await {
+        let record = attempt.record(state.as_str(), Some(failure));
+        match self.store.release_claim(lease, state, &failure.error, &record).await {
             Ok(true) => {}
             Ok(false) => warn!("another delivery had taken over this job's claim; its record is left to it"),
             Err(err) => warn!(error = %error_chain(&err), "could not record the outcome in the ledger"),

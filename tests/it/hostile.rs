@@ -251,7 +251,7 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
         let key = (letter.organization_id.clone().unwrap_or_default(), letter.message_id.clone().unwrap_or_default());
         dead.entry(key).or_default().push(letter.reason.clone().unwrap_or_default());
     }
-    let ledger = env.store.list_deliveries(mongodb::bson::doc! {}, 10 * jobs as i64).await.unwrap();
+    let ledger = env.store.list_deliveries(&Default::default(), 10 * jobs as i64).await.unwrap();
     let state: HashMap<(String, String), DeliveryState> = ledger.into_iter().map(|d| ((d.organization_id, d.job_id), d.state)).collect();
     let (mut delivered, mut refused, mut unconfirmed, mut rotated_refused) = (0, 0, 0, 0);
     for (key, p) in &by_key {

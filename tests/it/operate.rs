@@ -84,3 +84,48 @@ fn json(output: &std::process::Output) -> serde_json::Value {
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
+
+/// "Did my alert go out?": the ledger keeps each attempt, `herald
+/// deliveries` shows them, and records expire by a TTL index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_sees_every_attempt_of_a_job_and_records_expire_by_retention() {
+    use teams_sim::{Action, Route, Rule};
+    let env = TestEnv::two_orgs().await;
+    let busy = Action::Status { status: 503, code: None, retry_after: Some(1) };
+    env.sim.client().add_fault(&Rule { route: Route::Send, sequence: vec![busy], ..Default::default() }).await.unwrap();
+    let worker = env.spawn_worker();
+    let job = job("org-a", CONV_A, "after one 503");
+    env.publish(&job).await;
+    let id = job.id.to_string();
+    env.sent(&id).await;
+    worker.stop().await;
+
+    let shown = json(&env.herald_ok(&["deliveries", "show", &id, "--json"]).await);
+    let history = shown[0]["history"].as_array().unwrap();
+    let outcomes: Vec<_> = history.iter().map(|a| (a["outcome"].as_str().unwrap(), a["http_status"].as_i64())).collect();
+    assert_eq!(outcomes, [("retrying", Some(503)), ("sent", Some(201))], "{shown}");
+    assert!(history.iter().all(|a| a["bot_app_id"] == "app-a" && a["conversation_id"] == CONV_A), "{shown}");
+    let text = stdout(&env.herald_ok(&["deliveries", "show", &id]).await);
+    assert!(text.contains("sent") && text.contains("503") && text.contains("ServiceUnavailable"), "{text}");
+    let listed = json(&env.herald_ok(&["deliveries", "list", "--org", "org-a", "--state", "sent", "--since", "1h", "--json"]).await);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let none = json(&env.herald_ok(&["deliveries", "list", "--org", "org-b", "--json"]).await);
+    assert_eq!(none, serde_json::json!([]));
+    let typo = env.herald(&["deliveries", "list", "--state", "delivered"]).await;
+    assert_eq!(typo.status.code(), Some(2), "an unknown state is a usage error");
+
+    // `dlq show` of a job that was never dead-lettered falls back to the ledger.
+    let dlq_show = stdout(&env.herald_ok(&["dlq", "show", &id]).await);
+    assert!(dlq_show.contains("not in") && dlq_show.contains("\"state\": \"sent\""), "{dlq_show}");
+
+    // Retention: a TTL index on updated_at, from ledger.retention_days (30 by default).
+    let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true").await.unwrap();
+    let indexes: Vec<mongodb::IndexModel> = futures_util::TryStreamExt::try_collect(
+        client.database(&env.settings.mongodb_database).collection::<mongodb::bson::Document>("deliveries").list_indexes().await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let ttl = indexes.iter().find_map(|i| i.options.as_ref()?.expire_after).expect("a TTL index");
+    assert_eq!(ttl, std::time::Duration::from_secs(30 * 86_400));
+    client.shutdown().await;
+}

@@ -61,14 +61,8 @@ async fn hostile_jobs_are_each_one_bounded_dead_letter_and_good_jobs_are_posted_
     let records =
         client.activities(&teams_sim::ActivityFilter { route: Some(teams_sim::Route::Send), ..Default::default() }).await.unwrap();
     let letters = herald::dlq::browse(&env.connection, &env.topology.dead_queue(), &env.signer, jobs + 10).await.unwrap();
-    let ledger: HashMap<String, herald::mongo::DeliveryState> = env
-        .store
-        .list_deliveries(mongodb::bson::doc! {}, 2 * jobs as i64)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| (d.job_id, d.state))
-        .collect();
+    let ledger: HashMap<String, herald::mongo::DeliveryState> =
+        env.store.list_deliveries(&Default::default(), 2 * jobs as i64).await.unwrap().into_iter().map(|d| (d.job_id, d.state)).collect();
     let verdict = fleet::check(&planned, &published_at, &records, &letters, &ledger);
     let stats = client.stats().await.unwrap();
     eprintln!(
