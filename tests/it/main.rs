@@ -1,3 +1,5 @@
+mod demo;
+mod docs;
 mod dlq;
 #[path = "../../examples/fleet/mod.rs"]
 #[allow(dead_code)]

@@ -1,0 +1,175 @@
+//! Docs that cannot drift: every `herald ...` command line in README.md,
+//! DEVELOPERS.md and docs/*.md parses against the real CLI, and every
+//! setting, `HERALD_*` variable, metric and `x-herald-*` header the docs name
+//! exists in the code.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use clap::Parser;
+use herald::cli::Cli;
+use herald::settings::Settings;
+
+fn documents() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut paths = vec![root.join("README.md"), root.join("DEVELOPERS.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs")).unwrap().map(|e| e.unwrap().path()).collect();
+    docs.sort();
+    paths.extend(docs.into_iter().filter(|p| p.extension().is_some_and(|e| e == "md")));
+    paths.into_iter().map(|p| (p.strip_prefix(root).unwrap().display().to_string(), std::fs::read_to_string(&p).unwrap())).collect()
+}
+
+/// Split a shell line into words (single and double quotes; no expansion).
+fn words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quote, mut started) = (Vec::new(), String::new(), None, false);
+    for c in line.chars() {
+        match (quote, c) {
+            (None, '\'' | '"') => (quote, started) = (Some(c), true),
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                }
+                started = false;
+            }
+            (_, c) => (word, started) = (word + &c.to_string(), true),
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
+}
+
+/// Every `herald ...` command in the docs' code blocks and inline code,
+/// continuation lines joined, comments and pipes cut off.
+/// Each with whether it stood inline (a reference, maybe partial) rather
+/// than in a code block (a full command line).
+fn commands(text: &str) -> Vec<(String, bool)> {
+    let mut found = Vec::new();
+    let mut in_block = false;
+    let mut pending = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        let candidates: Vec<String> = if in_block {
+            vec![line.trim().to_owned()]
+        } else {
+            line.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+        };
+        for candidate in candidates {
+            let joined = format!("{pending}{candidate}");
+            if let Some(rest) = joined.strip_suffix('\\') {
+                pending = rest.to_owned();
+                continue;
+            }
+            pending.clear();
+            let command = joined.trim_start_matches("$ ").trim();
+            // `herald` and at least one word after it, the start of a shell line.
+            let Some(after) = command.strip_prefix("herald ") else { continue };
+            let cut = after.split(" # ").next().unwrap_or(after).split(" | ").next().unwrap_or(after);
+            let cut = cut.split(" < ").next().unwrap_or(cut).split(" > ").next().unwrap_or(cut);
+            found.push((format!("herald {}", cut.trim()), !in_block));
+        }
+    }
+    found
+}
+
+#[test]
+fn every_documented_command_line_parses() {
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for (file, text) in documents() {
+        for (command, inline) in commands(&text) {
+            // Shorthand for several verbs at once ("dlq stats|list|...").
+            if command.contains('|') {
+                continue;
+            }
+            checked += 1;
+            let mut args = words(&command);
+            // A reference in running text may name a command without its
+            // required flags: the command must exist.
+            if inline && !command.contains(" --") {
+                args.push("--help".into());
+            }
+            match Cli::try_parse_from(&args) {
+                Ok(_) => {}
+                Err(err) if err.kind() == clap::error::ErrorKind::DisplayHelp => {}
+                Err(err) => {
+                    let first = err.to_string().lines().next().unwrap_or_default().to_owned();
+                    problems.push(format!("{file}: `{command}`: {first}"));
+                }
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} commands found in the docs");
+    assert!(problems.is_empty(), "{} documented command(s) do not parse:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// Words in backticks (or code blocks) that look like `prefix...`.
+fn named(text: &str, starts: &str, allowed: impl Fn(char) -> bool) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(starts) {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !allowed(c)).unwrap_or(tail.len());
+        let word = tail[..end].trim_end_matches(['.', '_', '-']);
+        if word.len() > starts.len() {
+            found.insert(word.to_owned());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    found
+}
+
+#[test]
+fn every_documented_setting_variable_metric_and_header_exists() {
+    let figment = Settings::defaults();
+    let key_exists = |key: &str| figment.find_value(key).is_ok();
+    let sections = ["worker.", "retry.", "teams.", "http.", "dlq.", "ledger.", "headers.", "telemetry.", "log."];
+    let metrics_source = [include_str!("../../src/metrics.rs"), include_str!("../../src/http.rs")].concat();
+    let headers_source = include_str!("../../src/rabbitmq/headers.rs");
+    // Variables of the test suites and tools, not settings.
+    let not_settings = ["HERALD_CONFIG", "HERALD_PROPERTY_JOBS", "HERALD_PROPERTY_SEED", "HERALD_HOSTILE_JOBS", "HERALD_HOSTILE_SEED",
+        "HERALD_FUZZ_CASES", "HERALD_FUZZ_SEED", "HERALD_SOAK_JOBS", "HERALD_IT_UNSET_SECRET"];
+    let mut problems = Vec::new();
+    for (file, text) in documents() {
+        let keys = text
+            .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.' || c == '<' || c == '>'))
+            .map(|w| w.trim_end_matches('.'))
+            .filter(|w| sections.iter().any(|s| w.starts_with(s) && w.len() > s.len()));
+        for key in keys {
+            // `teams.clouds.<cloud>.…` patterns and file names are not keys.
+            if key.contains('<') || key.ends_with(".md") || key.ends_with(".rs") || key.ends_with(".toml") {
+                continue;
+            }
+            if !key_exists(key) {
+                problems.push(format!("{file}: setting `{key}` does not exist"));
+            }
+        }
+        for var in named(&text, "HERALD_", |c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
+            if not_settings.contains(&var.as_str()) {
+                continue;
+            }
+            let key = var.trim_start_matches("HERALD_").to_lowercase().replace("__", ".");
+            if !key_exists(&key) {
+                problems.push(format!("{file}: variable {var} names no setting ({key})"));
+            }
+        }
+        // `herald_keys` is a collection.
+        for metric in named(&text, "herald_", |c| c.is_ascii_lowercase() || c == '_').into_iter().filter(|m| m != "herald_keys") {
+            let base = metric.trim_end_matches("_bucket").trim_end_matches("_count").trim_end_matches("_sum");
+            if !metrics_source.contains(&format!("\"{base}")) {
+                problems.push(format!("{file}: metric {metric} is not exported"));
+            }
+        }
+        for header in named(&text, "x-herald-", |c| c.is_ascii_lowercase() || c == '-') {
+            if !headers_source.contains(&format!("\"{header}\"")) {
+                problems.push(format!("{file}: header {header} does not exist"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{} name(s) in the docs do not exist:\n{}", problems.len(), problems.join("\n"));
+}
