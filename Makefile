@@ -15,7 +15,7 @@ demo: services ## Two organizations, one shared Teams integration: deliveries an
 	./target/debug/examples/demo
 
 test: services ## Unit and integration tests against the real services and teams-sim
-	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt
+	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt pyyaml
 	$(CARGO) build --workspace --bins --examples
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --workspace --lib --bins --no-fail-fast

@@ -102,11 +102,26 @@ pub async fn doctor(settings: &Settings) -> anyhow::Result<ExitCode> {
     }
     let mongo = redact_url(&settings.mongodb_uri);
     match Store::connect(settings).await {
-        Ok(store) => match store.ping().await {
-            Ok(()) => check("mongodb", Ok(format!("{mongo} answers ping"))),
-            Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
-        },
+        Ok(store) => {
+            match store.ping().await {
+                Ok(()) => {
+                    check("mongodb", Ok(format!("{mongo} answers ping")));
+                    let indexes = match store.missing_indexes().await {
+                        Ok(missing) if missing.is_empty() => Ok("every index herald uses exists (retention included)".to_owned()),
+                        Ok(missing) => Err(format!("missing {}: run `herald setup`", missing.join(", "))),
+                        Err(err) => Err(crate::text::error_chain(&err)),
+                    };
+                    check("indexes", indexes);
+                }
+                Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
+            }
+            store.shutdown().await;
+        }
         Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
     }
+    println!(
+        "note  on RabbitMQ 4.x, lift the quorum queues' default delivery limit on the dead-letter queue (docs/operations.md, \
+         \"RabbitMQ 4 and the dead-letter queue\"); it cannot be read over AMQP: check `rabbitmqctl list_policies`"
+    );
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

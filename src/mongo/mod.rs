@@ -244,6 +244,28 @@ impl Store {
         Ok(())
     }
 
+    /// The indexes `ensure_indexes` makes that the database lacks (for
+    /// `herald doctor`): "collection.index" names.
+    pub async fn missing_indexes(&self) -> Result<Vec<String>, StoreError> {
+        let mut expected = vec![
+            (ORG_INTEGRATIONS, "org_integration_unique"),
+            (CONVERSATIONS, "conversation_unique"),
+            (CONVERSATIONS, "conversation_by_user"),
+            (CONVERSATIONS, "conversation_by_id"),
+        ];
+        if !self.retention.is_zero() {
+            expected.push((DELIVERIES, RETENTION_INDEX));
+        }
+        let mut missing = Vec::new();
+        for (collection, index) in expected {
+            let names = self.db.collection::<Document>(collection).list_index_names().await.unwrap_or_default();
+            if !names.iter().any(|n| n == index) {
+                missing.push(format!("{collection}.{index}"));
+            }
+        }
+        Ok(missing)
+    }
+
     /// Record that this delivery is about to send `job` of this
     /// org_integration, unless it was sent already or another delivery holds
     /// it. Claims of concurrent jobs share one command (see `ledger`).

@@ -54,11 +54,8 @@ fn commands(text: &str) -> Vec<(String, bool)> {
             in_block = !in_block;
             continue;
         }
-        let candidates: Vec<String> = if in_block {
-            vec![line.trim().to_owned()]
-        } else {
-            line.split('`').skip(1).step_by(2).map(str::to_owned).collect()
-        };
+        let candidates: Vec<String> =
+            if in_block { vec![line.trim().to_owned()] } else { line.split('`').skip(1).step_by(2).map(str::to_owned).collect() };
         for candidate in candidates {
             let joined = format!("{pending}{candidate}");
             if let Some(rest) = joined.strip_suffix('\\') {
@@ -132,8 +129,17 @@ fn every_documented_setting_variable_metric_and_header_exists() {
     let metrics_source = [include_str!("../../src/metrics.rs"), include_str!("../../src/http.rs")].concat();
     let headers_source = include_str!("../../src/rabbitmq/headers.rs");
     // Variables of the test suites and tools, not settings.
-    let not_settings = ["HERALD_CONFIG", "HERALD_PROPERTY_JOBS", "HERALD_PROPERTY_SEED", "HERALD_HOSTILE_JOBS", "HERALD_HOSTILE_SEED",
-        "HERALD_FUZZ_CASES", "HERALD_FUZZ_SEED", "HERALD_SOAK_JOBS", "HERALD_IT_UNSET_SECRET"];
+    let not_settings = [
+        "HERALD_CONFIG",
+        "HERALD_PROPERTY_JOBS",
+        "HERALD_PROPERTY_SEED",
+        "HERALD_HOSTILE_JOBS",
+        "HERALD_HOSTILE_SEED",
+        "HERALD_FUZZ_CASES",
+        "HERALD_FUZZ_SEED",
+        "HERALD_SOAK_JOBS",
+        "HERALD_IT_UNSET_SECRET",
+    ];
     let mut problems = Vec::new();
     for (file, text) in documents() {
         let keys = text
@@ -172,4 +178,31 @@ fn every_documented_setting_variable_metric_and_header_exists() {
         }
     }
     assert!(problems.is_empty(), "{} name(s) in the docs do not exist:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// GitHub's anchor of a Markdown heading.
+fn slug(heading: &str) -> String {
+    heading
+        .trim_start_matches('#')
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+#[test]
+fn every_alert_links_a_runbook_section_that_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/herald-rules.yaml")).unwrap();
+    let alerts = rules.matches("- alert:").count();
+    let links: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("runbook:")).map(str::trim).collect();
+    assert_eq!(links.len(), alerts, "every alert has a runbook");
+    for link in links {
+        let (file, anchor) = link.split_once('#').unwrap_or_else(|| panic!("{link}: link a section, not a whole page"));
+        let text = std::fs::read_to_string(root.join(file)).unwrap_or_else(|_| panic!("{link}: no such file"));
+        let anchors: BTreeSet<String> = text.lines().filter(|l| l.starts_with('#')).map(slug).collect();
+        assert!(anchors.contains(anchor), "{link}: no such section in {file}");
+    }
 }

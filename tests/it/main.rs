@@ -1,6 +1,7 @@
+mod compose;
 mod demo;
-mod docs;
 mod dlq;
+mod docs;
 #[path = "../../examples/fleet/mod.rs"]
 #[allow(dead_code)]
 mod fleet;

@@ -129,3 +129,23 @@ async fn an_operator_sees_every_attempt_of_a_job_and_records_expire_by_retention
     assert_eq!(ttl, std::time::Duration::from_secs(30 * 86_400));
     client.shutdown().await;
 }
+
+/// `herald doctor` says what is missing: the topology before `setup` is
+/// complete, and an index someone dropped; after `setup`, all is well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_finds_a_dropped_index_and_setup_restores_it() {
+    let env = TestEnv::new(two_org_world()).await;
+    let healthy = env.herald(&["doctor"]).await;
+    assert!(healthy.status.success(), "{}", stdout(&healthy));
+    assert!(stdout(&healthy).contains("ok    indexes"), "{}", stdout(&healthy));
+
+    let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true").await.unwrap();
+    let conversations = client.database(&env.settings.mongodb_database).collection::<mongodb::bson::Document>("conversations");
+    conversations.drop_index("conversation_unique").await.unwrap();
+    let sick = env.herald(&["doctor"]).await;
+    assert_eq!(sick.status.code(), Some(1));
+    assert!(stdout(&sick).contains("conversations.conversation_unique") && stdout(&sick).contains("herald setup"), "{}", stdout(&sick));
+    env.herald_ok(&["setup"]).await;
+    assert!(env.herald(&["doctor"]).await.status.success());
+    client.shutdown().await;
+}
