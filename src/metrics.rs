@@ -1,6 +1,7 @@
 //! One metrics struct with intent-named methods, rendered in the Prometheus
 //! text format. Labels stay low-cardinality: outcomes, reasons, status
-//! classes; never an organization or a job id.
+//! classes, queue kinds; an organization only when the settings name it
+//! (`metrics.organizations`, an opt-in list); never a job id.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -57,8 +58,27 @@ pub enum JobOutcome {
 const OUTCOMES: [&str; 4] = ["delivered", "already_sent", "retried", "dead_lettered"];
 const CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "transport"];
 
+/// The queues whose depth is polled.
+#[derive(Debug, Clone, Copy)]
+pub enum QueueKind {
+    Work,
+    Retry,
+    Dead,
+}
+
+const QUEUES: [&str; 3] = ["work", "retry", "dead"];
+
 pub struct Metrics {
     jobs: [AtomicU64; 4],
+    /// Messages ready in each queue kind at the last poll (-1: not polled yet).
+    queue_depths: [AtomicI64; 3],
+    /// The oldest job (by `created_at`) taken in the current and the last
+    /// poll window, in milliseconds: the age of the work queue's head.
+    oldest_taken_ms: AtomicU64,
+    oldest_last_window_ms: AtomicU64,
+    /// Outcomes per organization, for the organizations the settings name
+    /// (`metrics.organizations`); every other organization counts as "other".
+    per_org: Vec<(String, [AtomicU64; 4])>,
     dead_letters: [AtomicU64; Reason::ALL.len()],
     teams_requests: [AtomicU64; 5],
     job_seconds: Histogram,
@@ -99,7 +119,24 @@ enum Event {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::with_organizations(&[])
+    }
+}
+
+impl Metrics {
+    /// Metrics that also count the outcomes of these organizations (and of
+    /// "other") by name: an opt-in list, so that labels stay few.
+    pub fn with_organizations(organizations: &[String]) -> Self {
+        let counters = || std::array::from_fn(|_| AtomicU64::new(0));
+        let mut per_org: Vec<(String, [AtomicU64; 4])> = organizations.iter().map(|o| (o.clone(), counters())).collect();
+        if !per_org.is_empty() {
+            per_org.push(("other".into(), counters()));
+        }
         Self {
+            queue_depths: std::array::from_fn(|_| AtomicI64::new(-1)),
+            oldest_taken_ms: AtomicU64::new(0),
+            oldest_last_window_ms: AtomicU64::new(0),
+            per_org,
             jobs: std::array::from_fn(|_| AtomicU64::new(0)),
             dead_letters: std::array::from_fn(|_| AtomicU64::new(0)),
             teams_requests: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -132,6 +169,27 @@ impl Metrics {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.jobs[outcome as usize].fetch_add(1, Ordering::Relaxed);
         self.job_seconds.observe(took);
+    }
+
+    /// The outcome of a job of `organization` (counted by name only for the
+    /// organizations of `metrics.organizations`).
+    pub fn organization_outcome(&self, organization: Option<&str>, outcome: JobOutcome) {
+        let Some((_, other)) = self.per_org.last() else { return };
+        let counters = organization.and_then(|o| self.per_org.iter().find(|(name, _)| name == o)).map_or(other, |(_, c)| c);
+        counters[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A job was taken whose `created_at` is `age` ago.
+    pub fn job_age(&self, age: Duration) {
+        self.oldest_taken_ms.fetch_max(u64::try_from(age.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The depths polled from the broker, and the end of an age window.
+    pub fn queue_polled(&self, depths: [(QueueKind, Option<u32>); 3]) {
+        for (kind, depth) in depths {
+            self.queue_depths[kind as usize].store(depth.map_or(-1, i64::from), Ordering::Relaxed);
+        }
+        self.oldest_last_window_ms.store(self.oldest_taken_ms.swap(0, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     pub fn job_dead_lettered(&self, reason: Reason) {
@@ -253,6 +311,37 @@ impl Metrics {
         for ((name, help), n) in EVENTS.iter().zip(&self.events) {
             counter(&mut out, name, help);
             let _ = writeln!(out, "{name} {}", n.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP herald_queue_messages Messages ready in the work queue, the retry tiers (together) and the dead-letter queue, polled.\n# TYPE herald_queue_messages gauge"
+        );
+        for (queue, depth) in QUEUES.iter().zip(&self.queue_depths) {
+            let depth = depth.load(Ordering::Relaxed);
+            if depth >= 0 {
+                let _ = writeln!(out, "herald_queue_messages{{queue=\"{queue}\"}} {depth}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP herald_oldest_job_age_seconds Age (from created_at) of the oldest job taken in the last poll interval: how long the work queue's head waited.\n# TYPE herald_oldest_job_age_seconds gauge"
+        );
+        let _ = writeln!(out, "herald_oldest_job_age_seconds {}", self.oldest_last_window_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+        if !self.per_org.is_empty() {
+            counter(
+                &mut out,
+                "herald_organization_jobs_total",
+                "Jobs by outcome, for the organizations of metrics.organizations and \"other\".",
+            );
+            for (organization, counters) in &self.per_org {
+                for (outcome, n) in OUTCOMES.iter().zip(counters) {
+                    let _ = writeln!(
+                        out,
+                        "herald_organization_jobs_total{{organization=\"{organization}\",outcome=\"{outcome}\"}} {}",
+                        n.load(Ordering::Relaxed)
+                    );
+                }
+            }
         }
         let _ =
             writeln!(out, "# HELP herald_consumer_active 1 while the worker consumes the work queue.\n# TYPE herald_consumer_active gauge");

@@ -34,6 +34,7 @@ pub struct Settings {
     pub http: HttpSettings,
     pub dlq: DlqSettings,
     pub ledger: LedgerSettings,
+    pub metrics: MetricsSettings,
     pub headers: HeaderSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
@@ -48,6 +49,22 @@ pub struct TelemetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct DlqSettings {
     pub max_replays: u32,
+}
+
+/// What `/metrics` shows beyond the defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    /// Organizations whose job outcomes are counted by name
+    /// (`herald_organization_jobs_total`); all others count as "other".
+    pub organizations: Vec<String>,
+    /// How often a worker polls the queues' depths.
+    pub queue_poll_secs: u64,
+}
+
+impl MetricsSettings {
+    pub fn queue_poll(&self) -> Duration {
+        Duration::from_secs(self.queue_poll_secs.clamp(1, 3600))
+    }
 }
 
 /// The `deliveries` ledger.
@@ -164,6 +181,15 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |key: &str, problem: String| Err(SettingsError::Invalid { key: key.to_owned(), problem });
+        let organizations = &self.metrics.organizations;
+        if organizations.len() > 50 {
+            return invalid("metrics.organizations", format!("{} names; at most 50 (each is a label value)", organizations.len()));
+        }
+        if let Some(bad) =
+            organizations.iter().find(|o| o.is_empty() || o.len() > 128 || o.chars().any(|c| c.is_control() || c == '"' || c == '\\'))
+        {
+            return invalid("metrics.organizations", format!("{bad:?}: 1 to 128 characters, no quotes, backslashes or control characters"));
+        }
         let prefix_ok =
             !self.topology_prefix.is_empty() && self.topology_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !prefix_ok {

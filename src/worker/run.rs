@@ -54,7 +54,8 @@ impl Worker {
         let store = Store::connect(&settings).await?;
         let signer = super::signer(&settings, &store).await?;
         let teams = Teams::new(&settings.teams)?;
-        let pipeline = Arc::new(Pipeline::new(&settings, store, teams, Arc::new(Metrics::default()), shutdown));
+        let metrics = Arc::new(Metrics::with_organizations(&settings.metrics.organizations));
+        let pipeline = Arc::new(Pipeline::new(&settings, store, teams, metrics, shutdown));
         Ok(Self { pipeline, topology: Topology::from(&settings), signer, settings })
     }
 
@@ -124,6 +125,15 @@ impl Worker {
             .await
             .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
         self.pipeline.metrics.consumer_active(true);
+        let polling = shutdown.child_token();
+        tokio::spawn(poll_queues(
+            connection.clone(),
+            self.topology.clone(),
+            self.pipeline.metrics.clone(),
+            self.settings.metrics.queue_poll(),
+            polling.clone(),
+        ));
+        let _stop_polling = polling.drop_guard();
         info!(queue = %queue, prefetch = self.settings.worker.prefetch, concurrency = self.settings.worker.concurrency, "consuming");
 
         let concurrency = self.settings.worker.concurrency;
@@ -185,6 +195,39 @@ async fn housekeeping(pipeline: Arc<Pipeline>, every: Duration, shutdown: Cancel
             _ = tick.tick() => pipeline.sweep(),
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Poll the depth of the work queue, the retry tiers and the dead-letter
+/// queue (a passive declare each: nothing is taken), and close the window of
+/// the oldest job taken, for the metrics.
+async fn poll_queues(connection: Arc<Connection>, topology: Topology, metrics: Arc<Metrics>, every: Duration, stop: CancellationToken) {
+    use crate::metrics::QueueKind;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let Ok(channel) = connection.create_channel().await else { continue };
+        let depth = |queue: String| {
+            let channel = &channel;
+            async move {
+                let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+                channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.ok().map(|q| q.message_count())
+            }
+        };
+        let work = depth(topology.work_queue()).await;
+        let mut retry = Some(0u32);
+        for tier in &topology.tiers {
+            retry = match (retry, depth(topology.retry_queue(*tier)).await) {
+                (Some(sum), Some(n)) => Some(sum.saturating_add(n)),
+                _ => None,
+            };
+        }
+        let dead = depth(topology.dead_queue()).await;
+        let _ = channel.close(200, "".into()).await;
+        metrics.queue_polled([(QueueKind::Work, work), (QueueKind::Retry, retry), (QueueKind::Dead, dead)]);
     }
 }
 

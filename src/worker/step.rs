@@ -18,7 +18,7 @@ use super::pacing::{Later, Pacing};
 use super::resolve::{OrgIntegration, Resolver};
 use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::job::{self, Job};
-use crate::metrics::Metrics;
+use crate::metrics::{JobOutcome, Metrics};
 use crate::mongo::{AttemptRecord, Claim, DeliveryState, Lease, Store, StoreError};
 use crate::outcome::{DeliveryError, Reason, Verdict, classify, quarantines, retry_tier};
 use crate::settings::{LEASE_MARGIN, Settings};
@@ -228,11 +228,22 @@ impl Pipeline {
         if let Some(trace_id) = crate::telemetry::continue_trace(&span, incoming.traceparent.as_deref()) {
             span.record("trace_id", trace_id);
         }
+        if let Ok(age) = (chrono::Utc::now() - job.created_at).to_std() {
+            self.metrics.job_age(age);
+        }
         async {
             let mut attempt = Attempt::default();
             let result = self.deliver(&job, &mut attempt).await;
             let organization_id = Some(job.organization_id.to_string());
-            self.conclude(Some(&job), incoming.history, attempt, organization_id, result).await
+            let disposition = self.conclude(Some(&job), incoming.history, attempt, organization_id, result).await;
+            let outcome = match &disposition {
+                Disposition::Ack(Acked::Delivered { .. }) => JobOutcome::Delivered,
+                Disposition::Ack(_) => JobOutcome::AlreadySent,
+                Disposition::Retry { .. } => JobOutcome::Retried,
+                Disposition::DeadLetter { .. } => JobOutcome::DeadLettered,
+            };
+            self.metrics.organization_outcome(Some(job.organization_id.as_str()), outcome);
+            disposition
         }
         .instrument(span)
         .await

@@ -149,3 +149,31 @@ async fn doctor_finds_a_dropped_index_and_setup_restores_it() {
     assert!(env.herald(&["doctor"]).await.status.success());
     client.shutdown().await;
 }
+
+/// Week-one metrics: queue depths and the age of the work queue's head,
+/// polled; outcomes per organization only for the organizations named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_queue_depths_head_age_and_named_organizations_only() {
+    let env = TestEnv::two_orgs().await;
+    let worker = env.observed_worker(&[("HERALD_METRICS__ORGANIZATIONS", "[\"org-a\"]"), ("HERALD_METRICS__QUEUE_POLL_SECS", "1")]);
+    env.publish(&job("org-a", CONV_A, "named")).await;
+    env.publish(&job("org-b", CONV_B, "other")).await;
+    env.publish(&job("org-unknown", CONV_B, "other, dead-lettered")).await;
+    env.activities(2).await;
+    env.dead_letters(1).await;
+    let series = |page: &str, prefix: &str| -> Option<f64> {
+        page.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let page = eventually("the dead-letter queue's depth polled", std::time::Duration::from_secs(15), || async {
+        let page = worker.metrics().await;
+        (series(&page, "herald_queue_messages{queue=\"dead\"}") == Some(1.0)).then_some(page)
+    })
+    .await;
+    assert_eq!(series(&page, "herald_queue_messages{queue=\"work\"}"), Some(0.0));
+    assert_eq!(series(&page, "herald_organization_jobs_total{organization=\"org-a\",outcome=\"delivered\"}"), Some(1.0));
+    assert_eq!(series(&page, "herald_organization_jobs_total{organization=\"other\",outcome=\"delivered\"}"), Some(1.0));
+    assert_eq!(series(&page, "herald_organization_jobs_total{organization=\"other\",outcome=\"dead_lettered\"}"), Some(1.0));
+    assert!(!page.contains("org-b") && !page.contains("org-unknown"), "organizations not named are never labels");
+    assert!(series(&page, "herald_oldest_job_age_seconds").is_some());
+    worker.stop().await;
+}
