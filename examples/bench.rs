@@ -273,7 +273,8 @@ async fn main() -> anyhow::Result<()> {
     let mut guard = Guard(Vec::new());
     let (env, world_path) = set_up(connection, publisher, &scale, &id, &mut guard).await?;
     let mut rng = fastrand::Rng::with_seed(42);
-    throughput(&env, &scale, &mut rng, bare_rate, &mut rows).await?;
+    let herald = throughput(&env, &scale, &mut rng, bare_rate, &mut rows).await?;
+    naive(&env, &scale, &mut rng, herald, &mut rows).await?;
     latency(&env, &scale, &mut guard, &mut rows).await?;
     mix(&env, &scale, &mut rng, &mut guard, &mut rows).await?;
     throttled(&env, &scale, &mut guard, &mut rows).await?;
@@ -355,7 +356,7 @@ async fn set_up(
 }
 
 /// Phase 2: one worker drains a backlog; throughput, CPU, RSS, tokens, MongoDB.
-async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate: f64, rows: &mut Rows) -> anyhow::Result<()> {
+async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate: f64, rows: &mut Rows) -> anyhow::Result<(f64, f64)> {
     let bodies = random_jobs(rng, scale, scale.backlog);
     publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
     let http_port = free_port();
@@ -400,6 +401,40 @@ async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate
             reads / scale.backlog as f64
         ),
         verdict(reads <= keys * 1.2, "no read per job in steady state"),
+    ));
+    Ok((herald_rate, cpu / scale.backlog as f64 * 1000.0))
+}
+
+/// Phase 2b: the worker a team would write instead (examples/naive.rs), on
+/// the same services, world and backlog, side by side with herald's drain.
+async fn naive(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, herald: (f64, f64), rows: &mut Rows) -> anyhow::Result<()> {
+    env.sim.reset().await?;
+    env.purge_all().await?;
+    let bodies = random_jobs(rng, scale, scale.backlog);
+    publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
+    let mut worker = Command::new(binary("examples/naive")?)
+        .args([AMQP, &env.topology.work_queue(), "mongodb://127.0.0.1:27017/?directConnection=true", &env.database, &env.sim_url])
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = worker.id();
+    let backlog = scale.backlog as u64;
+    let took = wait_for("the naive worker to drain", Duration::from_secs(1800), || async {
+        Ok(env.sim.stats().await?.activities_total >= backlog)
+    })
+    .await?;
+    let (cpu, rss) = usage(pid);
+    stop(&mut worker);
+    let (rate, cpu_per_1000) = (scale.backlog as f64 / took.as_secs_f64(), cpu / scale.backlog as f64 * 1000.0);
+    eprintln!("naive: {rate:.0} jobs/s, {cpu_per_1000:.2} CPU s per 1000 jobs, peak RSS {rss:.0} MiB");
+    rows.push((
+        format!("a naive worker draining the same {} jobs (consume → look up → token → post → ack; no ledger, no checks)", scale.backlog),
+        format!("{rate:.0} jobs/s; {cpu_per_1000:.2} CPU s per 1,000 jobs; peak RSS {rss:.0} MiB"),
+        String::new(),
+    ));
+    rows.push((
+        "herald vs the naive worker".into(),
+        format!("throughput {:.2}×, CPU per job {:.2}×", herald.0 / rate, herald.1 / cpu_per_1000),
+        String::new(),
     ));
     Ok(())
 }
