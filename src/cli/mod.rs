@@ -72,12 +72,18 @@ pub enum Command {
         /// Set every conversation in the file active, lifting quarantines.
         #[arg(long)]
         release_quarantined: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// What happened to a job: its ledger record(s) and last attempts.
     #[command(subcommand)]
     Deliveries(deliveries::DeliveriesCommand),
-    /// Check the settings and the connections to RabbitMQ and MongoDB.
-    Doctor,
+    /// Check the settings, the connections to RabbitMQ and MongoDB, the
+    /// topology and the indexes (exit 1 when a check fails).
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -152,9 +158,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => return dlq::run(&settings, command).await,
         Command::OrgIntegrations(command) => tenants::run(&settings, command).await?,
         Command::Conversations(command) => conversations::run(&settings, command).await?,
-        Command::Seed { file, dry_run, release_quarantined } => ops::seed(&settings, &file, dry_run, release_quarantined).await?,
+        Command::Seed { file, dry_run, release_quarantined, json } => {
+            ops::seed(&settings, &file, dry_run, release_quarantined, json).await?
+        }
         Command::Deliveries(command) => return deliveries::run(&settings, command).await,
-        Command::Doctor => return ops::doctor(&settings).await,
+        Command::Doctor { json } => return ops::doctor(&settings, json).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -23,7 +23,7 @@ struct SeedFile {
 
 /// Load org_integrations and conversations: every record is checked with
 /// the worker's own checks first, and nothing is written if one fails.
-pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, release_quarantined: bool) -> anyhow::Result<()> {
+pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, release_quarantined: bool, json: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let seed: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let teams = crate::teams::Teams::new(&settings.teams)?;
@@ -53,12 +53,26 @@ pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, re
     }
     let (orgs, conversations) = (seed.org_integrations.len(), seed.conversations.len());
     if dry_run {
-        println!("{} is valid: would write {orgs} org_integration(s) and {conversations} conversation(s); nothing written", file.display());
+        match json {
+            true => println!(
+                "{}",
+                serde_json::json!({ "valid": true, "org_integrations": orgs, "conversations": conversations, "written": false })
+            ),
+            false => println!(
+                "{} is valid: would write {orgs} org_integration(s) and {conversations} conversation(s); nothing written",
+                file.display()
+            ),
+        }
         return Ok(());
     }
     let store = Store::connect(settings).await?;
     store.ensure_indexes().await?;
     let report = store.seed(&seed.org_integrations, &seed.conversations, release_quarantined).await?;
+    store.shutdown().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     println!(
         "seeded {orgs} org_integration(s) ({} new, {} replaced) and {conversations} conversation(s) ({} new, {} updated{})",
         report.org_integrations_created,
@@ -67,18 +81,20 @@ pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, re
         report.conversations_updated,
         if release_quarantined { ", quarantines lifted" } else { ", quarantines kept" }
     );
-    store.shutdown().await;
     Ok(())
 }
 
-pub async fn doctor(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let mut ok = true;
-    let mut check = |name: &str, result: Result<String, String>| match result {
-        Ok(detail) => println!("ok    {name}: {detail}"),
-        Err(detail) => {
-            ok = false;
-            println!("FAIL  {name}: {detail}");
+pub async fn doctor(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let mut checks: Vec<serde_json::Value> = Vec::new();
+    let mut check = |name: &str, result: Result<String, String>| {
+        let (ok, detail) = match result {
+            Ok(detail) => (true, detail),
+            Err(detail) => (false, detail),
+        };
+        if !json {
+            println!("{}  {name}: {detail}", if ok { "ok  " } else { "FAIL" });
         }
+        checks.push(serde_json::json!({ "check": name, "ok": ok, "detail": detail }));
     };
     check("settings", Ok(format!("prefix {}, database {}", settings.topology_prefix, settings.mongodb_database)));
     let amqp = redact_url(&settings.amqp_url);
@@ -119,9 +135,14 @@ pub async fn doctor(settings: &Settings) -> anyhow::Result<ExitCode> {
         }
         Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
     }
-    println!(
-        "note  on RabbitMQ 4.x, lift the quorum queues' default delivery limit on the dead-letter queue (docs/operations.md, \
-         \"RabbitMQ 4 and the dead-letter queue\"); it cannot be read over AMQP: check `rabbitmqctl list_policies`"
-    );
+    let ok = checks.iter().all(|c| c["ok"] == true);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        println!(
+            "note  on RabbitMQ 4.x, lift the quorum queues' default delivery limit on the dead-letter queue (docs/operations.md, \
+             \"RabbitMQ 4 and the dead-letter queue\"); it cannot be read over AMQP: check `rabbitmqctl list_policies`"
+        );
+    }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -55,6 +55,8 @@ async fn hostile_jobs_are_each_one_bounded_dead_letter_and_good_jobs_are_posted_
     })
     .await;
     let reconnects = worker.metric("herald_broker_reconnects_total").await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", worker.process.id().unwrap())).unwrap_or_default();
+    let peak = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_owned();
     let forged = worker.metric("herald_forged_headers_total").await;
     worker.stop().await;
 
@@ -66,7 +68,7 @@ async fn hostile_jobs_are_each_one_bounded_dead_letter_and_good_jobs_are_posted_
     let verdict = fleet::check(&planned, &published_at, &records, &letters, &ledger);
     let stats = client.stats().await.unwrap();
     eprintln!(
-        "soak: {jobs} jobs; {} good posted once, {} unconfirmed, {} hostile dead-lettered once; Teams answered {:?}",
+        "soak: {jobs} jobs; {} good posted once, {} unconfirmed, {} hostile dead-lettered once; Teams answered {:?}; worker {peak}",
         verdict.delivered, verdict.unconfirmed, verdict.hostile_dead_lettered, stats.responses_by_status
     );
     assert!(
