@@ -49,6 +49,13 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 wait_port RabbitMQ 5672 60 /var/log/rabbitmq/rabbit@localhost.log
+# The management API: `herald doctor --management-url` reads the broker's
+# version and policies through it (KEDA uses it too).
+if ! port_open 15672; then
+  say "enabling the RabbitMQ management plugin"
+  rabbitmq-plugins -q enable rabbitmq_management >/dev/null 2>&1 || die "rabbitmq-plugins enable rabbitmq_management failed"
+fi
+wait_port "RabbitMQ management" 15672 60 /var/log/rabbitmq/rabbit@localhost.log
 
 # --- SecantusDB -------------------------------------------------------------
 if ! command -v secantusd-rs >/dev/null 2>&1 \

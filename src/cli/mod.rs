@@ -81,6 +81,11 @@ pub enum Command {
     /// Check the settings, the connections to RabbitMQ and MongoDB, the
     /// topology and the indexes (exit 1 when a check fails).
     Doctor {
+        /// The RabbitMQ management API with credentials (e.g.
+        /// http://user:password@rabbitmq:15672/ for the default vhost), to check
+        /// the dead-letter queue's policy (needed on RabbitMQ 4.x).
+        #[arg(long)]
+        management_url: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -162,7 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ops::seed(&settings, &file, dry_run, release_quarantined, json).await?
         }
         Command::Deliveries(command) => return deliveries::run(&settings, command).await,
-        Command::Doctor { json } => return ops::doctor(&settings, json).await,
+        Command::Doctor { json, management_url } => return ops::doctor(&settings, json, management_url.as_deref()).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -84,7 +84,7 @@ pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, re
     Ok(())
 }
 
-pub async fn doctor(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str>) -> anyhow::Result<ExitCode> {
     let mut checks: Vec<serde_json::Value> = Vec::new();
     let mut check = |name: &str, result: Result<String, String>| {
         let (ok, detail) = match result {
@@ -135,14 +135,96 @@ pub async fn doctor(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
         }
         Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
     }
+    let dead_queue = crate::rabbitmq::Topology::from(settings).dead_queue();
+    match management_url {
+        Some(url) => {
+            let shown = crate::teams::redact(url);
+            check("dead-letter policy", dead_letter_policy(url, &dead_queue).await.map_err(|why| format!("{shown}: {why}")));
+        }
+        None if !json => println!(
+            "note  dead-letter policy not checked: pass --management-url (RabbitMQ 4.x needs one on {dead_queue}; \
+             docs/operations.md, \"RabbitMQ 4 and the dead-letter queue\")"
+        ),
+        None => {}
+    }
     let ok = checks.iter().all(|c| c["ok"] == true);
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
-    } else {
-        println!(
-            "note  on RabbitMQ 4.x, lift the quorum queues' default delivery limit on the dead-letter queue (docs/operations.md, \
-             \"RabbitMQ 4 and the dead-letter queue\"); it cannot be read over AMQP: check `rabbitmqctl list_policies`"
-        );
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Whether the broker keeps every dead letter however often a tool looks at
+/// it: on RabbitMQ 4.x, quorum queues get a default delivery limit of 20, so
+/// the dead-letter queue needs a policy with `delivery-limit: -1`; on 3.x a
+/// quorum queue without `x-delivery-limit` has none, and -1 would be harmful.
+async fn dead_letter_policy(management_url: &str, dead_queue: &str) -> Result<String, String> {
+    let url = url::Url::parse(management_url).map_err(|e| format!("not a URL: {e}"))?;
+    let (user, password) = (url.username().to_owned(), url.password().unwrap_or_default().to_owned());
+    let mut base = url.clone();
+    let _ = base.set_username("");
+    let _ = base.set_password(None);
+    let vhost = match base.path().trim_matches('/') {
+        "" => "%2F".to_owned(),
+        path => path.to_owned(),
+    };
+    let root =
+        format!("{}://{}", base.scheme(), base.host_str().unwrap_or_default()) + &base.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let get = |path: String| {
+        let request = http.get(format!("{root}{path}")).basic_auth(&user, Some(&password));
+        async move {
+            let response = request.send().await.map_err(|e| crate::text::error_chain(&e))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("the management API answered {status}"));
+            }
+            response.json::<serde_json::Value>().await.map_err(|e| crate::text::error_chain(&e))
+        }
+    };
+    let overview = get("/api/overview".into()).await?;
+    let version = overview["rabbitmq_version"].as_str().unwrap_or("unknown").to_owned();
+    let policies = get(format!("/api/policies/{vhost}")).await?;
+    policy_verdict(&version, &policies, dead_queue)
+}
+
+/// The policy check itself, on the management API's answers.
+fn policy_verdict(version: &str, policies: &serde_json::Value, dead_queue: &str) -> Result<String, String> {
+    let major: u32 = version.split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    let lifting = policies.as_array().into_iter().flatten().find(|policy| {
+        let applies = matches!(policy["apply-to"].as_str(), Some("quorum_queues" | "queues" | "all") | None);
+        let matches = policy["pattern"].as_str().and_then(|p| regex::Regex::new(p).ok()).is_some_and(|re| re.is_match(dead_queue));
+        applies && matches && policy["definition"]["delivery-limit"].as_i64() == Some(-1)
+    });
+    match (major >= 4, lifting) {
+        (true, Some(policy)) => Ok(format!("RabbitMQ {version}: policy {} lifts the delivery limit of {dead_queue}", policy["name"])),
+        (true, None) => Err(format!(
+            "RabbitMQ {version} gives {dead_queue} a delivery limit of 20, so browsing could drop dead letters: \
+             rabbitmqctl set_policy herald-dlq '^{}$' '{{\"delivery-limit\": -1}}' --apply-to quorum_queues",
+            regex::escape(dead_queue)
+        )),
+        (false, Some(policy)) => Err(format!(
+            "RabbitMQ {version}: policy {} sets delivery-limit -1 on {dead_queue}, which 3.x reads as \"drop at the first return\": remove it",
+            policy["name"]
+        )),
+        (false, None) => Ok(format!("RabbitMQ {version}: {dead_queue} has no delivery limit (no policy needed before 4.0)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::policy_verdict;
+    use serde_json::json;
+
+    #[test]
+    fn the_dead_letter_policy_is_required_on_4_and_harmful_on_3() {
+        let queue = "herald.msteams.dead";
+        let lifted = json!([{ "name": "herald-dlq", "pattern": "^herald\\.msteams\\.dead$", "apply-to": "quorum_queues", "definition": { "delivery-limit": -1 } }]);
+        let other = json!([{ "name": "ha", "pattern": "^other$", "apply-to": "queues", "definition": { "delivery-limit": -1 } }]);
+        assert!(policy_verdict("4.1.2", &lifted, queue).is_ok());
+        let missing = policy_verdict("4.0.5", &other, queue).unwrap_err();
+        assert!(missing.contains("set_policy herald-dlq '^herald\\.msteams\\.dead$'"), "{missing}");
+        assert!(policy_verdict("3.13.1", &json!([]), queue).is_ok());
+        assert!(policy_verdict("3.10.8", &lifted, queue).is_err());
+    }
 }

@@ -149,6 +149,12 @@ async fn doctor_finds_a_dropped_index_and_setup_restores_it() {
     let checks = json(&env.herald_ok(&["doctor", "--json"]).await);
     let indexes = checks.as_array().unwrap().iter().find(|c| c["check"] == "indexes").expect("an indexes check");
     assert_eq!(indexes["ok"], true, "{checks}");
+    // The dead-letter queue's policy, read through the management API (3.x here: none needed).
+    let policy = stdout(&env.herald_ok(&["doctor", "--management-url", "http://guest:guest@127.0.0.1:15672/"]).await);
+    assert!(policy.contains("ok    dead-letter policy: RabbitMQ 3."), "{policy}");
+    let refused = env.herald(&["doctor", "--management-url", "http://guest:not-the-pw-4242@127.0.0.1:15672/"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stdout(&refused).contains("FAIL  dead-letter policy") && !stdout(&refused).contains("not-the-pw-4242"), "{}", stdout(&refused));
     client.shutdown().await;
 }
 
