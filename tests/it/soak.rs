@@ -4,7 +4,9 @@
 //! resets and broken 2xx. The bench runs it at full scale and compares
 //! latency and memory with a run without hostile jobs.
 //!
-//! `HERALD_SOAK_JOBS` (default 2,000) scales it.
+//! `HERALD_SOAK_JOBS` (default 2,000) scales it; `HERALD_SOAK_HOSTILE`
+//! (default 0.10) sets the hostile share (0 gives the clean run to compare
+//! the printed peak RSS with).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,7 +32,8 @@ async fn hostile_jobs_are_each_one_bounded_dead_letter_and_good_jobs_are_posted_
         client.add_fault(&rule).await.unwrap();
     }
     let mut rng = fastrand::Rng::with_seed(11);
-    let planned = fleet::plan(&mut rng, jobs, 0.10, ORGS, PER_ORG);
+    let hostile: f64 = std::env::var("HERALD_SOAK_HOSTILE").ok().and_then(|v| v.parse().ok()).unwrap_or(0.10);
+    let planned = fleet::plan(&mut rng, jobs, hostile, ORGS, PER_ORG);
     let worker = env.observed_worker(&[("HERALD_WORKER__CONCURRENCY", "32"), ("HERALD_LOG__FILTER", "warn")]);
 
     let publisher = Publisher::open(env.connection.clone()).await.unwrap();
