@@ -51,6 +51,15 @@ pub struct Recipient {
     pub corrected_from: Option<String>,
 }
 
+/// Lookups whose ids together are longer than this bypass the caches: no real
+/// id is that long, and a hostile job must not park its 150 KB id in memory
+/// for a cache TTL (each such job is one MongoDB read instead).
+const MAX_CACHED_ID_BYTES: usize = 512;
+
+fn cacheable(ids: &[&str]) -> bool {
+    ids.iter().map(|id| id.len()).sum::<usize>() <= MAX_CACHED_ID_BYTES
+}
+
 impl Resolver {
     pub fn new(ttl: Duration) -> Self {
         Self { integrations: TtlCache::new(ttl), conversations: TtlCache::new(ttl), personal: TtlCache::new(ttl) }
@@ -75,19 +84,20 @@ impl Resolver {
 
     pub async fn org_integration(&self, store: &Store, teams: &Teams, job: &Job) -> Result<Arc<OrgIntegration>, DeliveryError> {
         let key = (job.organization_id.clone(), job.integration_id.clone());
-        let resolution = self
-            .integrations
-            .get_or_load(&key, || async {
-                Ok::<_, DeliveryError>(match store.org_integration(&key.0, &key.1).await? {
-                    None => Resolution::NotFound,
-                    Some(doc) if doc.status == IntegrationStatus::Disabled => Resolution::Disabled,
-                    Some(doc) => match active(doc, teams) {
-                        Ok(integration) => Resolution::Active(Arc::new(integration)),
-                        Err(problem) => Resolution::Misconfigured(problem),
-                    },
-                })
+        let load = || async {
+            Ok::<_, DeliveryError>(match store.org_integration(&key.0, &key.1).await? {
+                None => Resolution::NotFound,
+                Some(doc) if doc.status == IntegrationStatus::Disabled => Resolution::Disabled,
+                Some(doc) => match active(doc, teams) {
+                    Ok(integration) => Resolution::Active(Arc::new(integration)),
+                    Err(problem) => Resolution::Misconfigured(problem),
+                },
             })
-            .await?;
+        };
+        let resolution = match cacheable(&[key.0.as_str(), key.1.as_str()]) {
+            true => self.integrations.get_or_load(&key, load).await?,
+            false => load().await?,
+        };
         let (organization_id, integration_id) = (key.0.to_string(), key.1.to_string());
         match resolution {
             Resolution::Active(integration) => Ok(integration),
@@ -98,8 +108,11 @@ impl Resolver {
     }
 
     async fn conversation(&self, store: &Store, key: &Key, id: &ConversationId) -> Result<Option<ConversationDoc>, DeliveryError> {
-        let cache_key = (key.clone(), id.clone());
-        self.conversations.get_or_load(&cache_key, || async { Ok(store.conversation(&key.0, &key.1, id).await?) }).await
+        let load = || async { Ok(store.conversation(&key.0, &key.1, id).await?) };
+        if !cacheable(&[key.0.as_str(), key.1.as_str(), id.as_str()]) {
+            return load().await;
+        }
+        self.conversations.get_or_load(&(key.clone(), id.clone()), load).await
     }
 
     async fn personal(&self, store: &Store, key: &Key, user: &UserId) -> Result<Option<ConversationDoc>, DeliveryError> {
@@ -117,7 +130,9 @@ impl Resolver {
             )));
         }
         let found = found.pop();
-        self.personal.insert(cache_key, found.clone());
+        if cacheable(&[key.0.as_str(), key.1.as_str(), user.as_str()]) {
+            self.personal.insert(cache_key, found.clone());
+        }
         Ok(found)
     }
 

@@ -117,3 +117,23 @@ async fn a_copy_of_a_job_in_progress_is_told_to_come_back() {
     assert_eq!((failure.reason, history.hops), (Reason::InProgress, 0));
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0);
 }
+
+/// A hostile job's 150 KB ids are looked up, refused, and not kept: the
+/// caches hold only ids a real record could have (a poisoned stream must not
+/// park megabytes in memory for a cache TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_ids_are_refused_without_a_place_in_the_cache() {
+    let env = TestEnv::two_orgs().await;
+    let step = pipeline(&env);
+    let big = "x".repeat(150 * 1024);
+    for pointer in ["/organization_id", "/integration_id", "/recipient/conversation_id"] {
+        let mut value = job_value("org-a", CONV_A, "hostile");
+        *value.pointer_mut(pointer).unwrap() = serde_json::json!(big);
+        let disposition = step.process(&incoming(&job_json(value), History::default())).await;
+        assert!(matches!(disposition, Disposition::DeadLetter { .. }), "{pointer}: {disposition:?}");
+    }
+    let cached_after_hostile = step.resolver.cached();
+    step.process(&incoming(&job("org-a", CONV_A, "normal"), History::default())).await;
+    assert!(cached_after_hostile <= 1, "only the normal org_integration is cached, not the 150 KB ids: {cached_after_hostile}");
+    assert!(step.resolver.cached() >= 2, "normal lookups are cached");
+}
