@@ -77,10 +77,6 @@ async fn an_admin_onboards_checks_rotates_disables_and_removes_an_organization()
     assert_eq!(json(&env.herald_ok(&["conversations", "list", "--json"]).await), serde_json::json!([]));
 }
 
-fn json(output: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| panic!("not JSON ({err}): {}", stdout(output)))
-}
-
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
