@@ -65,7 +65,9 @@ reasons! {
     TeamsUnavailable => "teams_unavailable",
     StoreUnavailable => "store_unavailable",
     StoreFailed => "store_failed",
-    /// herald's own per-conversation / per-tenant rate limit said "later".
+    /// herald's own pacing said "later" (a wait beyond what a job may wait
+    /// in process), or the job's conversation already has `worker.max_lane`
+    /// jobs waiting in the worker.
     RateLimited => "rate_limited",
     /// Another delivery of the same job id is being sent right now.
     InProgress => "in_progress",

@@ -29,6 +29,7 @@ pub struct Settings {
     pub mongodb_database: String,
     pub topology_prefix: String,
     pub worker: WorkerSettings,
+    pub fleet: FleetSettings,
     pub retry: RetrySettings,
     pub teams: TeamsSettings,
     pub http: HttpSettings,
@@ -97,6 +98,28 @@ pub struct WorkerSettings {
     pub delivery_limit: u32,
     pub resolution_cache_ttl_secs: u64,
     pub claim_lease_secs: u64,
+    pub max_lane: usize,
+}
+
+/// How workers share the shard queues (docs/deploy.md, "Fleet-wide pacing").
+#[derive(Debug, Clone, Deserialize)]
+pub struct FleetSettings {
+    /// Shard queues behind the work queue; 0: every worker consumes the work
+    /// queue itself (no fleet-wide pacing, no order per conversation).
+    pub shards: u16,
+    /// How long a worker's hold on a shard (or the router) lasts without a
+    /// heartbeat, by the MongoDB server's clock.
+    pub lease_secs: u64,
+    pub heartbeat_ms: u64,
+}
+
+impl FleetSettings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs)
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -212,6 +235,18 @@ impl Settings {
         }
         if self.worker.concurrency == 0 {
             return invalid("worker.concurrency", "must be at least 1".into());
+        }
+        if self.worker.max_lane == 0 {
+            return invalid("worker.max_lane", "must be at least 1".into());
+        }
+        if self.fleet.shards > 1024 {
+            return invalid("fleet.shards", "at most 1024".into());
+        }
+        if self.fleet.lease_secs < 2 || self.fleet.lease_secs > 600 {
+            return invalid("fleet.lease_secs", "must be between 2 and 600".into());
+        }
+        if self.fleet.heartbeat_ms < 100 || self.fleet.heartbeat_ms * 2 > self.fleet.lease_secs * 1000 {
+            return invalid("fleet.heartbeat_ms", "must be at least 100 and at most half of fleet.lease_secs".into());
         }
         if self.retry.quick_attempts == 0 {
             return invalid("retry.quick_attempts", "must be at least 1 (the first try)".into());

@@ -5,6 +5,7 @@
 //! The collections are private: everything herald reads or writes goes
 //! through an intent-named operation of [`Store`].
 
+mod fleet;
 mod ledger;
 mod records;
 mod tenants;
@@ -31,6 +32,7 @@ const ORG_INTEGRATIONS: &str = "org_integrations";
 const CONVERSATIONS: &str = "conversations";
 const DELIVERIES: &str = "deliveries";
 const KEYS: &str = "herald_keys";
+const FLEET: &str = "fleet";
 
 #[derive(Debug, thiserror::Error)]
 #[error("MongoDB {operation} failed")]

@@ -16,11 +16,18 @@ pub struct Topology {
     pub prefix: String,
     pub tiers: Vec<Duration>,
     pub delivery_limit: u32,
+    /// Shard queues behind the work queue (`fleet.shards`); 0: none.
+    pub shards: u16,
 }
 
 impl From<&Settings> for Topology {
     fn from(settings: &Settings) -> Self {
-        Self { prefix: settings.topology_prefix.clone(), tiers: settings.retry_tiers(), delivery_limit: settings.worker.delivery_limit }
+        Self {
+            prefix: settings.topology_prefix.clone(),
+            tiers: settings.retry_tiers(),
+            delivery_limit: settings.worker.delivery_limit,
+            shards: settings.fleet.shards,
+        }
     }
 }
 
@@ -43,6 +50,20 @@ impl Topology {
     pub fn work_queue(&self) -> String {
         format!("{}.msteams", self.prefix)
     }
+    /// Where the router publishes each job, routing key = its shard's number.
+    pub fn shard_exchange(&self) -> String {
+        format!("{}.shards", self.prefix)
+    }
+    pub fn shard_queue(&self, shard: u16) -> String {
+        format!("{}.msteams.shard.{shard}", self.prefix)
+    }
+    /// The queues jobs wait in before they are processed: the work queue and
+    /// every shard queue.
+    pub fn pending_queues(&self) -> Vec<String> {
+        let mut queues = vec![self.work_queue()];
+        queues.extend((0..self.shards).map(|s| self.shard_queue(s)));
+        queues
+    }
     pub fn retry_exchange(&self) -> String {
         format!("{}.retry", self.prefix)
     }
@@ -58,13 +79,18 @@ impl Topology {
 
     /// Every queue of the topology (for tools and test clean-up).
     pub fn queues(&self) -> Vec<String> {
-        let mut queues = vec![self.work_queue(), self.dead_queue()];
+        let mut queues = self.pending_queues();
+        queues.push(self.dead_queue());
         queues.extend(self.tiers.iter().map(|t| self.retry_queue(*t)));
         queues
     }
 
     pub fn exchanges(&self) -> Vec<String> {
-        vec![self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()]
+        let mut exchanges = vec![self.jobs_exchange(), self.retry_exchange(), self.dead_exchange()];
+        if self.shards > 0 {
+            exchanges.push(self.shard_exchange());
+        }
+        exchanges
     }
 
     /// Declare everything; idempotent as long as the arguments are unchanged
@@ -87,7 +113,16 @@ impl Topology {
         let mut work = quorum_args();
         work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));
         dead_letter_to(&mut work, &self.dead_exchange());
-        self.declare_queue(&channel, &self.work_queue(), queue, work, &self.jobs_exchange(), ROUTING_KEY).await?;
+        self.declare_queue(&channel, &self.work_queue(), queue, work.clone(), &self.jobs_exchange(), ROUTING_KEY).await?;
+
+        // Shard queues: the same arguments, plus a single active consumer, so
+        // that even a worker that outlived its lease cannot consume a shard
+        // beside the one that took it over.
+        let mut shard = work;
+        shard.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        for n in 0..self.shards {
+            self.declare_queue(&channel, &self.shard_queue(n), queue, shard.clone(), &self.shard_exchange(), &n.to_string()).await?;
+        }
 
         // Retry tiers: a fixed TTL each, then back to the work exchange.
         for tier in &self.tiers {
@@ -150,6 +185,7 @@ mod tests {
             prefix: "herald".into(),
             tiers: vec![Duration::from_secs(5), Duration::from_secs(120), Duration::from_secs(3600)],
             delivery_limit: 20,
+            shards: 2,
         };
         assert_eq!(t.jobs_exchange(), "herald.jobs");
         assert_eq!(t.work_queue(), "herald.msteams");
@@ -160,6 +196,9 @@ mod tests {
         assert_eq!(t.retry_queue(Duration::from_secs(90)), "herald.msteams.retry.90s");
         assert_eq!(t.dead_exchange(), "herald.dead");
         assert_eq!(t.dead_queue(), "herald.msteams.dead");
-        assert_eq!(t.queues().len(), 5);
+        assert_eq!(t.shard_exchange(), "herald.shards");
+        assert_eq!(t.shard_queue(1), "herald.msteams.shard.1");
+        assert_eq!(t.pending_queues(), ["herald.msteams", "herald.msteams.shard.0", "herald.msteams.shard.1"]);
+        assert_eq!(t.queues().len(), 7);
     }
 }

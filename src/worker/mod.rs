@@ -15,6 +15,8 @@
 //! Only the worker knows every adapter (RabbitMQ, MongoDB, Teams).
 
 mod cache;
+mod fleet;
+mod lanes;
 mod pacing;
 pub mod resolve;
 pub mod run;
@@ -28,6 +30,8 @@ use sha2::{Digest, Sha256};
 
 pub use crate::rabbitmq::headers::History;
 pub use crate::text::error_chain;
+pub use fleet::shard_of;
+pub use lanes::NextGo;
 pub use run::{Worker, WorkerError, run};
 pub use step::Pipeline;
 
@@ -93,6 +97,9 @@ pub enum Disposition {
         history: History,
         failure: Failure,
     },
+    /// Not started (the worker gave up the job's queue while the job waited
+    /// for its turn): back to the queue, in its place, untouched.
+    GiveBack,
 }
 
 /// The key that signs herald's headers: `headers.signing_key` if set, else

@@ -3,24 +3,26 @@
 //! not hold the slots other conversations need.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
 
 pub(super) struct Pacing {
     windows: Mutex<teams_limits::Throttle>,
     max_wait: Duration,
-    /// Jobs sleeping on the limit right now, and how many may.
-    waiting: AtomicUsize,
-    max_waiting: usize,
 }
 
 /// Why a send may not go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Later(pub Duration);
+pub(super) enum Paced {
+    /// Only after this long: more than a job may wait in process.
+    Later(Duration),
+    /// The wait was cut short by the caller's stop.
+    Stopped,
+}
 
 impl Pacing {
     pub fn new(settings: &Settings) -> Self {
@@ -30,48 +32,89 @@ impl Pacing {
         Self {
             windows: Mutex::new(teams_limits::Throttle::new(true, windows).with_margin(Duration::from_millis(limits.margin_ms))),
             max_wait: Duration::from_millis(limits.max_in_process_wait_ms),
-            waiting: AtomicUsize::new(0),
-            max_waiting: (settings.worker.concurrency / 4).max(1),
         }
+    }
+
+    fn windows(&self) -> std::sync::MutexGuard<'_, teams_limits::Throttle> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Keys (conversations and tenants) tracked right now.
     pub fn tracked(&self) -> usize {
-        self.windows.lock().unwrap_or_else(|p| p.into_inner()).tracked()
+        self.windows().tracked()
     }
 
     /// Forget conversations and tenants whose windows have passed.
     pub fn sweep(&self) {
-        self.windows.lock().unwrap_or_else(|p| p.into_inner()).sweep(Instant::now().into_std());
+        self.windows().sweep(Instant::now().into_std());
     }
 
-    /// Wait for room in every window of this bot, tenant and conversation, or
-    /// say how long that would take when it is too long to hold a slot for,
-    /// or when waiting would pass `until` (less `reserve` for the send).
-    pub async fn admit(&self, app: &str, tenant: &str, conversation: &str, until: Instant, reserve: Duration) -> Result<(), Later> {
+    /// Teams answered 429 for this conversation: the request took no room
+    /// (Teams does not count it), and nothing more goes into the
+    /// conversation for `after`.
+    pub fn hold(&self, app: &str, tenant: &str, conversation: &str, after: Duration) {
+        let now = Instant::now().into_std();
+        let mut windows = self.windows();
+        windows.refund(app, tenant, conversation);
+        windows.hold(app, conversation, now + after);
+    }
+
+    /// Wait until every window of this bot, tenant and conversation has room,
+    /// without taking it (`admit` takes it, just before the request, so that
+    /// the time herald counts is the time Teams sees); `Ok(true)` when that
+    /// took a wait.
+    pub async fn room(&self, app: &str, tenant: &str, conversation: &str, stop: &CancellationToken) -> Result<bool, Paced> {
+        self.wait(app, tenant, conversation, None, stop, false).await
+    }
+
+    /// Wait for room in every window of this bot, tenant and conversation;
+    /// `Ok(true)` when that took a wait (the conversation or tenant is at
+    /// Teams' pace).
+    /// `Later` when the wait is longer than a job may wait in process, or,
+    /// with a `deadline` `(until, reserve)`, would pass `until` less
+    /// `reserve` for the send; `Stopped` when `stop` comes first.
+    pub async fn admit(
+        &self,
+        app: &str,
+        tenant: &str,
+        conversation: &str,
+        deadline: Option<(Instant, Duration)>,
+        stop: &CancellationToken,
+    ) -> Result<bool, Paced> {
+        self.wait(app, tenant, conversation, deadline, stop, true).await
+    }
+
+    async fn wait(
+        &self,
+        app: &str,
+        tenant: &str,
+        conversation: &str,
+        deadline: Option<(Instant, Duration)>,
+        stop: &CancellationToken,
+        take: bool,
+    ) -> Result<bool, Paced> {
+        let mut waited = false;
         loop {
             let now = Instant::now();
-            let verdict = self.windows.lock().unwrap_or_else(|p| p.into_inner()).admit(app, tenant, conversation, now.into_std());
+            let verdict = if take {
+                self.windows().admit(app, tenant, conversation, now.into_std())
+            } else {
+                self.windows().room(app, tenant, conversation, now.into_std())
+            };
             let wait = match verdict {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(waited),
                 Err(wait) => wait,
             };
-            let claimed = self.waiting.fetch_add(1, Ordering::Relaxed) < self.max_waiting;
-            let _release = WaitSlot(&self.waiting);
-            let fits = now.checked_add(wait + reserve).is_some_and(|end| end <= until);
-            if !claimed || wait > self.max_wait || !fits {
-                return Err(Later(wait));
+            let fits = deadline.is_none_or(|(until, reserve)| now.checked_add(wait + reserve).is_some_and(|end| end <= until));
+            if wait > self.max_wait || !fits {
+                return Err(Paced::Later(wait));
             }
-            tokio::time::sleep(wait).await;
+            waited = true;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => return Err(Paced::Stopped),
+            }
         }
-    }
-}
-
-struct WaitSlot<'a>(&'a AtomicUsize);
-
-impl Drop for WaitSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -96,10 +139,11 @@ mod tests {
         let settings = Settings::from_figment(Settings::defaults()).unwrap();
         let pacing = Pacing::new(&settings);
         let until = Instant::now() + Duration::from_secs(60);
+        let stop = CancellationToken::new();
         let (rss_before, _) = rss_mib();
         for i in 0..100_000 {
             let (tenant, conversation) = (format!("tenant-{i}"), format!("19:conversation-{i}@thread.tacv2"));
-            assert_eq!(pacing.admit("app", &tenant, &conversation, until, Duration::ZERO).await, Ok(()));
+            assert_eq!(pacing.admit("app", &tenant, &conversation, Some((until, Duration::ZERO)), &stop).await, Ok(false));
         }
         let tracked = pacing.tracked();
         assert!(tracked >= 100_000, "{tracked} keys tracked");

@@ -5,15 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::StreamExt;
 use lapin::Connection;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::fleet::{self, Consumers};
+use super::lanes::Lanes;
 use super::settle::Settler;
 use super::step::Pipeline;
 use crate::http::Health;
@@ -47,6 +46,8 @@ pub struct Worker {
     pub topology: Topology,
     signer: Signer,
     settings: Settings,
+    /// Order per conversation across sessions (reconnects).
+    lanes: Arc<Lanes>,
 }
 
 impl Worker {
@@ -56,7 +57,8 @@ impl Worker {
         let teams = Teams::new(&settings.teams)?;
         let metrics = Arc::new(Metrics::with_organizations(&settings.metrics.organizations));
         let pipeline = Arc::new(Pipeline::new(&settings, store, teams, metrics, shutdown));
-        Ok(Self { pipeline, topology: Topology::from(&settings), signer, settings })
+        let lanes = Lanes::new(settings.worker.max_lane);
+        Ok(Self { pipeline, topology: Topology::from(&settings), signer, settings, lanes })
     }
 
     /// Declare the topology and indexes (what `herald setup` does).
@@ -115,15 +117,6 @@ impl Worker {
         let connection = Arc::new(rabbitmq::connect(self.settings.amqp_url.expose_secret(), "herald worker").await?);
         self.setup(&connection).await?;
         let publisher = Publisher::open(connection.clone()).await?;
-        let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open consume channel"))?;
-        channel.basic_qos(self.settings.worker.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
-        let queue = self.topology.work_queue();
-        // Manual acks (no_ack: false): a job is acked only once it is
-        // delivered, or its retry or dead letter is confirmed by the broker.
-        let mut consumer = channel
-            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
         self.pipeline.metrics.consumer_active(true);
         let polling = shutdown.child_token();
         tokio::spawn(poll_queues(
@@ -134,10 +127,12 @@ impl Worker {
             polling.clone(),
         ));
         let _stop_polling = polling.drop_guard();
-        info!(queue = %queue, prefetch = self.settings.worker.prefetch, concurrency = self.settings.worker.concurrency, "consuming");
-
-        let concurrency = self.settings.worker.concurrency;
-        let slots = Arc::new(Semaphore::new(concurrency));
+        info!(
+            shards = self.settings.fleet.shards,
+            prefetch = self.settings.worker.prefetch,
+            concurrency = self.settings.worker.concurrency,
+            "starting"
+        );
         let settler = Arc::new(Settler {
             pipeline: self.pipeline.clone(),
             publisher: publisher.clone(),
@@ -145,44 +140,21 @@ impl Worker {
             topology: self.topology.clone(),
             signer: self.signer.clone(),
         });
-        let result = loop {
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                () = shutdown.cancelled() => break Ok(()),
-            };
-            let delivery = tokio::select! {
-                next = consumer.next() => next,
-                () = shutdown.cancelled() => break Ok(()),
-            };
-            let delivery = match delivery {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(err)) => break Err(BrokerError::Amqp { operation: "consume".into(), source: err }.into()),
-                // The broker cancelled the consumer (queue deleted, node going down).
-                None => break Err(BrokerError::ConsumerCancelled { queue: queue.clone() }.into()),
-            };
-            let settler = settler.clone();
-            tokio::spawn(async move {
-                settler.handle(delivery).await;
-                drop(permit);
-            });
-        };
-
+        let consumers = Arc::new(Consumers {
+            connection: connection.clone(),
+            settler,
+            lanes: self.lanes.clone(),
+            topology: self.topology.clone(),
+            prefetch: self.settings.worker.prefetch,
+            deadline: self.settings.shutdown_deadline(),
+        });
+        // Stops consuming on shutdown, hands back what has not started and
+        // gives the jobs started the deadline to finish.
+        let result = fleet::run(consumers, self.pipeline.store.clone(), &self.settings, shutdown).await;
         self.pipeline.metrics.consumer_active(false);
-        // Stop consuming, then give in-flight jobs the deadline to finish.
-        // Deliveries not acked by then go back to the queue when the channel
-        // closes: nothing is lost.
-        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-        let deadline = self.settings.shutdown_deadline();
-        let drained = tokio::time::timeout(deadline, slots.acquire_many(concurrency as u32)).await.is_ok();
-        if drained {
-            info!("in-flight jobs finished");
-        } else {
-            warn!(deadline = ?deadline, in_flight = concurrency - slots.available_permits(), "shutdown deadline passed; unfinished jobs go back to the queue");
-        }
-        let _ = channel.close(200, "shutdown".into()).await;
         publisher.close().await;
         let _ = connection.close(200, "shutdown".into()).await;
-        result
+        result.map_err(WorkerError::from)
     }
 }
 
@@ -217,7 +189,13 @@ async fn poll_queues(connection: Arc<Connection>, topology: Topology, metrics: A
                 channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.ok().map(|q| q.message_count())
             }
         };
-        let work = depth(topology.work_queue()).await;
+        let mut work = Some(0u32);
+        for queue in topology.pending_queues() {
+            work = match (work, depth(queue).await) {
+                (Some(sum), Some(n)) => Some(sum.saturating_add(n)),
+                _ => None,
+            };
+        }
         let mut retry = Some(0u32);
         for tier in &topology.tiers {
             retry = match (retry, depth(topology.retry_queue(*tier)).await) {

@@ -16,8 +16,10 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use super::lanes::NextGo;
 use super::step::Pipeline;
 use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::metrics::JobOutcome;
@@ -39,7 +41,19 @@ pub(super) struct Settler {
 }
 
 impl Settler {
-    pub async fn handle(&self, delivery: Delivery) {
+    /// Decide (the step) and settle one delivery; `stop` hands it back
+    /// untouched while it waits for its turn.
+    pub async fn handle(&self, delivery: Delivery, stop: &CancellationToken, next: &NextGo) {
+        self.settle(delivery, Some((stop, next))).await;
+    }
+
+    /// Settle a delivery whose lane is full: a delayed retry.
+    pub async fn lane_full(&self, delivery: Delivery) {
+        self.settle(delivery, None).await;
+    }
+
+    /// With `stop`: the step decides; without: the lane was full.
+    async fn settle(&self, delivery: Delivery, stop: Option<(&CancellationToken, &NextGo)>) {
         let started = std::time::Instant::now();
         let metrics = &self.pipeline.metrics;
         metrics.job_started();
@@ -60,7 +74,13 @@ impl Settler {
             history,
             redelivered,
         };
-        let disposition = match std::panic::AssertUnwindSafe(self.pipeline.process(&incoming)).catch_unwind().await {
+        let decided = async {
+            match stop {
+                Some((stop, next)) => self.pipeline.process_until(&incoming, stop, next).await,
+                None => self.pipeline.lane_full(&incoming),
+            }
+        };
+        let disposition = match std::panic::AssertUnwindSafe(decided).catch_unwind().await {
             Ok(disposition) => disposition,
             Err(panic) => {
                 let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
@@ -73,6 +93,11 @@ impl Settler {
                 internal_error(&incoming, what)
             }
         };
+        if disposition == Disposition::GiveBack {
+            metrics.job_finished(JobOutcome::Retried, started.elapsed());
+            let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            return;
+        }
         match self.carry_out(&incoming, &properties, &disposition).await {
             Ok(outcome) => {
                 metrics.job_finished(outcome, started.elapsed());
@@ -100,7 +125,7 @@ impl Settler {
         let metrics = &self.pipeline.metrics;
         match disposition {
             Disposition::Ack(Acked::Delivered { .. }) => Ok(JobOutcome::Delivered),
-            Disposition::Ack(Acked::AlreadySent | Acked::AlreadyUnconfirmed) => Ok(JobOutcome::AlreadySent),
+            Disposition::Ack(Acked::AlreadySent | Acked::AlreadyUnconfirmed) | Disposition::GiveBack => Ok(JobOutcome::AlreadySent),
             Disposition::Retry { tier, history, failure } => {
                 let mut table = self.carried(properties);
                 history_headers(&mut table, history);

@@ -2,19 +2,22 @@
 //! where a job's outcome is decided. It never touches the broker; tests drive
 //! it directly against the real MongoDB-protocol server and teams-sim.
 //!
-//! Order: decode → expiry → claim the ledger record → resolve the
-//! org_integration and the recipient → pace → send (quick retries) → record
-//! → classify the error once → decide (retry budget included).
+//! Order: decode → expiry → resolve the org_integration and the recipient →
+//! pace (no claim, no slot held while waiting) → take a slot → claim the
+//! ledger record → send (quick retries) → record → classify the error once →
+//! decide (retry budget included).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::pacing::{Later, Pacing};
+use super::lanes::NextGo;
+use super::pacing::{Paced, Pacing};
 use super::resolve::{OrgIntegration, Resolver};
 use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::job::{self, Job};
@@ -151,9 +154,36 @@ impl Attempt {
 
 /// How the delivery ended when nothing failed.
 enum Done {
-    Sent { sent: Sent, conversation_id: String },
+    Sent {
+        sent: Sent,
+        conversation_id: String,
+    },
     AlreadySent,
     AlreadyUnconfirmed,
+    /// Stopped before the claim (the worker gave up the job's queue): the
+    /// job goes back to its queue untouched.
+    Yielded,
+}
+
+/// A job resolved and admitted by the pacing, ready to claim and send.
+struct Ready {
+    integration: Arc<OrgIntegration>,
+    service_url: url::Url,
+    conversation_id: String,
+    /// Teams' windows made it wait.
+    paced: bool,
+}
+
+/// Why a job is not ready to send.
+enum Prepared {
+    Failed(DeliveryError),
+    Stopped,
+}
+
+impl From<DeliveryError> for Prepared {
+    fn from(err: DeliveryError) -> Self {
+        Self::Failed(err)
+    }
 }
 
 /// Everything `process` needs; shared by the worker's tasks.
@@ -163,6 +193,8 @@ pub struct Pipeline {
     pub resolver: Resolver,
     pub metrics: Arc<Metrics>,
     pacing: Option<Pacing>,
+    /// Jobs between their claim and their outcome at once (`worker.concurrency`).
+    slots: Semaphore,
     policy: RetryPolicy,
     shutdown: CancellationToken,
 }
@@ -175,6 +207,7 @@ impl Pipeline {
             resolver: Resolver::new(settings.resolution_ttl()),
             metrics,
             pacing: settings.teams.rate_limits.enabled.then(|| Pacing::new(settings)),
+            slots: Semaphore::new(settings.worker.concurrency),
             policy: RetryPolicy::from_settings(settings),
             shutdown,
         }
@@ -198,6 +231,29 @@ impl Pipeline {
     /// Decide what happens to one message. Never touches the broker; never
     /// panics on bad input.
     pub async fn process(&self, incoming: &Incoming) -> Disposition {
+        self.process_until(incoming, &CancellationToken::new(), &NextGo::default()).await
+    }
+
+    /// A job turned away because its lane is full: a delayed retry
+    /// (`rate_limited`, no budget used), without touching the ledger.
+    pub fn lane_full(&self, incoming: &Incoming) -> Disposition {
+        let tier = retry_tier(incoming.history.hops, None, &self.policy.tiers);
+        let failure = Failure {
+            reason: Reason::RateLimited,
+            error: "too many jobs of this conversation are waiting in this worker (worker.max_lane)".into(),
+            http_status: None,
+            teams_code: None,
+            correlation_id: None,
+            organization_id: Job::peek_organization(&incoming.body).map(|o| text::clip(&o, 256)),
+            org_integration_id: None,
+        };
+        Disposition::Retry { tier, history: incoming.history, failure }
+    }
+
+    /// `process`, unless `stop` comes while the job waits for its turn before
+    /// its claim: then `Disposition::GiveBack`. `next` lets the next job of the
+    /// lane go as soon as this one's post is made.
+    pub async fn process_until(&self, incoming: &Incoming, stop: &CancellationToken, next: &NextGo) -> Disposition {
         let checked = job::check_properties(incoming.content_type.as_deref(), incoming.content_encoding.as_deref());
         let job = match checked.and_then(|()| Job::decode(&incoming.body)) {
             Ok(job) => job,
@@ -233,10 +289,11 @@ impl Pipeline {
         }
         async {
             let mut attempt = Attempt::default();
-            let result = self.deliver(&job, &mut attempt).await;
+            let result = self.deliver(&job, &mut attempt, stop, next).await;
             let organization_id = Some(job.organization_id.to_string());
             let disposition = self.conclude(Some(&job), incoming.history, attempt, organization_id, result).await;
             let outcome = match &disposition {
+                Disposition::GiveBack => return disposition,
                 Disposition::Ack(Acked::Delivered { .. }) => JobOutcome::Delivered,
                 Disposition::Ack(_) => JobOutcome::AlreadySent,
                 Disposition::Retry { .. } => JobOutcome::Retried,
@@ -249,14 +306,32 @@ impl Pipeline {
         .await
     }
 
-    async fn deliver(&self, job: &Job, attempt: &mut Attempt) -> Result<Done, DeliveryError> {
+    async fn deliver(&self, job: &Job, attempt: &mut Attempt, stop: &CancellationToken, next: &NextGo) -> Result<Done, DeliveryError> {
         if let Some(expires_at) = job.expires_at
             && expires_at <= chrono::Utc::now()
         {
             return Err(DeliveryError::Expired(expires_at));
         }
+        // Resolve and wait for Teams' limits before the claim: a job waiting
+        // for its turn holds neither a claim nor a concurrency slot, and a
+        // worker giving up its shard can hand it back untouched.
+        let ready = match self.prepare(job, attempt, stop).await {
+            Err(Prepared::Stopped) => return Ok(Done::Yielded),
+            Err(Prepared::Failed(err)) => Err(err),
+            Ok(ready) => Ok(ready),
+        };
+        // A job of a busy conversation (it waited for Teams' windows, or jobs
+        // of its conversation wait behind it) takes no slot: its conversation
+        // goes at Teams' pace one job at a time, and queueing each of its jobs
+        // behind a backlog of other conversations' jobs would cut that pace
+        // to a fraction. At most one job per conversation is past its lane's
+        // turn at a time, so these are bounded by the lanes.
+        let busy = next.backlog() || ready.as_ref().is_ok_and(|r| r.paced);
+        let _slot = if busy { None } else { Some(self.slots.acquire().await.expect("the slots are never closed")) };
         // The deadline starts before the claim is sent, so it ends before the
-        // lease the server computes from its own clock.
+        // lease the server computes from its own clock. Every outcome,
+        // failures included, is decided under the claim: a job already sent
+        // is acked whatever its org_integration says now.
         let claimed_at = Instant::now();
         let lease = match self.with_quick_retries(|| self.store.claim(job.id, &job.organization_id, &job.integration_id)).await? {
             Claim::Fresh(lease) => lease,
@@ -266,20 +341,32 @@ impl Pipeline {
         };
         if lease.taken_over {
             self.metrics.lease_taken_over();
-            warn!("another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
+            warn!(job_id = %job.id, "another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
         }
         attempt.lease = Some(lease);
         attempt.started = Some(claimed_at);
         let until = claimed_at + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
-        let within = |what: &'static str| move |_| DeliveryError::OutOfTime(what);
+        let Ready { integration, service_url, conversation_id, .. } = ready?;
+        let body = self.teams.encode(&card::activity(&job.content))?;
+        let destination = Destination { service_url: &service_url, conversation_id: &conversation_id, bot: &integration.bot };
+        let sent = self.send(&integration, &destination, &body, until, attempt).await?;
+        next.go();
+        self.record_sent(attempt, &sent).await;
+        Ok(Done::Sent { sent, conversation_id })
+    }
 
+    /// Resolve the org_integration and the recipient, then wait until Teams'
+    /// limits let this job's first request go.
+    async fn prepare(&self, job: &Job, attempt: &mut Attempt, stop: &CancellationToken) -> Result<Ready, Prepared> {
+        let until = Instant::now() + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
+        let within = |what: &'static str| move |_| DeliveryError::OutOfTime(what);
         let integration = tokio::time::timeout_at(until, self.resolver.org_integration(&self.store, &self.teams, job))
             .await
             .map_err(within("the org_integration lookup"))??;
         attempt.org_integration_id = Some(integration.id.clone());
         attempt.bot_app_id = Some(integration.bot.app_id.clone());
         // Checked before any request (the recipient lookup may create a chat).
-        let service_url = self.teams.check_service_url(&integration.bot, &integration.service_url)?;
+        let service_url = self.teams.check_service_url(&integration.bot, &integration.service_url).map_err(DeliveryError::from)?;
         let recipient = tokio::time::timeout_at(until, self.resolver.recipient(&self.store, &self.teams, job, &integration, until))
             .await
             .map_err(within("the recipient lookup"))??;
@@ -293,11 +380,15 @@ impl Pipeline {
                 "stale recipient corrected to the user's conversation in this organization"
             );
         }
-        let body = self.teams.encode(&card::activity(&job.content))?;
-        let destination = Destination { service_url: &service_url, conversation_id: &recipient.conversation_id, bot: &integration.bot };
-        let sent = self.send(&integration, &destination, &body, until, attempt).await?;
-        self.record_sent(attempt, &sent).await;
-        Ok(Done::Sent { sent, conversation_id: recipient.conversation_id })
+        let mut paced = false;
+        if let Some(pacing) = &self.pacing {
+            match pacing.room(&integration.bot.app_id, &integration.tenant_id, &recipient.conversation_id, stop).await {
+                Ok(waited) => paced = waited,
+                Err(Paced::Later(wait)) => return Err(Prepared::Failed(DeliveryError::RateLimited(wait))),
+                Err(Paced::Stopped) => return Err(Prepared::Stopped),
+            }
+        }
+        Ok(Ready { integration, service_url, conversation_id: recipient.conversation_id, paced })
     }
 
     /// Post with quick retries. Every wait (pacing, backoff, `Retry-After`)
@@ -314,11 +405,18 @@ impl Pipeline {
         let request = self.teams.request_timeout();
         let mut backoff = self.policy.quick.build();
         loop {
+            // Counted now, just before the request: the job waited for room
+            // before its claim, so this rarely waits.
             if let Some(pacing) = &self.pacing {
+                let deadline = Some((until, request));
                 pacing
-                    .admit(&integration.bot.app_id, &integration.tenant_id, to.conversation_id, until, request)
+                    .admit(&integration.bot.app_id, &integration.tenant_id, to.conversation_id, deadline, &self.shutdown)
                     .await
-                    .map_err(|Later(wait)| DeliveryError::RateLimited(wait))?;
+                    .map(drop)
+                    .map_err(|paced| match paced {
+                        Paced::Later(wait) => DeliveryError::RateLimited(wait),
+                        Paced::Stopped => DeliveryError::RateLimited(Duration::ZERO),
+                    })?;
             }
             attempt.sends += 1;
             let started = std::time::Instant::now();
@@ -349,7 +447,13 @@ impl Pipeline {
             );
             // Classified here only to choose between another quick try and
             // leaving; `conclude` classifies the error that leaves, once.
-            let Verdict::Retry { quick: true, after, .. } = classify(&err, self.policy.max_in_process_wait) else { return Err(err) };
+            let verdict = classify(&err, self.policy.max_in_process_wait);
+            if let (Some(pacing), Verdict::Retry { reason: Reason::TeamsThrottled, after: Some(after), .. }) = (&self.pacing, &verdict) {
+                // Teams counted more than this worker did (another worker
+                // sent into this conversation a moment ago): hold it back.
+                pacing.hold(&integration.bot.app_id, &integration.tenant_id, to.conversation_id, *after);
+            }
+            let Verdict::Retry { quick: true, after, .. } = verdict else { return Err(err) };
             let wait = after.unwrap_or_else(|| backoff.next().unwrap_or(Duration::from_secs(1)));
             let fits = Instant::now().checked_add(wait + request).is_some_and(|end| end <= until);
             if attempt.sends as usize >= self.policy.quick_attempts || !fits || self.shutdown.is_cancelled() {
@@ -426,6 +530,7 @@ impl Pipeline {
                 info!("job was already sent; acking without a second post");
                 return Disposition::Ack(Acked::AlreadySent);
             }
+            Ok(Done::Yielded) => return Disposition::GiveBack,
             Ok(Done::AlreadyUnconfirmed) => {
                 info!("an earlier delivery of this job is unconfirmed; acking without a second post (see its dead letter)");
                 return Disposition::Ack(Acked::AlreadyUnconfirmed);

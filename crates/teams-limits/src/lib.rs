@@ -42,6 +42,8 @@ pub struct Throttle {
     pub margin: Duration,
     conversations: HashMap<(String, String), VecDeque<Instant>>,
     tenants: HashMap<(String, String), VecDeque<Instant>>,
+    /// Conversations held back until a time (a 429's `Retry-After`).
+    held: HashMap<(String, String), Instant>,
     /// Admissions since the last sweep of idle keys.
     since_sweep: usize,
 }
@@ -63,11 +65,19 @@ impl Throttle {
     pub fn clear(&mut self) {
         self.conversations.clear();
         self.tenants.clear();
+        self.held.clear();
+    }
+
+    /// Admit nothing into `conversation_id` of `app_id` before `until` (the
+    /// server said so: a 429's `Retry-After`).
+    pub fn hold(&mut self, app_id: &str, conversation_id: &str, until: Instant) {
+        let held = self.held.entry((app_id.to_owned(), conversation_id.to_owned())).or_insert(until);
+        *held = (*held).max(until);
     }
 
     /// Conversations and tenants tracked right now.
     pub fn tracked(&self) -> usize {
-        self.conversations.len() + self.tenants.len()
+        self.conversations.len() + self.tenants.len() + self.held.len()
     }
 
     /// Forget every key whose requests have all left the longest window.
@@ -80,14 +90,36 @@ impl Throttle {
         };
         self.conversations.retain(keep(&self.limits.per_conversation, self.margin));
         self.tenants.retain(keep(&self.limits.per_app_tenant, self.margin));
+        self.held.retain(|_, until| *until > now);
         self.conversations.shrink_to_fit();
         self.tenants.shrink_to_fit();
         self.since_sweep = 0;
     }
 
+    /// Forget the newest request admitted for this conversation and tenant:
+    /// the server refused it (a 429 is not counted), so it takes no room.
+    pub fn refund(&mut self, app_id: &str, tenant_id: &str, conversation_id: &str) {
+        if let Some(history) = self.conversations.get_mut(&(app_id.to_owned(), conversation_id.to_owned())) {
+            history.pop_back();
+        }
+        if let Some(history) = self.tenants.get_mut(&(app_id.to_owned(), tenant_id.to_owned())) {
+            history.pop_back();
+        }
+    }
+
+    /// Whether one request would be admitted at `now` (`Err`: how long until
+    /// it would), without counting it.
+    pub fn room(&mut self, app_id: &str, tenant_id: &str, conversation_id: &str, now: Instant) -> Result<(), Duration> {
+        self.check(app_id, tenant_id, conversation_id, now, false)
+    }
+
     /// Admit one request of `app_id` into `conversation_id` of `tenant_id` at
     /// `now`, or say how long to wait.
     pub fn admit(&mut self, app_id: &str, tenant_id: &str, conversation_id: &str, now: Instant) -> Result<(), Duration> {
+        self.check(app_id, tenant_id, conversation_id, now, true)
+    }
+
+    fn check(&mut self, app_id: &str, tenant_id: &str, conversation_id: &str, now: Instant, count: bool) -> Result<(), Duration> {
         if !self.enabled {
             return Ok(());
         }
@@ -96,6 +128,10 @@ impl Throttle {
             self.sweep(now);
         }
         let conv_key = (app_id.to_owned(), conversation_id.to_owned());
+        let held = self.held.get(&conv_key).and_then(|until| until.checked_duration_since(now)).filter(|d| !d.is_zero());
+        if let Some(wait) = held {
+            return Err(wait);
+        }
         let tenant_key = (app_id.to_owned(), tenant_id.to_owned());
         let conv = self.conversations.entry(conv_key).or_default();
         let wait_conv = wait_for(conv, &self.limits.per_conversation, now, self.margin);
@@ -103,6 +139,7 @@ impl Throttle {
         let wait_tenant = wait_for(tenant, &self.limits.per_app_tenant, now, self.margin);
         match wait_conv.max(wait_tenant) {
             Some(wait) => Err(wait),
+            None if !count => Ok(()),
             None => {
                 tenant.push_back(now);
                 self.conversations.get_mut(&(app_id.to_owned(), conversation_id.to_owned())).expect("inserted above").push_back(now);
@@ -242,6 +279,43 @@ mod tests {
         assert!(t.tracked() <= 11 + SWEEP_EVERY, "{} keys kept", t.tracked());
         t.sweep(later + Duration::from_secs(3601));
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn a_held_conversation_waits_out_the_servers_retry_after() {
+        let mut t = throttle();
+        let now = Instant::now();
+        t.hold("a", "c", now + Duration::from_secs(20));
+        assert_eq!(t.admit("a", "t", "c", now), Err(Duration::from_secs(20)));
+        t.admit("a", "t", "other", now).unwrap();
+        t.admit("a", "t", "c", now + Duration::from_secs(20)).unwrap();
+        t.sweep(now + Duration::from_secs(21));
+        assert!(t.held.is_empty());
+    }
+
+    #[test]
+    fn a_refused_request_is_refunded() {
+        let mut t = throttle();
+        let now = Instant::now();
+        for _ in 0..7 {
+            t.admit("a", "t", "c", now).unwrap();
+        }
+        t.refund("a", "t", "c");
+        t.admit("a", "t", "c", now).unwrap();
+        assert!(t.admit("a", "t", "c", now).is_err());
+    }
+
+    #[test]
+    fn room_says_what_admit_would_without_counting() {
+        let mut t = throttle();
+        let now = Instant::now();
+        for _ in 0..7 {
+            t.room("a", "t", "c", now).unwrap();
+        }
+        for _ in 0..7 {
+            t.admit("a", "t", "c", now).unwrap();
+        }
+        assert_eq!(t.room("a", "t", "c", now), Err(Duration::from_secs(1)));
     }
 
     #[test]

@@ -1,0 +1,489 @@
+//! The fleet: how workers share the queues so that each conversation and
+//! each bot-and-tenant is paced, and kept in order, by one worker at a time
+//! (docs/deploy.md, "Fleet-wide pacing").
+//!
+//! - **Router** (one worker at a time): takes jobs from the work queue in the
+//!   order producers published them and republishes each, unchanged and
+//!   confirmed, to the shard of its `(organization_id, integration_id)`.
+//! - **Shards** (each consumed by one worker at a time): a worker holds about
+//!   `shards / live workers` of them. Inside the worker, jobs of one lane
+//!   (`lanes`) run in order.
+//! - **Leases** in MongoDB (`fleet`) say who holds what; every heartbeat a
+//!   worker renews its leases, counts the live workers, gives up what is
+//!   above its share (after the jobs it started are settled; the others go
+//!   back to the queue in order) and takes free units up to its share. The
+//!   shard queues' single-active-consumer flag keeps a worker that outlived
+//!   its lease from consuming beside the new holder.
+//!
+//! With `fleet.shards = 0` every worker consumes the work queue itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::lanes::{Lanes, lane_of};
+use super::settle::Settler;
+use crate::mongo::Store;
+use crate::rabbitmq::{self, BrokerError, Publisher, Topology};
+use crate::settings::Settings;
+use crate::text::error_chain;
+
+/// The shard of a job: a stable hash of its organization and integration
+/// (the same in every worker and every release). A body that is not a job
+/// goes to shard 0, where it is dead-lettered.
+pub fn shard_of(body: &[u8], shards: u16) -> u16 {
+    #[derive(Deserialize)]
+    struct Head {
+        organization_id: Option<String>,
+        integration_id: Option<String>,
+    }
+    if shards == 0 {
+        return 0;
+    }
+    let Ok(head) = serde_json::from_slice::<Head>(body) else { return 0 };
+    let mut hash = Sha256::new();
+    hash.update(head.organization_id.unwrap_or_default().as_bytes());
+    hash.update([0]);
+    hash.update(head.integration_id.unwrap_or_default().as_bytes());
+    let digest = hash.finalize();
+    let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    (n % u64::from(shards)) as u16
+}
+
+const ROUTER: &str = "router";
+
+fn shard_unit(n: u16) -> String {
+    format!("shard/{n}")
+}
+
+/// What one session's queue consumers share.
+pub(super) struct Consumers {
+    pub connection: Arc<Connection>,
+    pub settler: Arc<Settler>,
+    pub lanes: Arc<Lanes>,
+    pub topology: Topology,
+    pub prefetch: u16,
+    pub deadline: Duration,
+}
+
+/// A queue this worker consumes right now.
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), BrokerError>>,
+    /// Being given up: the task releases its lease as soon as it ended.
+    leaving: Arc<AtomicBool>,
+}
+
+impl Running {
+    fn leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
+    }
+}
+
+/// Consume the work queue (no shards) or take part in the fleet, until
+/// `shutdown` or a broker failure.
+pub(super) async fn run(
+    consumers: Arc<Consumers>,
+    store: Store,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> Result<(), BrokerError> {
+    if settings.fleet.shards == 0 {
+        let queue = consumers.topology.work_queue();
+        return consume(consumers, queue, shutdown.clone()).await;
+    }
+    let fleet = Fleet {
+        id: format!("{}-{}-{}", hostname(), std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        store,
+        shards: settings.fleet.shards,
+        lease: settings.fleet.lease(),
+        consumers,
+        running: HashMap::new(),
+        valid_until: None,
+        seen: false,
+    };
+    fleet.run(settings.fleet.heartbeat(), shutdown).await
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "worker".into())
+}
+
+struct Fleet {
+    id: String,
+    store: Store,
+    shards: u16,
+    lease: Duration,
+    consumers: Arc<Consumers>,
+    running: HashMap<String, Running>,
+    /// Until when (by this process's clock) the leases renewed last are surely
+    /// still ours: the renewal was sent after this instant less the lease.
+    valid_until: Option<Instant>,
+    /// A heartbeat has gone out (and the fleet seen) once.
+    seen: bool,
+}
+
+impl Fleet {
+    async fn run(mut self, heartbeat: Duration, shutdown: &CancellationToken) -> Result<(), BrokerError> {
+        info!(worker = %self.id, shards = self.shards, "joining the fleet");
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            let expiry = self.valid_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = tokio::time::sleep_until(expiry), if self.valid_until.is_some() && !self.running.is_empty() => {
+                    warn!("the fleet's leases could not be renewed in time; stopping every queue this worker held");
+                    self.stop_all(false).await;
+                    self.valid_until = None;
+                    continue;
+                }
+                () = shutdown.cancelled() => break Ok(()),
+            }
+            if let Some(err) = self.reap().await {
+                break Err(err);
+            }
+            if let Err(err) = self.rebalance().await {
+                warn!(error = %error_chain(&err), "the fleet's leases could not be read or renewed; trying again");
+            }
+        };
+        self.stop_all(true).await;
+        if let Err(err) = self.store.fleet_leave(&self.id).await {
+            warn!(error = %error_chain(&err), "could not leave the fleet; the others notice once the lease runs out");
+        }
+        result
+    }
+
+    /// Forget consumers that ended; release what was being given up. A
+    /// consumer that failed (the broker went away) ends the session.
+    async fn reap(&mut self) -> Option<BrokerError> {
+        let ended: Vec<String> = self.running.iter().filter(|(_, r)| r.task.is_finished()).map(|(u, _)| u.clone()).collect();
+        let mut failure = None;
+        for unit in ended {
+            let running = self.running.remove(&unit).expect("listed above");
+            let leaving = running.leaving();
+            let result = running.task.await.unwrap_or(Ok(()));
+            if !leaving {
+                let _ = self.store.fleet_release(&unit, &self.id).await;
+            }
+            if let Err(err) = result {
+                failure.get_or_insert(err);
+            }
+        }
+        failure
+    }
+
+    async fn rebalance(&mut self) -> Result<(), crate::mongo::StoreError> {
+        let sent = Instant::now();
+        let live = self.store.fleet_heartbeat(&self.id, self.lease).await?;
+        let held = self.store.fleet_renew(&self.id, self.lease).await?;
+        self.valid_until = Some(sent + self.lease.saturating_sub(Duration::from_secs(1)));
+        // Lost (the lease ran out while MongoDB was unreachable, say): stop
+        // at once, without releasing what another worker may hold now.
+        let lost: Vec<String> = self.running.keys().filter(|u| !held.contains(u)).cloned().collect();
+        for unit in lost {
+            warn!(unit = %unit, "lease lost; stopping");
+            if let Some(running) = self.running.get_mut(&unit) {
+                running.stop.cancel();
+            }
+        }
+        if !std::mem::replace(&mut self.seen, true) {
+            // Workers started together see each other only once each has
+            // said it is alive: take nothing before the next heartbeat.
+            return Ok(());
+        }
+        let share = usize::from(self.shards).div_ceil(usize::try_from(live).unwrap_or(usize::MAX).max(1));
+        let mine: Vec<String> =
+            self.running.iter().filter(|(u, r)| u.starts_with("shard/") && !r.leaving()).map(|(u, _)| u.clone()).collect();
+        if mine.len() > share {
+            for unit in mine.iter().rev().take(mine.len() - share) {
+                info!(unit = %unit, share, live, "giving up a shard to rebalance");
+                let running = &self.running[unit];
+                running.leaving.store(true, Ordering::Relaxed);
+                running.stop.cancel();
+            }
+            return Ok(());
+        }
+        let holders = self.store.fleet_holders().await?;
+        let mut wanted = share.saturating_sub(mine.len());
+        // Start at a place of this worker's own, so that workers joining
+        // together do not all reach for the same shards.
+        let offset = u16::from_be_bytes(Sha256::digest(self.id.as_bytes())[..2].try_into().expect("2 bytes")) % self.shards;
+        for i in 0..self.shards {
+            if wanted == 0 {
+                break;
+            }
+            let unit = shard_unit((offset + i) % self.shards);
+            if holders.contains_key(&unit) || self.running.contains_key(&unit) {
+                continue;
+            }
+            if self.store.fleet_claim(&unit, &self.id, self.lease).await? {
+                info!(unit = %unit, share, live, "took a shard");
+                let queue = self.consumers.topology.shard_queue((offset + i) % self.shards);
+                self.start(unit, |consumers, stop| consume(consumers, queue, stop));
+                wanted -= 1;
+            }
+        }
+        if !self.running.contains_key(ROUTER)
+            && !holders.contains_key(ROUTER)
+            && self.store.fleet_claim(ROUTER, &self.id, self.lease).await?
+        {
+            info!("routing the work queue into the shards");
+            self.start(ROUTER.into(), route);
+        }
+        Ok(())
+    }
+
+    fn start<F, Fut>(&mut self, unit: String, consumer: F)
+    where
+        F: FnOnce(Arc<Consumers>, CancellationToken) -> Fut,
+        Fut: Future<Output = Result<(), BrokerError>> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let leaving = Arc::new(AtomicBool::new(false));
+        let consuming = consumer(self.consumers.clone(), stop.clone());
+        let (store, id, name, gone) = (self.store.clone(), self.id.clone(), unit.clone(), leaving.clone());
+        let task = tokio::spawn(async move {
+            let result = consuming.await;
+            // Given up to rebalance: free at once, so another worker can take it
+            // at its next heartbeat.
+            if gone.load(Ordering::Relaxed) {
+                let _ = store.fleet_release(&name, &id).await;
+                info!(unit = %name, "released");
+            }
+            result
+        });
+        self.running.insert(unit, Running { stop, task, leaving });
+    }
+
+    /// Stop every consumer and wait for them; release their leases when `release`.
+    async fn stop_all(&mut self, release: bool) {
+        for running in self.running.values() {
+            running.stop.cancel();
+        }
+        for (unit, running) in self.running.drain() {
+            let _ = running.task.await;
+            if release {
+                let _ = self.store.fleet_release(&unit, &self.id).await;
+            }
+        }
+    }
+}
+
+/// Consume `queue` until `stop`: each job waits for its lane's turn, then is
+/// handled; on `stop`, jobs not started yet go back to the queue in order and
+/// the jobs started are given `deadline` to finish.
+async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationToken) -> Result<(), BrokerError> {
+    let channel = consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open consume channel"))?;
+    channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
+    // Manual acks (no_ack: false): a job is acked only once it is
+    // delivered, or its retry or dead letter is confirmed by the broker.
+    let mut consumer = channel
+        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
+    info!(queue = %queue, prefetch = consumers.prefetch, "consuming");
+    let mut jobs = JoinSet::new();
+    // Redelivered jobs (given back, or held by a worker that died) come back
+    // first, but not always in their order: a closed channel's unacked
+    // messages return in an order the broker chooses. They are held until
+    // the next fresh job (or a short quiet) and enter their lanes in the
+    // order the router took them.
+    let mut returned: Vec<Delivery> = Vec::new();
+    let result = loop {
+        let quiet = tokio::time::sleep(RETURNED_QUIET);
+        let delivery = tokio::select! {
+            next = consumer.next() => next,
+            () = quiet, if !returned.is_empty() => {
+                start_in_order(&consumers, &mut jobs, &stop, &mut returned);
+                continue;
+            }
+            () = stop.cancelled() => break Ok(()),
+        };
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(err)) => break Err(BrokerError::Amqp { operation: "consume".into(), source: err }),
+            // The broker cancelled the consumer (queue deleted, node going down).
+            None => break Err(BrokerError::ConsumerCancelled { queue: queue.clone() }),
+        };
+        while jobs.try_join_next().is_some() {}
+        if delivery.redelivered {
+            returned.push(delivery);
+            continue;
+        }
+        start_in_order(&consumers, &mut jobs, &stop, &mut returned);
+        start(&consumers, &mut jobs, &stop, delivery);
+    };
+    start_in_order(&consumers, &mut jobs, &stop, &mut returned);
+    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    // Jobs not started go back now (`stop` is cancelled); those sending get
+    // the deadline; whatever is still unacked after it returns to the queue
+    // when the channel closes.
+    stop.cancel();
+    let in_flight = jobs.len();
+    if tokio::time::timeout(consumers.deadline, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
+        warn!(queue = %queue, in_flight, deadline = ?consumers.deadline, "jobs did not finish by the deadline; they go back to the queue");
+    }
+    let _ = channel.close(200, "stopped".into()).await;
+    result
+}
+
+/// The header that carries a job's place in the order the router took jobs.
+pub const ROUTED_SEQ: &str = "herald-routed-seq";
+
+/// The job's properties with its place in the routing order: microseconds
+/// since the epoch, strictly increasing within one router.
+fn stamped(properties: &lapin::BasicProperties, last: &mut i64) -> lapin::BasicProperties {
+    let now = chrono::Utc::now().timestamp_micros();
+    *last = now.max(*last + 1);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(ROUTED_SEQ.into(), lapin::types::AMQPValue::LongLongInt(*last));
+    properties.clone().with_headers(headers)
+}
+
+fn routed_seq(delivery: &Delivery) -> i64 {
+    match delivery.properties.headers().as_ref().and_then(|h| h.inner().get(ROUTED_SEQ)) {
+        Some(lapin::types::AMQPValue::LongLongInt(seq)) => *seq,
+        _ => 0,
+    }
+}
+
+/// How long redelivered jobs are held for the rest of their batch.
+const RETURNED_QUIET: Duration = Duration::from_millis(100);
+
+/// Start the held redelivered jobs in the order the router took them.
+fn start_in_order(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &CancellationToken, returned: &mut Vec<Delivery>) {
+    returned.sort_by_key(routed_seq);
+    for delivery in returned.drain(..) {
+        start(consumers, jobs, stop, delivery);
+    }
+}
+
+/// Give a job its place in its lane and handle it when its turn comes.
+fn start(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &CancellationToken, delivery: Delivery) {
+    let settler = consumers.settler.clone();
+    let stop = stop.clone();
+    match consumers.lanes.enter(lane_of(&delivery.data)) {
+        Ok(mut turn) => {
+            jobs.spawn(async move {
+                turn.wait().await;
+                if stop.is_cancelled() {
+                    give_back(delivery).await;
+                } else {
+                    settler.handle(delivery, &stop, &turn.next_go()).await;
+                }
+            });
+        }
+        Err(_full) => {
+            jobs.spawn(async move { settler.lane_full(delivery).await });
+        }
+    }
+}
+
+/// Return a job not started to its queue, ahead of the jobs not yet delivered.
+async fn give_back(delivery: Delivery) {
+    let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+}
+
+/// Route the work queue into the shards, in order, until `stop`: each job is
+/// published unchanged (body, properties, headers) to its shard and acked
+/// once the broker confirmed it.
+async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(), BrokerError> {
+    let topology = &consumers.topology;
+    let queue = topology.work_queue();
+    let exchange = topology.shard_exchange();
+    let publisher = Publisher::open(consumers.connection.clone()).await?;
+    let channel = consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
+    channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
+    let mut consumer = channel
+        .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
+    info!(queue = %queue, exchange = %exchange, shards = topology.shards, "routing");
+    let mut last = 0_i64;
+    let mut confirms: FuturesUnordered<futures_util::future::BoxFuture<'static, (lapin::Acker, Result<(), BrokerError>)>> =
+        FuturesUnordered::new();
+    let result = loop {
+        tokio::select! {
+            Some((acker, confirmed)) = confirms.next(), if !confirms.is_empty() => {
+                match confirmed {
+                    Ok(()) => {
+                        let _ = acker.ack(BasicAckOptions::default()).await;
+                    }
+                    Err(err) => {
+                        // The job stays in the work queue; the session starts over.
+                        let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        break Err(err);
+                    }
+                }
+            }
+            next = consumer.next() => {
+                let delivery = match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(err)) => break Err(BrokerError::Amqp { operation: "consume".into(), source: err }),
+                    None => break Err(BrokerError::ConsumerCancelled { queue: queue.clone() }),
+                };
+                let shard = shard_of(&delivery.data, topology.shards).to_string();
+                let properties = stamped(&delivery.properties, &mut last);
+                match publisher.start(&exchange, &shard, &delivery.data, properties).await {
+                    Ok(pending) => {
+                        let acker = delivery.acker;
+                        confirms.push(Box::pin(async move { (acker, pending.confirmed().await) }));
+                    }
+                    Err(err) => {
+                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+                        break Err(err);
+                    }
+                }
+            }
+            () = stop.cancelled() => break Ok(()),
+        }
+    };
+    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+    // Confirms already asked for are awaited; what is not acked returns to
+    // the work queue when the channel closes (and may then reach its shard
+    // twice: the ledger keeps the copy from being posted twice).
+    while let Some((acker, confirmed)) = confirms.next().await {
+        if confirmed.is_ok() {
+            let _ = acker.ack(BasicAckOptions::default()).await;
+        }
+    }
+    let _ = channel.close(200, "stopped".into()).await;
+    publisher.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_s_shard_depends_only_on_its_organization_and_integration() {
+        let job = |org: &str, integration: &str, conversation: &str| {
+            format!(r#"{{"organization_id":"{org}","integration_id":"{integration}","recipient":{{"conversation_id":"{conversation}"}}}}"#)
+        };
+        let a = shard_of(job("org-a", "teams", "19:1").as_bytes(), 16);
+        assert_eq!(a, shard_of(job("org-a", "teams", "19:2").as_bytes(), 16));
+        assert!(a < 16);
+        let spread: std::collections::HashSet<u16> =
+            (0..200).map(|i| shard_of(job(&format!("org-{i}"), "teams", "c").as_bytes(), 16)).collect();
+        assert_eq!(spread.len(), 16, "200 organizations reach every shard");
+        assert_eq!(shard_of(b"not a job", 16), 0);
+        // Fixed: a release that hashed differently would re-route every conversation.
+        assert_eq!(shard_of(job("org-a", "teams", "19:1").as_bytes(), 1024), shard_of(job("org-a", "teams", "x").as_bytes(), 1024));
+    }
+}
