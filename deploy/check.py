@@ -13,6 +13,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,8 +110,15 @@ for path in manifests:
         if doc["kind"] == "ScaledObject":
             check(doc["spec"]["scaleTargetRef"]["name"] in deployments, f"{name} targets a Deployment of deploy/k8s")
             for trigger in doc["spec"]["triggers"]:
-                queue = trigger["metadata"].get("queueName", "")
-                check(queue.endswith(".msteams") and ".retry" not in queue and ".dead" not in queue, f"{name} scales on the work queue only ({queue})")
+                meta = trigger["metadata"]
+                queue = meta.get("queueName", "")
+                pending = re.compile(queue) if meta.get("useRegex") == "true" else None
+                names = ["herald.msteams", "herald.msteams.shard.0", "herald.msteams.shard.15", "herald.msteams.retry.5s", "herald.msteams.dead"]
+                matched = [n for n in names if (pending.fullmatch(n) if pending else n == queue)]
+                check(
+                    matched == names[:3] and meta.get("operation") == "sum",
+                    f"{name} scales on the sum of the work queue and the shards, not the retry tiers or dead letters ({queue}: {matched})",
+                )
 
 rules = os.path.join(HERE, "prometheus", "herald-rules.yaml")
 result = subprocess.run(["promtool", "check", "rules", rules], capture_output=True, text=True)

@@ -45,6 +45,8 @@ struct Scale {
     replay: usize,
     soak_jobs: usize,
     soak_rate: u32,
+    burst_cold: usize,
+    burst_hot: usize,
 }
 
 const FULL: Scale = Scale {
@@ -59,6 +61,8 @@ const FULL: Scale = Scale {
     replay: 10_000,
     soak_jobs: 10_000,
     soak_rate: 400,
+    burst_cold: 20_000,
+    burst_hot: 1_000,
 };
 const SMOKE: Scale = Scale {
     name: "smoke",
@@ -72,6 +76,8 @@ const SMOKE: Scale = Scale {
     replay: 500,
     soak_jobs: 1_000,
     soak_rate: 200,
+    burst_cold: 1_000,
+    burst_hot: 150,
 };
 
 fn free_port() -> u16 {
@@ -280,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
     throttled(&env, &scale, &mut guard, &mut rows).await?;
     replay(&env, &scale, &mut rows).await?;
     soak(&env, &scale, &mut guard, &mut rows).await?;
+    burst(&env, &scale, &mut rows).await?;
     env.tear_down().await;
     let _ = std::fs::remove_file(&world_path);
 
@@ -700,6 +707,83 @@ async fn soak(env: &Env, scale: &Scale, guard: &mut Guard, rows: &mut Rows) -> a
         format!("{poison_rss:.0} MiB vs {clean_rss:.0} MiB ({:.2}×)", poison_rss / clean_rss),
         verdict(poison_rss <= 1.5 * clean_rss, "≤ 1.5×"),
     ));
+    Ok(())
+}
+
+/// Phase 7: the burst of `tests/it/fleetwide.rs` (examples/fleet/burst.rs)
+/// with 1, 2 and 4 workers, Teams' throttling and herald's pacing on, fleet
+/// sharding at its defaults: 429 share, each job once, order per
+/// conversation, hot conversations against the earliest time Teams' windows
+/// allow, throughput and CPU per job of the fleet.
+async fn burst(env: &Env, scale: &Scale, rows: &mut Rows) -> anyhow::Result<()> {
+    use fleet::burst;
+    // The burst's 40 conversations per tenant, beyond the shared world's.
+    let tenants = burst::TENANTS.min(scale.orgs);
+    let mut docs = Vec::new();
+    for org in 0..tenants {
+        for c in scale.conversations_per_org..burst::PER_TENANT {
+            let id = conversation(org, c);
+            let roster = [format!("app-{org}")].into();
+            let channel = sim::Conversation {
+                id: id.clone(),
+                tenant_id: format!("tenant-{org}"),
+                kind: sim::ConversationKind::Channel,
+                roster,
+                blocked: false,
+                user_id: None,
+            };
+            env.sim.put_conversation(&channel).await?;
+            docs.push(herald::mongo::ConversationDoc::channel(&fleet::organization(org), fleet::INTEGRATION, &id));
+        }
+    }
+    env.store.seed(&[], &docs, false).await?;
+    let limits = teams_limits::Limits::default();
+    for workers in [1_usize, 2, 4] {
+        env.sim.reset().await?;
+        env.purge_all().await?;
+        env.sim.set_throttling(&sim::Throttling { enabled: true, limits: None }).await?;
+        let jobs = burst::plan(scale.burst_cold, scale.burst_hot, tenants, workers as u64);
+        let since = mongodb::bson::DateTime::now();
+        let started = chrono::Utc::now();
+        let clock = Instant::now();
+        let mut fleet: Vec<Child> = Vec::new();
+        for _ in 0..workers {
+            fleet.push(env.spawn_paced_worker(free_port())?);
+        }
+        let bodies: Vec<(String, Vec<u8>)> = jobs.iter().map(|j| (j.job_id.clone(), j.body.clone())).collect();
+        publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
+        let total = jobs.len() as u64;
+        wait_for("the burst", Duration::from_secs(1800), || async { Ok(env.sim.stats().await?.activities_total >= total) }).await?;
+        let took = clock.elapsed();
+        let cpu: f64 = fleet.iter().map(|w| usage(w.id()).0).sum();
+        for worker in &mut fleet {
+            stop(worker);
+        }
+        let records = env.sim.all_activities().await?;
+        let stats = env.sim.stats().await?;
+        let filter = DeliveryFilter { since: Some(since), ..Default::default() };
+        let ledger = env.store.list_deliveries(&filter, 3 * jobs.len() as i64).await?;
+        let checked = burst::check(&jobs, started, &records, &stats, &ledger, &Default::default(), &limits);
+        let broken = checked.broken();
+        eprintln!("burst, {workers} worker(s): {} in {:.1} s; broken: {broken:?}", checked.summary(), took.as_secs_f64());
+        let cpu_per_1000 = cpu / jobs.len() as f64 * 1000.0;
+        rows.push((
+            format!(
+                "burst with {workers} worker(s): {} jobs over {} conversations of {} tenants + {} into 5 hot conversations; throttling on",
+                scale.burst_cold,
+                tenants * burst::PER_TENANT - 5,
+                tenants,
+                scale.burst_hot
+            ),
+            format!(
+                "{:.0} jobs/s, {cpu_per_1000:.2} CPU s per 1,000 jobs (all workers); {}",
+                jobs.len() as f64 / took.as_secs_f64(),
+                checked.summary()
+            ),
+            verdict(broken.is_empty(), "429 ≤ 1%, each job once, in order, hot conversations within 20% of the earliest"),
+        ));
+        env.sim.set_throttling(&sim::Throttling { enabled: false, limits: None }).await?;
+    }
     Ok(())
 }
 

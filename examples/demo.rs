@@ -128,12 +128,13 @@ async fn main() -> anyhow::Result<()> {
             .context("starting herald worker")?,
     );
 
-    // Wait for the worker to declare the topology before publishing.
+    // Wait for the worker to declare the topology before publishing (the
+    // dead-letter queue is declared last).
     let started = Instant::now();
     loop {
         let probe = connection.create_channel().await?;
         let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        if probe.queue_declare(topology.work_queue().as_str().into(), passive, Default::default()).await.is_ok() {
+        if probe.queue_declare(topology.dead_queue().as_str().into(), passive, Default::default()).await.is_ok() {
             break;
         }
         if started.elapsed() > Duration::from_secs(20) {

@@ -14,6 +14,8 @@
 //! every hostile job dead-lettered exactly once, with the reason it earns
 //! and a bounded header set; nothing posted for a hostile job.
 
+pub mod burst;
+
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};

@@ -125,7 +125,7 @@ fn named(text: &str, starts: &str, allowed: impl Fn(char) -> bool) -> BTreeSet<S
 fn every_documented_setting_variable_metric_and_header_exists() {
     let figment = Settings::defaults();
     let key_exists = |key: &str| figment.find_value(key).is_ok();
-    let sections = ["worker.", "retry.", "teams.", "http.", "dlq.", "ledger.", "headers.", "telemetry.", "log."];
+    let sections = ["worker.", "fleet.", "retry.", "teams.", "http.", "dlq.", "ledger.", "headers.", "telemetry.", "log."];
     let metrics_source = [include_str!("../../src/metrics.rs"), include_str!("../../src/http.rs")].concat();
     let headers_source = include_str!("../../src/rabbitmq/headers.rs");
     // Variables of the test suites and tools, not settings.
@@ -139,6 +139,7 @@ fn every_documented_setting_variable_metric_and_header_exists() {
         "HERALD_FUZZ_SEED",
         "HERALD_SOAK_JOBS",
         "HERALD_IT_UNSET_SECRET",
+        "HERALD_IT_RELEASE",
     ];
     let mut problems = Vec::new();
     for (file, text) in documents() {

@@ -5,6 +5,7 @@ mod docs;
 #[path = "../../examples/fleet/mod.rs"]
 #[allow(dead_code)]
 mod fleet;
+mod fleetwide;
 mod fuzz;
 mod hostile;
 mod isolation;

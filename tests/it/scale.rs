@@ -72,12 +72,15 @@ async fn three_workers_one_killed_every_job_delivered_none_posted_after_sent() {
             .unwrap()
     };
     let mut workers = vec![spawn(), spawn(), spawn()];
-    env.activities(JOBS / 4).await;
+    let client = env.sim.client();
+    eventually("a quarter of the jobs delivered", Duration::from_secs(300), || async {
+        (client.stats().await.ok()?.activities_total as usize >= JOBS / 4).then_some(())
+    })
+    .await;
     let victim = workers.remove(0);
     let status = std::process::Command::new("kill").args(["-KILL", &victim.id().unwrap().to_string()]).status().unwrap();
     assert!(status.success());
 
-    let client = env.sim.client();
     eventually("every job to be delivered", Duration::from_secs(300), || async {
         let stats = client.stats().await.ok()?;
         (stats.activities_total as usize >= JOBS).then_some(())

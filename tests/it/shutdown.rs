@@ -42,9 +42,8 @@ async fn sigterm_finishes_in_flight_jobs_and_loses_none() {
 
     let delivered = client.all_activities().await.unwrap();
     assert!(delivered.len() < JOBS, "the test must stop the worker mid-run ({} delivered)", delivered.len());
-    let queue = env.topology.work_queue();
     let remaining = eventually("unacked jobs to return to the queue", Duration::from_secs(10), || async {
-        let n = env.queue_len(&queue).await as usize;
+        let n = env.waiting().await as usize;
         (n + delivered.len() == JOBS).then_some(n)
     })
     .await;

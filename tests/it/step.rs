@@ -36,7 +36,7 @@ fn incoming(job: &herald::job::Job, history: History) -> Incoming {
 
 fn reason(disposition: &Disposition) -> Option<Reason> {
     match disposition {
-        Disposition::Ack(_) => None,
+        Disposition::Ack(_) | Disposition::GiveBack => None,
         Disposition::Retry { failure, .. } | Disposition::DeadLetter { failure, .. } => Some(failure.reason),
     }
 }
@@ -136,4 +136,33 @@ async fn oversized_ids_are_refused_without_a_place_in_the_cache() {
     step.process(&incoming(&job("org-a", CONV_A, "normal"), History::default())).await;
     assert!(cached_after_hostile <= 1, "only the normal org_integration is cached, not the 150 KB ids: {cached_after_hostile}");
     assert!(step.resolver.cached() >= 2, "normal lookups are cached");
+}
+
+/// A job waiting for Teams' windows holds no claim: when its worker gives up
+/// the job's shard meanwhile, the step hands it back untouched (no post, no
+/// ledger record), and the next holder delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_teams_windows_is_handed_back_untouched_when_its_shard_moves() {
+    let env = TestEnv::two_orgs_with_setting("teams.rate_limits.enabled", true).await;
+    let step = pipeline(&env);
+    for i in 0..7 {
+        let first = step.process(&incoming(&job("org-a", CONV_A, &format!("burst {i}")), History::default())).await;
+        assert!(matches!(first, Disposition::Ack(Acked::Delivered { .. })), "{first:?}");
+    }
+    // The eighth waits for the 1 s window; its shard is given up meanwhile.
+    let waiting = job("org-a", CONV_A, "the eighth");
+    let stop = CancellationToken::new();
+    let giving_up = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        giving_up.cancel();
+    });
+    let handed_back = step.process_until(&incoming(&waiting, History::default()), &stop, &Default::default()).await;
+    assert_eq!(handed_back, Disposition::GiveBack);
+    assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 7, "no post for the job handed back");
+    assert!(env.store.delivery(&waiting.id.to_string()).await.unwrap().is_none(), "no ledger record: nothing to wait for");
+
+    // Its next holder (a new pipeline: no memory of the window) delivers it.
+    let next = pipeline(&env).process(&incoming(&waiting, History::default())).await;
+    assert!(matches!(next, Disposition::Ack(Acked::Delivered { .. })), "{next:?}");
 }

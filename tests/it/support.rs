@@ -170,7 +170,11 @@ impl TestEnv {
 
     /// A `herald` process of this environment, not yet started.
     pub fn herald_command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        self.command_of(env!("CARGO_BIN_EXE_herald"), args)
+    }
+
+    fn command_of(&self, binary: &str, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(binary);
         command.args(args).envs(self.env_vars()).env("HERALD_LOG__FILTER", "warn").stdin(Stdio::null()).kill_on_drop(true);
         command
     }
@@ -189,10 +193,16 @@ impl TestEnv {
     /// A `herald worker` process whose log (JSON lines) goes to a file and
     /// whose `/metrics` listens on a known port.
     pub fn observed_worker(&self, extra: &[(&str, &str)]) -> ObservedWorker {
+        self.observed_worker_of(env!("CARGO_BIN_EXE_herald"), extra)
+    }
+
+    /// [`TestEnv::observed_worker`] of another build of `herald` (the release
+    /// build, for the tests that measure the fleet against Teams' windows).
+    pub fn observed_worker_of(&self, binary: &str, extra: &[(&str, &str)]) -> ObservedWorker {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("herald-it-{}-{port}.log", self.id));
         let process = self
-            .herald_command(&["worker"])
+            .command_of(binary, &["worker"])
             .env("HERALD_HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env("HERALD_LOG__FILTER", "info")
             .envs(extra.iter().copied())
@@ -294,9 +304,12 @@ impl TestEnv {
         count
     }
 
-    /// Messages waiting in the work queue and every retry tier.
+    /// Messages waiting in the work queue, the shard queues and every retry tier.
     pub async fn waiting(&self) -> u32 {
-        let mut total = self.queue_len(&self.topology.work_queue()).await;
+        let mut total = 0;
+        for queue in self.topology.pending_queues() {
+            total += self.queue_len(&queue).await;
+        }
         for tier in &self.topology.tiers {
             total += self.queue_len(&self.topology.retry_queue(*tier)).await;
         }
@@ -339,7 +352,7 @@ impl TestEnv {
         .await
     }
 
-    /// Wait until the work queue and every retry tier are empty.
+    /// Wait until the work queue, the shard queues and every retry tier are empty.
     pub async fn drained(&self) {
         eventually("the work queue and retry tiers to drain", Duration::from_secs(30), || async {
             (self.waiting().await == 0).then_some(())

@@ -1,0 +1,118 @@
+//! The fleet behaves as one careful worker (docs/deploy.md, "Fleet-wide
+//! pacing"): 4 worker processes on one queue with teams-sim's throttling on,
+//! 20,000 jobs over 2,000 conversations in 50 tenants plus 1,000 jobs into 5
+//! hot conversations of 2 hot tenants; a fifth worker starts, one is
+//! SIGTERMed and one SIGKILLed during the run. The rules are
+//! `fleet::burst::check`'s (the bench checks the same with 1, 2 and 4
+//! workers).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use herald::rabbitmq::{Publisher, ROUTING_KEY};
+use lapin::BasicProperties;
+
+use crate::fleet::{self, burst};
+use crate::support::*;
+
+/// The `herald` the workers run: the release build when `make test` built it
+/// (`HERALD_IT_RELEASE`), as deployed; else this test's debug build.
+fn herald_binary() -> String {
+    std::env::var("HERALD_IT_RELEASE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_herald").to_owned())
+}
+
+const COLD: usize = 20_000;
+const HOT: usize = 1_000;
+
+/// Jobs whose claim a worker took over after another one died mid-send,
+/// from the workers' logs (JSON lines).
+fn taken_over(logs: &[String]) -> HashSet<String> {
+    logs.iter()
+        .flat_map(|log| log.lines())
+        .filter(|line| line.contains("ran out mid-send"))
+        .filter_map(|line| {
+            let at = line.find("\"job_id\":\"")? + "\"job_id\":\"".len();
+            Some(line[at..].split('"').next()?.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
+    let (world, _, _) = fleet::fleet(burst::TENANTS, burst::PER_TENANT, "");
+    let options = teams_sim::Options { throttling: true, seed: 3, ..Default::default() };
+    let env = TestEnv::with(world, options, |f| f).await;
+    let (_, integrations, conversations) = fleet::fleet(burst::TENANTS, burst::PER_TENANT, &env.sim.service_url());
+    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    let jobs = burst::plan(COLD, HOT, burst::TENANTS, 5);
+
+    let settings: &[(&str, &str)] = &[
+        ("HERALD_TEAMS__RATE_LIMITS__ENABLED", "true"),
+        ("HERALD_WORKER__CONCURRENCY", "32"),
+        ("HERALD_LOG__FILTER", "warn"),
+        ("HERALD_FLEET__LEASE_SECS", "4"),
+        ("HERALD_FLEET__HEARTBEAT_MS", "1000"),
+    ];
+    let mut workers: Vec<ObservedWorker> = (0..4).map(|_| env.observed_worker_of(&herald_binary(), settings)).collect();
+
+    // The burst comes to a running fleet: every shard and the router held,
+    // by all four workers.
+    eventually("the fleet to share the shards", Duration::from_secs(60), || async {
+        let holders = env.store.fleet_holders().await.ok()?;
+        let owners: HashSet<&String> = holders.iter().filter(|(unit, _)| unit.starts_with("shard/")).map(|(_, owner)| owner).collect();
+        (holders.len() == 17 && owners.len() == 4).then_some(())
+    })
+    .await;
+
+    let publisher = Publisher::open(env.connection.clone()).await.unwrap();
+    let started = chrono::Utc::now();
+    let clock = tokio::time::Instant::now();
+    for chunk in jobs.chunks(500) {
+        let mut pending = Vec::new();
+        for job in chunk {
+            let properties =
+                BasicProperties::default().with_content_type("application/json".into()).with_message_id(job.job_id.as_str().into());
+            pending.push(publisher.start(&env.topology.jobs_exchange(), ROUTING_KEY, &job.body, properties).await.unwrap());
+        }
+        for confirm in pending {
+            confirm.confirmed().await.unwrap();
+        }
+    }
+    eprintln!("published {} jobs in {:.1?}", jobs.len(), clock.elapsed());
+
+    // During the run: one more worker, one stopped, one killed.
+    let mut logs = Vec::new();
+    tokio::time::sleep_until(clock + Duration::from_secs(15)).await;
+    workers.push(env.observed_worker_of(&herald_binary(), settings));
+    tokio::time::sleep_until(clock + Duration::from_secs(30)).await;
+    let stopped = workers.remove(0);
+    logs.push(stopped.stop().await);
+    tokio::time::sleep_until(clock + Duration::from_secs(45)).await;
+    let killed = workers.remove(0);
+    kill(&killed.process);
+    logs.push(std::fs::read_to_string(&killed.log).unwrap_or_default());
+
+    let client = env.sim.client();
+    let ids: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    eventually("every job of the burst recorded sent", Duration::from_secs(420), || async {
+        let sent = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.ok()?;
+        let done = sent.iter().filter(|d| d.state == herald::mongo::DeliveryState::Sent && ids.contains(d.job_id.as_str())).count();
+        (done >= jobs.len()).then_some(())
+    })
+    .await;
+    env.drained().await;
+    for worker in workers {
+        logs.push(worker.stop().await);
+    }
+
+    let records = client.all_activities().await.unwrap();
+    let stats = client.stats().await.unwrap();
+    let ledger = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.unwrap();
+    let limits = teams_limits::Limits::default();
+    let verdict = burst::check(&jobs, started, &records, &stats, &ledger, &taken_over(&logs), &limits);
+    eprintln!("4 workers (+1 started, 1 SIGTERMed, 1 SIGKILLed): {}", verdict.summary());
+    let broken = verdict.broken();
+    assert!(broken.is_empty(), "{broken:#?}");
+    assert_eq!(verdict.hot.len(), 5);
+    assert!(verdict.hot.iter().all(|h| h.jobs > 150), "about 200 jobs per hot conversation: {:?}", verdict.hot);
+}
