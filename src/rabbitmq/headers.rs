@@ -43,9 +43,14 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The prefix of every header herald owns.
 pub const PREFIX: &str = "x-herald-";
 
-/// The broker's own bookkeeping, which a republished message must not carry.
-pub const BROKER_BOOKKEEPING: [&str; 5] =
-    ["x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason", "x-delivery-count"];
+/// The job's place in the order the router took jobs (docs/deploy.md,
+/// "Fleet-wide pacing"); set again at every routing.
+pub const ROUTED_SEQ: &str = "herald-routed-seq";
+
+/// The broker's own bookkeeping (and the router's), which a republished
+/// message must not carry.
+pub const BROKER_BOOKKEEPING: [&str; 6] =
+    ["x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason", "x-delivery-count", ROUTED_SEQ];
 
 /// The most of a producer's own headers (their encoded size, in bytes) that
 /// herald carries into a retry or dead letter; the rest is dropped and noted.

@@ -38,6 +38,7 @@ use tracing::{info, warn};
 use super::lanes::{Lanes, lane_of};
 use super::settle::Settler;
 use crate::mongo::Store;
+use crate::rabbitmq::headers::ROUTED_SEQ;
 use crate::rabbitmq::{self, BrokerError, Publisher, Topology};
 use crate::settings::Settings;
 use crate::text::error_chain;
@@ -341,9 +342,6 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
     let _ = channel.close(200, "stopped".into()).await;
     result
 }
-
-/// The header that carries a job's place in the order the router took jobs.
-pub const ROUTED_SEQ: &str = "herald-routed-seq";
 
 /// The job's properties with its place in the routing order: microseconds
 /// since the epoch, strictly increasing within one router.
