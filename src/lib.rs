@@ -11,9 +11,10 @@
 //! - [`job`]: the wire job parsed at the edge into a validated [`job::Job`].
 //! - [`outcome`]: dead-letter reasons, the one error classifier, the retry schedule.
 //! - [`rabbitmq`]: topology, confirmed publishing, signed and bounded `x-herald-*` headers.
-//! - [`mongo`]: org_integrations, conversations and the scoped, owned deliveries ledger.
+//! - [`mongo`]: org_integrations, conversations, the scoped, owned deliveries ledger, the fleet's leases.
 //! - [`teams`]: tokens, the service-URL allowlist, the Connector client, cards.
-//! - [`worker`]: the step `Pipeline::process(incoming) -> Disposition`, the settler, the consume loop.
+//! - [`worker`]: the step `Pipeline::process(incoming) -> Disposition`, the settler, the
+//!   fleet (router, shards, leases), lanes (one conversation in order), the consume loop.
 //! - [`producer`]: publishing jobs with publisher confirms (the Rust producer API).
 //! - [`cli`]: the `herald` command line.
 //! - [`dlq`]: reading the dead-letter queue without changing it.

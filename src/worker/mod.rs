@@ -5,10 +5,14 @@
 //! One job's path, top to bottom:
 //!
 //! ```text
-//! run::Worker::session   consume, bound concurrency, drain on shutdown
+//! run::Worker::session   connect, declare, then the fleet
+//!   fleet                the router (one worker) and the shards this worker
+//!                        holds; each delivery takes its place in its lane
+//!   lanes                one conversation's jobs one after the other
 //!   settle::Settler      read the trusted history from the headers, then
-//!     step::Pipeline     decode → claim → resolve → pace → send → record
-//!                        → classify once → Disposition
+//!     step::Pipeline     decode → resolve → wait for Teams' windows → slot
+//!                        → claim → count and send → record → classify once
+//!                        → Disposition
 //!   settle::Settler      publish the retry or dead letter (confirmed), ack
 //! ```
 //!
