@@ -20,8 +20,7 @@ test: services ## Unit and integration tests against the real services and teams
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
 	$(CARGO) test --test resilience --no-fail-fast
-	$(CARGO) build --release --bin herald
-	HERALD_IT_RELEASE=$(CURDIR)/target/release/herald $(CARGO) test --test it --features fault-injection --no-fail-fast
+	$(CARGO) test --test it --features fault-injection --no-fail-fast
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
 	@bash scripts/services.sh --bench
