@@ -15,8 +15,8 @@ use lapin::BasicProperties;
 use crate::fleet::{self, burst};
 use crate::support::*;
 
-/// The `herald` the workers run: the release build when `make test` built it
-/// (`HERALD_IT_RELEASE`), as deployed; else this test's debug build.
+/// The `herald` the workers run: the build `HERALD_IT_RELEASE` names (the
+/// release build, as deployed), else this test's own build.
 fn herald_binary() -> String {
     std::env::var("HERALD_IT_RELEASE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_herald").to_owned())
 }
