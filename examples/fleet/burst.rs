@@ -4,8 +4,8 @@
 //! workers), so that both check the same rules.
 //!
 //! The mix: `cold` jobs spread over the conversations of 50 tenants (each
-//! its own organization, bot app and tenant), plus `hot` jobs into 5 hot
-//! conversations of 2 hot tenants, interleaved at random and published as
+//! its own organization, bot app and tenant), plus `hot` jobs split evenly
+//! over 5 hot conversations of 2 hot tenants, interleaved at random and published as
 //! fast as the broker confirms. Each conversation's jobs are numbered in
 //! publish order.
 //!
@@ -52,8 +52,9 @@ pub fn plan(cold: usize, hot: usize, tenants: usize, seed: u64) -> Vec<BurstJob>
     while hot_left + cold_left > 0 {
         let is_hot = rng.usize(..hot_left + cold_left) < hot_left;
         let (org, c) = if is_hot {
+            // The same number into each hot conversation (200 each of 1,000).
             hot_left -= 1;
-            HOT[rng.usize(..HOT.len())]
+            HOT[hot_left % HOT.len()]
         } else {
             cold_left -= 1;
             cold_conversations[rng.usize(..cold_conversations.len())]
