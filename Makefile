@@ -22,7 +22,7 @@ test: services ## Unit and integration tests against the real services and teams
 	$(CARGO) test --test resilience --no-fail-fast
 	$(CARGO) test --test it --features fault-injection --no-fail-fast -- --skip fleetwide
 	@# The fleet test alone: five worker processes against Teams' windows must not share
-	@# the two cores with the other tests (in parallel it missed its bound once).
+	@# the two cores with the other tests (run beside them, it missed its bound twice).
 	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
