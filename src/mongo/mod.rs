@@ -46,6 +46,11 @@ fn attempt_document(attempt: &AttemptRecord) -> Result<Document, StoreError> {
     mongodb::bson::to_document(attempt).map_err(|e| StoreError { operation: "encode attempt", source: e.into() })
 }
 
+/// The same, straight to BSON bytes (the group-committed `sent` mark).
+fn attempt_raw(attempt: &AttemptRecord) -> Result<mongodb::bson::RawDocumentBuf, StoreError> {
+    mongodb::bson::to_raw_document_buf(attempt).map_err(|e| StoreError { operation: "encode attempt", source: e.into() })
+}
+
 impl StoreError {
     fn new(operation: &'static str) -> impl FnOnce(MongoError) -> Self {
         move |source| Self { operation, source }
@@ -300,7 +305,7 @@ impl Store {
             conversation_id: attempts.last().and_then(|a| a.conversation_id.clone()).unwrap_or_default(),
             activity_id: activity_id.to_owned(),
             attempts: attempts.iter().map(|a| a.sends).sum(),
-            entries: attempts.iter().map(attempt_document).collect::<Result<_, _>>()?,
+            entries: attempts.iter().map(attempt_raw).collect::<Result<_, _>>()?,
         };
         match self.ledger.run("mark delivery sent", op).await? {
             ledger::Done::Marked(held) => Ok(held),
