@@ -3,6 +3,9 @@
 //!
 //! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
 //! so the benchmark cannot rot); the default is the full run of issue 8.
+//! `BENCH_PHASES=drain,naive` runs only the phases named (drain, naive,
+//! latency, mix, throttled, replay, soak, burst; naive needs drain) and
+//! prints their rows without touching the report: for profiling one phase.
 
 mod fleet;
 #[path = "support/mod.rs"]
@@ -259,6 +262,20 @@ async fn metric(port: u16, line_prefix: &str) -> f64 {
 /// The measures of one run: (what, result, target).
 type Rows = Vec<(String, String, String)>;
 
+/// `BENCH_PHASES=drain,naive` runs only the phases named (for profiling one
+/// of them); unset, every phase runs and the report is written.
+struct Phases(Option<Vec<String>>);
+
+impl Phases {
+    fn from_env() -> Self {
+        Self(std::env::var("BENCH_PHASES").ok().map(|v| v.split(',').map(|p| p.trim().to_owned()).collect()))
+    }
+
+    fn wants(&self, phase: &str) -> bool {
+        self.0.as_ref().is_none_or(|names| names.iter().any(|n| n == phase))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let scale = if std::env::var("BENCH_SCALE").as_deref() == Ok("smoke") { SMOKE } else { FULL };
@@ -279,18 +296,42 @@ async fn main() -> anyhow::Result<()> {
     let mut guard = Guard(Vec::new());
     let (env, world_path) = set_up(connection, publisher, &scale, &id, &mut guard).await?;
     let mut rng = fastrand::Rng::with_seed(42);
-    let herald = throughput(&env, &scale, &mut rng, bare_rate, &mut rows).await?;
-    naive(&env, &scale, &mut rng, herald, &mut rows).await?;
-    latency(&env, &scale, &mut guard, &mut rows).await?;
-    mix(&env, &scale, &mut rng, &mut guard, &mut rows).await?;
-    throttled(&env, &scale, &mut guard, &mut rows).await?;
-    replay(&env, &scale, &mut rows).await?;
-    soak(&env, &scale, &mut guard, &mut rows).await?;
-    burst(&env, &scale, &mut rows).await?;
+    let only = Phases::from_env();
+    if only.wants("drain") {
+        let herald = throughput(&env, &scale, &mut rng, bare_rate, &mut rows).await?;
+        if only.wants("naive") {
+            naive(&env, &scale, &mut rng, herald, &mut rows).await?;
+        }
+    }
+    if only.wants("latency") {
+        latency(&env, &scale, &mut guard, &mut rows).await?;
+    }
+    if only.wants("mix") {
+        mix(&env, &scale, &mut rng, &mut guard, &mut rows).await?;
+    }
+    if only.wants("throttled") {
+        throttled(&env, &scale, &mut guard, &mut rows).await?;
+    }
+    if only.wants("replay") {
+        replay(&env, &scale, &mut rows).await?;
+    }
+    if only.wants("soak") {
+        soak(&env, &scale, &mut guard, &mut rows).await?;
+    }
+    if only.wants("burst") {
+        burst(&env, &scale, &mut rows).await?;
+    }
     env.tear_down().await;
     let _ = std::fs::remove_file(&world_path);
 
-    write_report(&scale, rows)?;
+    if only.0.is_some() {
+        // A partial run prints its rows and leaves the report of the last full run alone.
+        for (what, result, target) in &rows {
+            println!("| {what} | {result} | {target} |");
+        }
+    } else {
+        write_report(&scale, rows)?;
+    }
     drop(guard);
     Ok(())
 }
