@@ -1,25 +1,103 @@
 //! Rendering a job's content as a Bot Framework message activity.
+//!
+//! Typed and borrowed from the job: the activity is written straight to the
+//! request body, with no intermediate `serde_json::Value` per job.
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
-use crate::job::{Content, Message, Severity};
+use crate::job::{Content, Fact, Message, Severity};
 
 pub const ADAPTIVE_CARD: &str = "application/vnd.microsoft.card.adaptive";
 
 /// The activity posted to the conversation.
-pub fn activity(content: &Content) -> Value {
-    let (summary, card) = match content {
-        Content::Message(message) => (Some(summary(message)), render(message)),
-        Content::Card(card) => (None, card.clone()),
-    };
-    let mut activity = json!({
-        "type": "message",
-        "attachments": [{ "contentType": ADAPTIVE_CARD, "content": card }],
-    });
-    if let Some(summary) = summary {
-        activity["summary"] = Value::String(summary);
+#[derive(Debug, Serialize)]
+pub struct Activity<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<String>,
+    attachments: [Attachment<'a>; 1],
+}
+
+#[derive(Debug, Serialize)]
+struct Attachment<'a> {
+    #[serde(rename = "contentType")]
+    content_type: &'static str,
+    content: Card<'a>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Card<'a> {
+    Rendered(AdaptiveCard<'a>),
+    /// A card the producer built: posted unchanged.
+    Ready(&'a Value),
+}
+
+#[derive(Debug, Serialize)]
+struct AdaptiveCard<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "$schema")]
+    schema: &'static str,
+    version: &'static str,
+    body: Vec<Element<'a>>,
+    msteams: Width,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actions: Option<[OpenUrl<'a>; 1]>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type")]
+enum Element<'a> {
+    TextBlock {
+        text: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        weight: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        size: Option<&'static str>,
+        wrap: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        color: Option<&'static str>,
+    },
+    FactSet {
+        facts: Vec<FactView<'a>>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct FactView<'a> {
+    title: &'a str,
+    value: &'a str,
+}
+
+impl<'a> From<&'a Fact> for FactView<'a> {
+    fn from(fact: &'a Fact) -> Self {
+        Self { title: &fact.name, value: &fact.value }
     }
-    activity
+}
+
+#[derive(Debug, Serialize)]
+struct Width {
+    width: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct OpenUrl<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    url: &'a str,
+}
+
+/// The activity posted to the conversation.
+pub fn activity(content: &Content) -> Activity<'_> {
+    let (summary, card) = match content {
+        Content::Message(message) => (Some(summary(message)), Card::Rendered(render(message))),
+        Content::Card(card) => (None, Card::Ready(card)),
+    };
+    Activity { kind: "message", summary, attachments: [Attachment { content_type: ADAPTIVE_CARD, content: card }] }
 }
 
 fn summary(message: &Message) -> String {
@@ -35,38 +113,37 @@ fn color(severity: Severity) -> &'static str {
 }
 
 /// An Adaptive Card 1.4: title, text, facts and an "Open" action.
-pub fn render(message: &Message) -> Value {
-    let mut body = Vec::new();
+fn render(message: &Message) -> AdaptiveCard<'_> {
+    let mut body = Vec::with_capacity(3);
     if !message.title.is_empty() {
-        body.push(json!({
-            "type": "TextBlock", "text": message.title, "weight": "Bolder", "size": "Medium",
-            "wrap": true, "color": color(message.severity),
-        }));
+        body.push(Element::TextBlock {
+            text: &message.title,
+            weight: Some("Bolder"),
+            size: Some("Medium"),
+            wrap: true,
+            color: Some(color(message.severity)),
+        });
     }
     if !message.text.is_empty() {
-        body.push(json!({ "type": "TextBlock", "text": message.text, "wrap": true }));
+        body.push(Element::TextBlock { text: &message.text, weight: None, size: None, wrap: true, color: None });
     }
     if !message.facts.is_empty() {
-        let facts: Vec<Value> = message.facts.iter().map(|f| json!({ "title": f.name, "value": f.value })).collect();
-        body.push(json!({ "type": "FactSet", "facts": facts }));
+        body.push(Element::FactSet { facts: message.facts.iter().map(FactView::from).collect() });
     }
-    let mut card = json!({
-        "type": "AdaptiveCard",
-        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
-        "version": "1.4",
-        "body": body,
-        "msteams": { "width": "Full" },
-    });
-    if let Some(url) = &message.url {
-        card["actions"] = json!([{ "type": "Action.OpenUrl", "title": "Open", "url": url.as_str() }]);
+    AdaptiveCard {
+        kind: "AdaptiveCard",
+        schema: "http://adaptivecards.io/schemas/adaptive-card.json",
+        version: "1.4",
+        body,
+        msteams: Width { width: "Full" },
+        actions: message.url.as_ref().map(|url| [OpenUrl { kind: "Action.OpenUrl", title: "Open", url: url.as_str() }]),
     }
-    card
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Fact;
+    use serde_json::json;
 
     #[test]
     fn a_message_becomes_an_adaptive_card_activity() {
@@ -77,7 +154,7 @@ mod tests {
             severity: Severity::Critical,
             facts: vec![Fact { name: "host".into(), value: "db-1".into() }],
         };
-        let activity = activity(&Content::Message(message));
+        let activity = serde_json::to_value(activity(&Content::Message(message))).unwrap();
         assert_eq!(activity["type"], "message");
         assert_eq!(activity["summary"], "Disk full");
         let card = &activity["attachments"][0];
@@ -92,7 +169,8 @@ mod tests {
     #[test]
     fn a_ready_card_is_posted_unchanged() {
         let card = json!({"type": "AdaptiveCard", "version": "1.5", "body": [{"type": "TextBlock", "text": "x"}]});
-        let activity = activity(&Content::Card(card.clone()));
+        let content = Content::Card(card.clone());
+        let activity = serde_json::to_value(activity(&content)).unwrap();
         assert_eq!(activity["attachments"][0]["content"], card);
         assert!(activity.get("summary").is_none());
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::time::Instant;
 use url::Url;
 
@@ -204,8 +204,8 @@ impl Teams {
     }
 
     /// Serialize `activity`, refusing it when it exceeds the size limit.
-    pub fn encode(&self, activity: &Value) -> Result<Vec<u8>, TeamsError> {
-        let body = serde_json::to_vec(activity).expect("a serde_json::Value always serializes");
+    pub fn encode(&self, activity: &card::Activity<'_>) -> Result<Vec<u8>, TeamsError> {
+        let body = serde_json::to_vec(activity).expect("an activity (strings and a producer's JSON) always serializes");
         if body.len() > self.max_activity_bytes {
             return Err(TeamsError::PayloadTooLarge { bytes: body.len(), limit: self.max_activity_bytes });
         }
