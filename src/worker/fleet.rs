@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -413,20 +413,12 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
         .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
     info!(queue = %queue, exchange = %exchange, shards = topology.shards, "routing");
     let mut last = 0_i64;
-    let mut confirms: FuturesUnordered<futures_util::future::BoxFuture<'static, (lapin::Acker, Result<(), BrokerError>)>> =
-        FuturesUnordered::new();
+    let mut confirms: Confirms = FuturesOrdered::new();
     let result = loop {
         tokio::select! {
-            Some((acker, confirmed)) = confirms.next(), if !confirms.is_empty() => {
-                match confirmed {
-                    Ok(()) => {
-                        let _ = acker.ack(BasicAckOptions::default()).await;
-                    }
-                    Err(err) => {
-                        // The job stays in the work queue; the session starts over.
-                        let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
-                        break Err(err);
-                    }
+            Some(first) = confirms.next(), if !confirms.is_empty() => {
+                if let Err(err) = ack_confirmed(first, &mut confirms).await {
+                    break Err(err);
                 }
             }
             next = consumer.next() => {
@@ -440,7 +432,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                 match publisher.start(&exchange, &shard, &delivery.data, properties).await {
                     Ok(pending) => {
                         let acker = delivery.acker;
-                        confirms.push(Box::pin(async move { (acker, pending.confirmed().await) }));
+                        confirms.push_back(Box::pin(async move { (acker, pending.confirmed().await) }));
                     }
                     Err(err) => {
                         let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
@@ -455,14 +447,43 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     // Confirms already asked for are awaited; what is not acked returns to
     // the work queue when the channel closes (and may then reach its shard
     // twice: the ledger keeps the copy from being posted twice).
-    while let Some((acker, confirmed)) = confirms.next().await {
-        if confirmed.is_ok() {
-            let _ = acker.ack(BasicAckOptions::default()).await;
+    while let Some(first) = confirms.next().await {
+        if ack_confirmed(first, &mut confirms).await.is_err() {
+            break;
         }
     }
     let _ = channel.close(200, "stopped".into()).await;
     publisher.close().await;
     result
+}
+
+/// Routed jobs waiting for their publish confirms, in the order consumed.
+type Confirms = FuturesOrdered<futures_util::future::BoxFuture<'static, (lapin::Acker, Result<(), BrokerError>)>>;
+
+/// Ack `first` and every routed job whose confirm is already in, with one
+/// `multiple` ack up to the newest (they come in the order consumed, so
+/// every older job is settled already): one frame per burst instead of one
+/// per job. A failed confirm acks those before it and leaves its own job in
+/// the work queue.
+async fn ack_confirmed(first: (lapin::Acker, Result<(), BrokerError>), confirms: &mut Confirms) -> Result<(), BrokerError> {
+    let multiple = BasicAckOptions { multiple: true };
+    let mut newest: Option<lapin::Acker> = None;
+    let mut next = Some(first);
+    while let Some((acker, confirmed)) = next {
+        if let Err(err) = confirmed {
+            if let Some(newest) = newest {
+                let _ = newest.ack(multiple).await;
+            }
+            let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            return Err(err);
+        }
+        newest = Some(acker);
+        next = confirms.next().now_or_never().flatten();
+    }
+    if let Some(newest) = newest {
+        let _ = newest.ack(multiple).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
