@@ -107,6 +107,18 @@ fn usage(pid: u32) -> (f64, f64) {
     (ticks / 100.0, hwm_kb / 1024.0)
 }
 
+/// CPU seconds so far of the services on this machine (the first process
+/// whose command line matches), by name.
+fn services_cpu() -> BTreeMap<&'static str, f64> {
+    [("mongodb", "secantusd-rs"), ("rabbitmq", "beam.smp"), ("teams-sim", "teams-sim --listen")]
+        .into_iter()
+        .filter_map(|(name, pattern)| {
+            let pid: u32 = shell(&format!("pgrep -o -f '{pattern}'")).parse().ok()?;
+            Some((name, usage(pid).0))
+        })
+        .collect()
+}
+
 struct Env {
     prefix: String,
     database: String,
@@ -408,12 +420,14 @@ async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate
     let bodies = random_jobs(rng, scale, scale.backlog);
     publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
     let http_port = free_port();
+    let services_before = services_cpu();
     let mut worker = env.spawn_worker(http_port)?;
     let pid = worker.id();
     let backlog = scale.backlog as u64;
     let took =
         wait_for("the backlog to drain", Duration::from_secs(1800), || async { Ok(env.sim.stats().await?.activities_total >= backlog) })
             .await?;
+    let services_after = services_cpu();
     let herald_rate = scale.backlog as f64 / took.as_secs_f64();
     let reads = metric(http_port, "herald_mongodb_operations_total{kind=\"read\"}").await;
     let writes = metric(http_port, "herald_mongodb_operations_total{kind=\"write\"}").await;
@@ -431,6 +445,15 @@ async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate
     ));
     rows.push(("herald / bare".into(), format!("{ratio:.2}"), verdict(ratio >= 0.5, "≥ 0.5")));
     rows.push(("worker CPU per 1,000 jobs".into(), format!("{:.2} s", cpu / scale.backlog as f64 * 1000.0), String::new()));
+    let per_1000 = |name: &str| {
+        let (Some(before), Some(after)) = (services_before.get(name), services_after.get(name)) else { return "n/a".to_owned() };
+        format!("{:.2} s", (after - before) / scale.backlog as f64 * 1000.0)
+    };
+    rows.push((
+        "the services' CPU per 1,000 jobs during the drain".into(),
+        format!("MongoDB-protocol server {}, RabbitMQ {}, teams-sim {}", per_1000("mongodb"), per_1000("rabbitmq"), per_1000("teams-sim")),
+        String::new(),
+    ));
     rows.push(("worker peak RSS (VmHWM)".into(), format!("{rss:.0} MiB"), verdict(rss <= 100.0, "≤ 100 MB")));
     rows.push((
         "token requests per bot app".into(),
