@@ -28,6 +28,7 @@ use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
@@ -74,6 +75,8 @@ fn shard_unit(n: u16) -> String {
 /// What one session's queue consumers share.
 pub(super) struct Consumers {
     pub connection: Arc<Connection>,
+    /// The router opens its own connection with it (see `route`).
+    pub amqp_url: secrecy::SecretString,
     pub settler: Arc<Settler>,
     pub lanes: Arc<Lanes>,
     pub topology: Topology,
@@ -404,8 +407,12 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     let topology = &consumers.topology;
     let queue = topology.work_queue();
     let exchange = topology.shard_exchange();
-    let publisher = Publisher::open(consumers.connection.clone()).await?;
-    let channel = consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
+    // Its own connection: routing adds eight frames to every job (deliver,
+    // publish, confirm, ack), and one connection's frames all go through one
+    // I/O thread, which the shards' consumers share.
+    let connection = Arc::new(rabbitmq::connect(consumers.amqp_url.expose_secret(), "herald router").await?);
+    let publisher = Publisher::open(connection.clone()).await?;
+    let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
     channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
     let mut consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -454,6 +461,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     }
     let _ = channel.close(200, "stopped".into()).await;
     publisher.close().await;
+    let _ = connection.close(200, "stopped".into()).await;
     result
 }
 

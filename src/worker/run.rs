@@ -142,6 +142,7 @@ impl Worker {
         });
         let consumers = Arc::new(Consumers {
             connection: connection.clone(),
+            amqp_url: self.settings.amqp_url.clone(),
             settler,
             lanes: self.lanes.clone(),
             topology: self.topology.clone(),
