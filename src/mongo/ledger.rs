@@ -16,7 +16,7 @@
 //!   Nothing waits for a batch to fill: a flusher takes what is queued now.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use futures_util::TryStreamExt;
 use mongodb::Database;
@@ -122,6 +122,25 @@ fn literal(value: &str) -> RawDocumentBuf {
     rawdoc! { "$literal": value }
 }
 
+/// The parts of a claim that are the same for every job, built once: the
+/// pipeline's first stage (may the record be taken?), the fields of its
+/// second stage that name no job, and the last stage.
+static CLAIM_PARTS: LazyLock<(RawDocumentBuf, RawDocumentBuf, RawDocumentBuf)> = LazyLock::new(|| {
+    let claimable = rawdoc! { "$and": [
+        { "$not": [{ "$in": [{ "$ifNull": ["$state", "new"] }, ["sent", "unconfirmed"]] }] },
+        { "$not": [{ "$gt": ["$lease_until", "$$NOW"] }] },
+    ] };
+    let when = |then: RawBson, otherwise: &str| rawdoc! { "$cond": ["$_claim", then, otherwise] };
+    let constant = rawdoc! {
+        "claimed_from": when(rawdoc! { "$ifNull": ["$state", "new"] }.into(), "$claimed_from"),
+        "state": when("sending".into(), "$state"),
+        "updated_at": when("$$NOW".into(), "$updated_at"),
+        "attempts": { "$ifNull": ["$attempts", 0_i64] },
+        "created_at": { "$ifNull": ["$created_at", "$$NOW"] },
+    };
+    (rawdoc! { "$set": { "_claim": claimable } }, constant, rawdoc! { "$unset": "_claim" })
+});
+
 /// One statement of the batch's `update` command, written straight to BSON
 /// bytes (`rawdoc!`): building a `Document` per statement (an ordered map
 /// per nested object) was most of the flusher's CPU in a profile.
@@ -133,30 +152,18 @@ fn statement(op: &Op) -> RawDocumentBuf {
         // otherwise. Who holds it afterwards is read back only for records
         // that existed (rare: redeliveries, retries, replays).
         Op::Claim { key, job_id, organization_id, integration_id, owner, lease_ms } => {
-            let claimable = rawdoc! { "$and": [
-                { "$not": [{ "$in": [{ "$ifNull": ["$state", "new"] }, ["sent", "unconfirmed"]] }] },
-                { "$not": [{ "$gt": ["$lease_until", "$$NOW"] }] },
-            ] };
+            let (first, constant, last) = &*CLAIM_PARTS;
             let when = |then: RawBson, otherwise: &str| rawdoc! { "$cond": ["$_claim", then, otherwise] };
             let lease_until = rawdoc! { "$dateAdd": { "startDate": "$$NOW", "unit": "millisecond", "amount": *lease_ms } };
+            let mut set = constant.clone();
+            set.append("owner", when(literal(owner).into(), "$owner"));
+            set.append("lease_until", when(lease_until.into(), "$lease_until"));
+            set.append("job_id", literal(job_id));
+            set.append("organization_id", literal(organization_id));
+            set.append("integration_id", literal(integration_id));
             rawdoc! {
                 "q": { "_id": key.as_str() },
-                "u": [
-                    { "$set": { "_claim": claimable } },
-                    { "$set": {
-                        "claimed_from": when(rawdoc! { "$ifNull": ["$state", "new"] }.into(), "$claimed_from"),
-                        "state": when("sending".into(), "$state"),
-                        "owner": when(literal(owner).into(), "$owner"),
-                        "lease_until": when(lease_until.into(), "$lease_until"),
-                        "updated_at": when("$$NOW".into(), "$updated_at"),
-                        "job_id": literal(job_id),
-                        "organization_id": literal(organization_id),
-                        "integration_id": literal(integration_id),
-                        "attempts": { "$ifNull": ["$attempts", 0_i64] },
-                        "created_at": { "$ifNull": ["$created_at", "$$NOW"] },
-                    } },
-                    { "$unset": "_claim" },
-                ],
+                "u": [first.clone(), { "$set": set }, last.clone()],
                 "upsert": true,
             }
         }
