@@ -59,14 +59,7 @@ impl Store {
             .update_many(mine.clone(), vec![doc! { "$set": { "expires_at": expires(lease) } }])
             .await
             .map_err(StoreError::new("renew the fleet's leases"))?;
-        self.read();
-        let held: Vec<Document> = fleet
-            .find(mine)
-            .await
-            .map_err(StoreError::new("read the fleet's leases"))?
-            .try_collect()
-            .await
-            .map_err(StoreError::new("read the fleet's leases"))?;
+        let held = self.fleet_find(mine, "read the fleet's leases").await?;
         Ok(held.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
     }
 
@@ -74,16 +67,14 @@ impl Store {
     pub async fn fleet_holders(&self) -> Result<HashMap<String, String>, StoreError> {
         let mut filter = live();
         filter.insert("kind", "unit");
-        self.read();
-        let held: Vec<Document> = self
-            .fleet()
-            .find(filter)
-            .await
-            .map_err(StoreError::new("read the fleet"))?
-            .try_collect()
-            .await
-            .map_err(StoreError::new("read the fleet"))?;
+        let held = self.fleet_find(filter, "read the fleet").await?;
         Ok(held.iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_str("owner").ok()?.to_owned()))).collect())
+    }
+
+    /// The `fleet` records matching `filter` (a handful: workers and units).
+    async fn fleet_find(&self, filter: Document, operation: &'static str) -> Result<Vec<Document>, StoreError> {
+        self.read();
+        self.fleet().find(filter).await.map_err(StoreError::new(operation))?.try_collect().await.map_err(StoreError::new(operation))
     }
 
     /// Take `unit` for `lease` if nobody holds it; `false` if somebody does.

@@ -122,6 +122,12 @@ fn literal(value: &str) -> RawDocumentBuf {
     rawdoc! { "$literal": value }
 }
 
+/// `then` if the claim's first stage found the record free, else the field
+/// as it was.
+fn when(then: RawBson, otherwise: &str) -> RawDocumentBuf {
+    rawdoc! { "$cond": ["$_claim", then, otherwise] }
+}
+
 /// The parts of a claim that are the same for every job, built once: the
 /// pipeline's first stage (may the record be taken?), the fields of its
 /// second stage that name no job, and the last stage.
@@ -130,7 +136,6 @@ static CLAIM_PARTS: LazyLock<(RawDocumentBuf, RawDocumentBuf, RawDocumentBuf)> =
         { "$not": [{ "$in": [{ "$ifNull": ["$state", "new"] }, ["sent", "unconfirmed"]] }] },
         { "$not": [{ "$gt": ["$lease_until", "$$NOW"] }] },
     ] };
-    let when = |then: RawBson, otherwise: &str| rawdoc! { "$cond": ["$_claim", then, otherwise] };
     let constant = rawdoc! {
         "claimed_from": when(rawdoc! { "$ifNull": ["$state", "new"] }.into(), "$claimed_from"),
         "state": when("sending".into(), "$state"),
@@ -153,7 +158,6 @@ fn statement(op: &Op) -> RawDocumentBuf {
         // that existed (rare: redeliveries, retries, replays).
         Op::Claim { key, job_id, organization_id, integration_id, owner, lease_ms } => {
             let (first, constant, last) = &*CLAIM_PARTS;
-            let when = |then: RawBson, otherwise: &str| rawdoc! { "$cond": ["$_claim", then, otherwise] };
             let lease_until = rawdoc! { "$dateAdd": { "startDate": "$$NOW", "unit": "millisecond", "amount": *lease_ms } };
             let mut set = constant.clone();
             set.append("owner", when(literal(owner).into(), "$owner"));

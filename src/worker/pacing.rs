@@ -70,9 +70,8 @@ impl Pacing {
     /// Wait for room in every window of this bot, tenant and conversation and
     /// take it; `Ok(true)` when that took a wait (the conversation or tenant
     /// is at Teams' pace). `Later` when the wait is longer than a job may wait
-    /// in process, or,
-    /// with a `deadline` `(until, reserve)`, would pass `until` less
-    /// `reserve` for the send; `Stopped` when `stop` comes first.
+    /// in process or, with a `deadline` `(until, reserve)`, would pass `until`
+    /// less `reserve` for the send; `Stopped` when `stop` comes first.
     pub async fn admit(
         &self,
         app: &str,
