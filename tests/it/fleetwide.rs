@@ -37,6 +37,17 @@ fn taken_over(logs: &[String]) -> HashSet<String> {
         .collect()
 }
 
+/// How often each warning appears in the workers' logs (JSON lines): a lost
+/// lease or a late renewal explains a broken rule.
+fn warnings(logs: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in logs.iter().flat_map(|log| log.lines()).filter(|line| line.contains("\"level\":\"WARN\"")) {
+        let message = line.find("\"message\":\"").and_then(|at| line[at + "\"message\":\"".len()..].split('"').next()).unwrap_or(line);
+        *counts.entry(message.to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
     let (world, _, _) = fleet::fleet(burst::TENANTS, burst::PER_TENANT, "");
@@ -111,6 +122,7 @@ async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
     let limits = teams_limits::Limits::default();
     let verdict = burst::check(&jobs, started, &records, &stats, &ledger, &taken_over(&logs), &limits);
     eprintln!("4 workers (+1 started, 1 SIGTERMed, 1 SIGKILLed): {}", verdict.summary());
+    eprintln!("the workers' warnings: {:#?}", warnings(&logs));
     let broken = verdict.broken();
     assert!(broken.is_empty(), "{broken:#?}");
     assert_eq!(verdict.hot.len(), 5);
