@@ -11,9 +11,11 @@
 //! - **Leases** in MongoDB (`fleet`) say who holds what; every heartbeat a
 //!   worker renews its leases, counts the live workers, gives up what is
 //!   above its share (after the jobs it started are settled; the others go
-//!   back to the queue in order) and takes free units up to its share. The
-//!   shard queues' single-active-consumer flag keeps a worker that outlived
-//!   its lease from consuming beside the new holder.
+//!   back to the queue in order) and takes free units up to its share. A
+//!   unit whose lease may have run out (no renewal in time) stops by itself.
+//!   The shard queues' single-active-consumer flag keeps a worker that
+//!   outlived its lease from consuming beside the new holder; the router
+//!   starts only once the work queue has no consumer left.
 //!
 //! With `fleet.shards = 0` every worker consumes the work queue itself.
 
@@ -26,7 +28,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -117,7 +119,7 @@ pub(super) async fn run(
         lease: settings.fleet.lease(),
         consumers,
         running: HashMap::new(),
-        valid_until: None,
+        validity: tokio::sync::watch::Sender::new(Instant::now()),
         seen: false,
     };
     fleet.run(settings.fleet.heartbeat(), shutdown).await
@@ -135,8 +137,11 @@ struct Fleet {
     consumers: Arc<Consumers>,
     running: HashMap<String, Running>,
     /// Until when (by this process's clock) the leases renewed last are surely
-    /// still ours: the renewal was sent after this instant less the lease.
-    valid_until: Option<Instant>,
+    /// still ours: the renewal was sent after this instant less the lease,
+    /// and a second before. Every running unit stops by itself at this
+    /// instant unless a renewal moved it (`start`), even while this loop
+    /// waits on a slow MongoDB.
+    validity: tokio::sync::watch::Sender<Instant>,
     /// A heartbeat has gone out (and the fleet seen) once.
     seen: bool,
 }
@@ -147,15 +152,8 @@ impl Fleet {
         let mut tick = tokio::time::interval(heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
-            let expiry = self.valid_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = tick.tick() => {}
-                () = tokio::time::sleep_until(expiry), if self.valid_until.is_some() && !self.running.is_empty() => {
-                    warn!("the fleet's leases could not be renewed in time; stopping every queue this worker held");
-                    self.stop_all(false).await;
-                    self.valid_until = None;
-                    continue;
-                }
                 () = shutdown.cancelled() => break Ok(()),
             }
             if let Some(err) = self.reap().await {
@@ -195,7 +193,7 @@ impl Fleet {
         let sent = Instant::now();
         let live = self.store.fleet_heartbeat(&self.id, self.lease).await?;
         let held = self.store.fleet_renew(&self.id, self.lease).await?;
-        self.valid_until = Some(sent + self.lease.saturating_sub(Duration::from_secs(1)));
+        self.validity.send_replace(sent + self.lease.saturating_sub(Duration::from_secs(1)));
         // Lost (the lease ran out while MongoDB was unreachable, say): stop
         // at once, without releasing what another worker may hold now.
         let lost: Vec<String> = self.running.keys().filter(|u| !held.contains(u)).cloned().collect();
@@ -259,6 +257,7 @@ impl Fleet {
     {
         let stop = CancellationToken::new();
         let leaving = Arc::new(AtomicBool::new(false));
+        tokio::spawn(stop_when_lease_may_run_out(self.validity.subscribe(), stop.clone(), unit.clone()));
         let consuming = consumer(self.consumers.clone(), stop.clone());
         let (store, id, name, gone) = (self.store.clone(), self.id.clone(), unit.clone(), leaving.clone());
         let task = tokio::spawn(async move {
@@ -288,9 +287,30 @@ impl Fleet {
     }
 }
 
+/// Cancel `stop` once `validity` has passed without a renewal moving it: the
+/// lease may have run out in MongoDB, and another worker may take the unit.
+/// Ends when `stop` is cancelled for any other reason.
+async fn stop_when_lease_may_run_out(mut validity: tokio::sync::watch::Receiver<Instant>, stop: CancellationToken, unit: String) {
+    loop {
+        let until = *validity.borrow_and_update();
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => break,
+            changed = validity.changed() => if changed.is_err() { break },
+            () = stop.cancelled() => return,
+        }
+    }
+    if !stop.is_cancelled() {
+        warn!(unit = %unit, "the fleet's leases could not be renewed in time; stopping");
+        stop.cancel();
+    }
+}
+
 /// Consume `queue` until `stop`: each job waits for its lane's turn, then is
-/// handled; on `stop`, jobs not started yet go back to the queue in order and
-/// the jobs started are given `deadline` to finish.
+/// handled; on `stop`, the jobs started are given `deadline` to finish, and
+/// then the channel closes and RabbitMQ returns every job not settled, in
+/// order. The consumer stays registered until then, so that the shard's
+/// single-active-consumer flag keeps the next holder waiting until every job
+/// this worker held is back in the queue.
 async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationToken) -> Result<(), BrokerError> {
     let channel = consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open consume channel"))?;
     channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
@@ -333,10 +353,9 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
         start(&consumers, &mut jobs, &stop, delivery);
     };
     start_in_order(&consumers, &mut jobs, &stop, &mut returned);
-    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    // Jobs not started go back now (`stop` is cancelled); those sending get
-    // the deadline; whatever is still unacked after it returns to the queue
-    // when the channel closes.
+    // Jobs not started are left unacked (`stop` is cancelled); those sending
+    // get the deadline; whatever is still unacked after it returns to the
+    // queue when the channel closes.
     stop.cancel();
     let in_flight = jobs.len();
     if tokio::time::timeout(consumers.deadline, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
@@ -383,7 +402,11 @@ fn start(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &Cancellation
             jobs.spawn(async move {
                 turn.wait().await;
                 if stop.is_cancelled() {
-                    give_back(delivery).await;
+                    // Left unacked: it returns with the others when the
+                    // channel closes (a nack now would put it back at once,
+                    // where a next holder could take it before the jobs
+                    // still being sent here are settled).
+                    drop(delivery);
                 } else {
                     settler.handle(delivery, &stop, &turn.next_go()).await;
                 }
@@ -393,11 +416,6 @@ fn start(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &Cancellation
             jobs.spawn(async move { settler.lane_full(delivery).await });
         }
     }
-}
-
-/// Return a job not started to its queue, ahead of the jobs not yet delivered.
-async fn give_back(delivery: Delivery) {
-    let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
 }
 
 /// Route the work queue into the shards, in order, until `stop`: each job is
@@ -411,9 +429,13 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     // publish, confirm, ack), and one connection's frames all go through one
     // I/O thread, which the shards' consumers share.
     let connection = Arc::new(rabbitmq::connect(consumers.amqp_url.expose_secret(), "herald router").await?);
-    let publisher = Publisher::open(connection.clone()).await?;
     let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
     channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
+    if !alone_on(&channel, &queue, &stop).await? {
+        let _ = connection.close(200, "stopped".into()).await;
+        return Ok(());
+    }
+    let publisher = Publisher::open(connection.clone()).await?;
     let mut consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
@@ -441,22 +463,24 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                         let acker = delivery.acker;
                         confirms.push_back(Box::pin(async move { (acker, pending.confirmed().await) }));
                     }
-                    Err(err) => {
-                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
-                        break Err(err);
-                    }
+                    // Left unacked: it returns, in order, when the channel closes.
+                    Err(err) => break Err(err),
                 }
             }
             () = stop.cancelled() => break Ok(()),
         }
     };
-    let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-    // Confirms already asked for are awaited; what is not acked returns to
-    // the work queue when the channel closes (and may then reach its shard
-    // twice: the ledger keeps the copy from being posted twice).
-    while let Some(first) = confirms.next().await {
-        if ack_confirmed(first, &mut confirms).await.is_err() {
-            break;
+    // Confirms already asked for are awaited and acked, up to the first that
+    // failed (none after a failure). The consumer stays registered until the
+    // channel closes: then RabbitMQ returns every job not acked, in order,
+    // before a next router can start (`alone_on`); those already in their
+    // shard reach it twice, and the ledger keeps the copy from being posted
+    // twice.
+    if result.is_ok() {
+        while let Some(first) = confirms.next().await {
+            if ack_confirmed(first, &mut confirms).await.is_err() {
+                break;
+            }
         }
     }
     let _ = channel.close(200, "stopped".into()).await;
@@ -465,14 +489,43 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     result
 }
 
+/// Wait until `queue` has no consumer; false if `stop` came first. A router
+/// that outlived its lease (a long pause, a slow MongoDB) stops by itself,
+/// and the jobs it held return to the work queue only when its channel
+/// closes: routing beside it, or before they are back, would route them
+/// behind later jobs. (RabbitMQ's single-active-consumer flag would do this,
+/// but it cannot be added to an existing queue, and `fleet.shards = 0`
+/// needs every worker on the work queue.)
+async fn alone_on(channel: &lapin::Channel, queue: &str, stop: &CancellationToken) -> Result<bool, BrokerError> {
+    const POLL: Duration = Duration::from_millis(250);
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    for polls in 0_u64.. {
+        let declared = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .map_err(rabbitmq::amqp(format!("inspect {queue}")))?;
+        if declared.consumer_count() == 0 {
+            break;
+        }
+        if polls % 40 == 0 {
+            warn!(queue = %queue, consumers = declared.consumer_count(), "the work queue still has a consumer (a router that outlived its lease, or a worker with fleet.shards = 0); routing starts when it is gone");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            () = stop.cancelled() => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
 /// Routed jobs waiting for their publish confirms, in the order consumed.
 type Confirms = FuturesOrdered<futures_util::future::BoxFuture<'static, (lapin::Acker, Result<(), BrokerError>)>>;
 
 /// Ack `first` and every routed job whose confirm is already in, with one
 /// `multiple` ack up to the newest (they come in the order consumed, so
 /// every older job is settled already): one frame per burst instead of one
-/// per job. A failed confirm acks those before it and leaves its own job in
-/// the work queue.
+/// per job. A failed confirm acks those before it and leaves its own job
+/// unacked, to return to the work queue with every later one.
 async fn ack_confirmed(first: (lapin::Acker, Result<(), BrokerError>), confirms: &mut Confirms) -> Result<(), BrokerError> {
     let multiple = BasicAckOptions { multiple: true };
     let mut newest: Option<lapin::Acker> = None;
@@ -482,7 +535,7 @@ async fn ack_confirmed(first: (lapin::Acker, Result<(), BrokerError>), confirms:
             if let Some(newest) = newest {
                 let _ = newest.ack(multiple).await;
             }
-            let _ = acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            drop(acker);
             return Err(err);
         }
         newest = Some(acker);

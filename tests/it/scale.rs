@@ -130,3 +130,102 @@ async fn three_workers_one_killed_every_job_delivered_none_posted_after_sent() {
     }
     eprintln!("{JOBS} jobs, 3 workers, one SIGKILLed: {} posted twice (in flight when killed)", duplicates.len());
 }
+
+/// A worker that stops for longer than its lease while it routes (SIGSTOP: a
+/// frozen VM, a long pause) still holds the work queue's jobs RabbitMQ gave
+/// it. The other worker takes the router once the lease ran out, and must not
+/// route beside it: jobs keep arriving during the pause, and every
+/// conversation's jobs are still posted in publish order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_paused_past_its_lease_never_routes_beside_the_next_one() {
+    use crate::fleet::{self, burst};
+    const TENANTS: usize = 4;
+    let (world, _, _) = fleet::fleet(TENANTS, burst::PER_TENANT, "");
+    let env = TestEnv::with(world, sim::Options::default(), |f| f).await;
+    let (_, integrations, conversations) = fleet::fleet(TENANTS, burst::PER_TENANT, &env.sim.service_url());
+    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    let jobs = burst::plan(1_500, 0, TENANTS, 7);
+
+    let settings: &[(&str, &str)] =
+        &[("HERALD_TEAMS__RATE_LIMITS__ENABLED", "true"), ("HERALD_FLEET__LEASE_SECS", "3"), ("HERALD_FLEET__HEARTBEAT_MS", "500")];
+    let workers = [env.observed_worker(settings), env.observed_worker(settings)];
+    let router_pid = || async {
+        let holders = env.store.fleet_holders().await.ok()?;
+        let owner = holders.get("router")?;
+        // A worker's fleet id is hostname-pid-random.
+        owner.rsplit('-').nth(1)?.parse::<u32>().ok()
+    };
+    eventually("both workers in the fleet, one routing", Duration::from_secs(60), || async {
+        let holders = env.store.fleet_holders().await.ok()?;
+        let owners: std::collections::HashSet<&String> = holders.values().collect();
+        (holders.len() == 17 && owners.len() == 2).then_some(())
+    })
+    .await;
+    let paused = router_pid().await.expect("a router");
+    let other = workers.iter().map(|w| w.process.id().unwrap()).find(|pid| *pid != paused).expect("two workers");
+
+    // 1,500 jobs at about 100 per second; the router is frozen from the
+    // 3rd second to the 9th, three times its lease.
+    let publisher = Publisher::open(env.connection.clone()).await.unwrap();
+    let publishing = async {
+        for chunk in jobs.chunks(10) {
+            let mut pending = Vec::new();
+            for job in chunk {
+                let properties =
+                    BasicProperties::default().with_content_type("application/json".into()).with_message_id(job.job_id.as_str().into());
+                pending.push(publisher.start(&env.topology.jobs_exchange(), ROUTING_KEY, &job.body, properties).await.unwrap());
+            }
+            for confirm in pending {
+                confirm.confirmed().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let pausing = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        signal(paused, "-STOP");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        signal(paused, "-CONT");
+    };
+    let started = chrono::Utc::now();
+    tokio::join!(publishing, pausing);
+
+    let ids: std::collections::HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    let settled = [DeliveryState::Sent, DeliveryState::DeadLettered, DeliveryState::Unconfirmed];
+    eventually("every job settled", Duration::from_secs(120), || async {
+        let ledger = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.ok()?;
+        let done = ledger.iter().filter(|d| settled.contains(&d.state) && ids.contains(d.job_id.as_str())).count();
+        (done >= jobs.len()).then_some(())
+    })
+    .await;
+
+    let records = env.sim.client().all_activities().await.unwrap();
+    let stats = env.sim.client().stats().await.unwrap();
+    let ledger = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.unwrap();
+    let limits = teams_limits::Limits::default();
+    let verdict = burst::check(&jobs, started, &records, &stats, &ledger, &Default::default(), &limits);
+    eprintln!(
+        "router paused past its lease: {} jobs, 429: {} of {}, posted twice {}, excused from order {}, out of order {}",
+        verdict.jobs,
+        verdict.throttled,
+        verdict.connector_requests,
+        verdict.posted_twice,
+        verdict.excused,
+        verdict.out_of_order.len()
+    );
+    assert_eq!(router_pid().await, Some(other), "the router moved to the worker that was not paused");
+    assert!(verdict.out_of_order.is_empty(), "{} posts out of order: {:?}", verdict.out_of_order.len(), verdict.out_of_order);
+    assert!(verdict.excused < 15, "at most 1% of the jobs took a retry tier: {}", verdict.excused);
+    assert_eq!(verdict.missing, 0, "every job posted");
+    assert_eq!(verdict.posted_twice, 0, "no job posted twice");
+    assert_eq!((verdict.ledger_not_sent, verdict.ledger_disagrees), (0, 0), "the ledger agrees with teams-sim");
+    for worker in workers {
+        let log = worker.stop().await;
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
