@@ -715,8 +715,10 @@ async fn soak_run(env: &Env, planned: &[fleet::Planned], rate: u32, guard: &mut 
     }
     let (jobs, dead_queue) = (planned.len() as u64, env.topology.dead_queue());
     wait_for("the soak to settle", Duration::from_secs(600), || async {
-        let done = env.sim.stats().await?.activities_total + u64::from(env.queue_len(&dead_queue).await?);
-        Ok(done >= jobs && env.queue_len(&env.topology.work_queue()).await? == 0)
+        let filter = DeliveryFilter { since: Some(started), ..Default::default() };
+        let ledger = env.store.list_deliveries(&filter, 4 * jobs as i64).await?;
+        let dead = env.queue_len(&dead_queue).await? as usize;
+        Ok(fleet::settled(planned, &ledger, dead) && env.queue_len(&env.topology.work_queue()).await? == 0)
     })
     .await?;
     // Retries of the last jobs may still be in a tier.

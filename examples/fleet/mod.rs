@@ -229,6 +229,27 @@ pub struct Verdict {
     pub problems: Vec<String>,
 }
 
+/// Whether a soak has settled, from the ledger and the dead-letter queue's
+/// length: every good job's record is final (sent, or dead-lettered, as an
+/// unconfirmed one is), and the queue holds a dead letter for each hostile
+/// job and each good one dead-lettered. (A sum of posts and dead letters
+/// counts an unconfirmed job twice, and called soaks settled while the worker
+/// still held a few jobs.)
+pub fn settled(planned: &[Planned], ledger: &[herald::mongo::DeliveryDoc], dead_letters: usize) -> bool {
+    let good: std::collections::HashSet<&str> =
+        planned.iter().filter(|p| p.expect == Expect::Good).map(|p| p.message_id.as_str()).collect();
+    let (mut sent, mut dead) = (0, 0);
+    for record in ledger.iter().filter(|d| good.contains(d.job_id.as_str())) {
+        match record.state {
+            DeliveryState::Sent => sent += 1,
+            // Only `Unconfirmed` is expected of a good job; `check` says what else broke.
+            DeliveryState::Unconfirmed | DeliveryState::DeadLettered => dead += 1,
+            DeliveryState::Sending | DeliveryState::Retrying => {}
+        }
+    }
+    sent + dead == good.len() && dead_letters >= planned.len() - good.len() + dead
+}
+
 /// Check a finished soak against the simulator's record, the dead-letter
 /// queue and the ledger (job id → state).
 pub fn check(

@@ -49,12 +49,11 @@ async fn hostile_jobs_are_each_one_bounded_dead_letter_and_good_jobs_are_posted_
         }
     }
 
-    // Settled: every job posted or dead-lettered, nothing waiting.
-    let expected_dead = planned.iter().filter(|p| p.expect != fleet::Expect::Good).count();
+    // Settled (`fleet::settled`), and nothing waiting in a queue.
     eventually("the soak to settle", Duration::from_secs(300), || async {
-        let posted = client.stats().await.ok()?.activities_total as usize;
+        let ledger = env.store.list_deliveries(&Default::default(), 2 * jobs as i64).await.ok()?;
         let dead = env.queue_len(&env.topology.dead_queue()).await as usize;
-        (posted + dead >= jobs && dead >= expected_dead && env.waiting().await == 0).then_some(())
+        (fleet::settled(&planned, &ledger, dead) && env.waiting().await == 0).then_some(())
     })
     .await;
     let reconnects = worker.metric("herald_broker_reconnects_total").await;
