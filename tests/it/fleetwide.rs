@@ -9,8 +9,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use herald::rabbitmq::{Publisher, ROUTING_KEY};
-use lapin::BasicProperties;
+use herald::rabbitmq::Publisher;
 
 use crate::fleet::{self, burst};
 use crate::support::*;
@@ -79,15 +78,7 @@ async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
     let started = chrono::Utc::now();
     let clock = tokio::time::Instant::now();
     for chunk in jobs.chunks(500) {
-        let mut pending = Vec::new();
-        for job in chunk {
-            let properties =
-                BasicProperties::default().with_content_type("application/json".into()).with_message_id(job.job_id.as_str().into());
-            pending.push(publisher.start(&env.topology.jobs_exchange(), ROUTING_KEY, &job.body, properties).await.unwrap());
-        }
-        for confirm in pending {
-            confirm.confirmed().await.unwrap();
-        }
+        env.publish_confirmed(&publisher, chunk.iter().map(|j| (j.job_id.as_str(), j.body.as_slice()))).await;
     }
     eprintln!("published {} jobs in {:.1?}", jobs.len(), clock.elapsed());
 

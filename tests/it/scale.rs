@@ -169,15 +169,7 @@ async fn a_router_paused_past_its_lease_never_routes_beside_the_next_one() {
     let publisher = Publisher::open(env.connection.clone()).await.unwrap();
     let publishing = async {
         for chunk in jobs.chunks(10) {
-            let mut pending = Vec::new();
-            for job in chunk {
-                let properties =
-                    BasicProperties::default().with_content_type("application/json".into()).with_message_id(job.job_id.as_str().into());
-                pending.push(publisher.start(&env.topology.jobs_exchange(), ROUTING_KEY, &job.body, properties).await.unwrap());
-            }
-            for confirm in pending {
-                confirm.confirmed().await.unwrap();
-            }
+            env.publish_confirmed(&publisher, chunk.iter().map(|j| (j.job_id.as_str(), j.body.as_slice()))).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };

@@ -352,6 +352,19 @@ impl TestEnv {
         .await
     }
 
+    /// Publish jobs (job id, body) as a producer does (JSON, message id =
+    /// job id) and wait for every confirm.
+    pub async fn publish_confirmed<'a>(&self, publisher: &Publisher, jobs: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
+        let mut pending = Vec::new();
+        for (job_id, body) in jobs {
+            let properties = BasicProperties::default().with_content_type("application/json".into()).with_message_id(job_id.into());
+            pending.push(publisher.start(&self.topology.jobs_exchange(), ROUTING_KEY, body, properties).await.unwrap());
+        }
+        for confirm in pending {
+            confirm.confirmed().await.unwrap();
+        }
+    }
+
     /// Wait until the work queue, the shard queues and every retry tier are empty.
     pub async fn drained(&self) {
         eventually("the work queue and retry tiers to drain", Duration::from_secs(30), || async {
