@@ -29,6 +29,8 @@ pub enum BrokerError {
     Nacked { exchange: String },
     #[error("the message published to {exchange:?} with routing key {routing_key:?} reached no queue (returned as unroutable)")]
     Unroutable { exchange: String, routing_key: String },
+    #[error("not published to {exchange:?}: an earlier message of its batch could not be")]
+    NotSent { exchange: String },
 }
 
 pub(crate) fn amqp(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
@@ -106,9 +108,64 @@ impl Publisher {
         Ok(Pending { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
     }
 
+    /// Send messages in order without waiting for each one's frames to be
+    /// written before queueing the next: lapin's I/O thread writes the batch
+    /// together, where one `start` after another costs a round trip between
+    /// tokio's threads and lapin's per message. The results come in the
+    /// order given; after the first message that could not be queued,
+    /// nothing later is sent (its result and the later ones are errors).
+    pub async fn start_all<'a>(
+        &self,
+        exchange: &str,
+        messages: impl IntoIterator<Item = (String, &'a [u8], BasicProperties)>,
+    ) -> Vec<Result<Pending, BrokerError>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let messages: Vec<_> = messages.into_iter().collect();
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(err) => {
+                let mut results = vec![Err(err)];
+                results.extend(messages.iter().skip(1).map(|_| Err(not_sent(exchange))));
+                return results;
+            }
+        };
+        let options = BasicPublishOptions { mandatory: true, immediate: false };
+        let mut sends = Vec::with_capacity(messages.len());
+        let mut stopped = false;
+        for (routing_key, body, properties) in &messages {
+            if stopped {
+                sends.push(None);
+                continue;
+            }
+            let properties = properties.clone().with_delivery_mode(2);
+            let mut send = Box::pin(channel.basic_publish(exchange.into(), routing_key.as_str().into(), options, body, properties));
+            // lapin queues a message's frames on the first poll, before its
+            // first await: polling each once here keeps the batch in order.
+            let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+            stopped = matches!(first, Poll::Ready(Err(_)));
+            sends.push(Some((first, send)));
+        }
+        futures_util::future::join_all(sends.into_iter().zip(&messages).map(|(send, (routing_key, _, _))| async move {
+            let confirm = match send {
+                None => return Err(not_sent(exchange)),
+                Some((Poll::Ready(result), _)) => result,
+                Some((Poll::Pending, send)) => send.await,
+            };
+            let confirm = confirm.map_err(amqp(format!("publish to {exchange}")))?;
+            Ok(Pending { confirm, exchange: exchange.to_owned(), routing_key: routing_key.clone() })
+        }))
+        .await
+    }
+
     pub async fn close(&self) {
         let _ = self.channel.lock().await.close(200, "done".into()).await;
     }
+}
+
+/// A message of a batch not sent because an earlier one could not be.
+fn not_sent(exchange: &str) -> BrokerError {
+    BrokerError::NotSent { exchange: exchange.to_owned() }
 }
 
 /// A published message whose confirm has not been awaited yet.

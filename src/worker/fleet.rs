@@ -382,6 +382,9 @@ fn routed_seq(delivery: &Delivery) -> i64 {
     }
 }
 
+/// The most deliveries the router publishes as one batch.
+const ROUTE_BATCH: usize = 64;
+
 /// How long redelivered jobs are held for the rest of their batch.
 const RETURNED_QUIET: Duration = Duration::from_millis(100);
 
@@ -451,20 +454,43 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                 }
             }
             next = consumer.next() => {
-                let delivery = match next {
-                    Some(Ok(delivery)) => delivery,
-                    Some(Err(err)) => break Err(BrokerError::Amqp { operation: "consume".into(), source: err }),
-                    None => break Err(BrokerError::ConsumerCancelled { queue: queue.clone() }),
-                };
-                let shard = shard_of(&delivery.data, topology.shards).to_string();
-                let properties = stamped(&delivery.properties, &mut last);
-                match publisher.start(&exchange, &shard, &delivery.data, properties).await {
-                    Ok(pending) => {
-                        let acker = delivery.acker;
-                        confirms.push_back(Box::pin(async move { (acker, pending.confirmed().await) }));
+                // The deliveries already here go out as one batch.
+                let mut batch = Vec::new();
+                let mut next = Some(next);
+                let ended = loop {
+                    match next {
+                        Some(Some(Ok(delivery))) => batch.push(delivery),
+                        Some(Some(Err(err))) => break Some(BrokerError::Amqp { operation: "consume".into(), source: err }),
+                        Some(None) => break Some(BrokerError::ConsumerCancelled { queue: queue.clone() }),
+                        None => break None,
                     }
-                    // Left unacked: it returns, in order, when the channel closes.
-                    Err(err) => break Err(err),
+                    if batch.len() >= ROUTE_BATCH {
+                        break None;
+                    }
+                    next = consumer.next().now_or_never();
+                };
+                let routed: Vec<(String, lapin::BasicProperties)> =
+                    batch.iter().map(|d| (shard_of(&d.data, topology.shards).to_string(), stamped(&d.properties, &mut last))).collect();
+                let sent = publisher
+                    .start_all(&exchange, routed.into_iter().zip(&batch).map(|((shard, properties), d)| (shard, d.data.as_slice(), properties)))
+                    .await;
+                let mut failed = None;
+                for (delivery, sent) in batch.into_iter().zip(sent) {
+                    match sent {
+                        Ok(pending) => {
+                            let acker = delivery.acker;
+                            confirms.push_back(Box::pin(async move { (acker, pending.confirmed().await) }));
+                        }
+                        // Left unacked, with every later one: they return,
+                        // in order, when the channel closes.
+                        Err(err) => {
+                            failed = Some(err);
+                            break;
+                        }
+                    }
+                }
+                if let Some(err) = failed.or(ended) {
+                    break Err(err);
                 }
             }
             () = stop.cancelled() => break Ok(()),

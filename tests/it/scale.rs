@@ -221,3 +221,47 @@ fn signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
     assert!(status.success(), "kill {signal} {pid}");
 }
+
+/// The router's batches (`Publisher::start_all`): every message of a batch
+/// reaches its shard in the order given and is confirmed on its own; one
+/// that no queue takes is an error of its own, not of its neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_published_in_order_and_each_message_confirmed_on_its_own() {
+    use futures_util::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+    use lapin::types::FieldTable;
+    let env = TestEnv::two_orgs().await;
+    let publisher = Publisher::open(env.connection.clone()).await.unwrap();
+    let exchange = env.topology.shard_exchange();
+    let bodies: Vec<String> = (0..600).map(|i| format!("{{\"n\":{i}}}")).collect();
+    let mut confirmed = 0;
+    for batch in bodies.chunks(200) {
+        let mut messages: Vec<(String, &[u8], BasicProperties)> =
+            batch.iter().map(|b| ("3".to_owned(), b.as_bytes(), BasicProperties::default())).collect();
+        messages.insert(100, ("no-such-shard".into(), b"{}", BasicProperties::default()));
+        let sent = publisher.start_all(&exchange, messages).await;
+        assert_eq!(sent.len(), 201);
+        for (i, pending) in sent.into_iter().enumerate() {
+            let result = pending.expect("queued").confirmed().await;
+            if i == 100 {
+                assert!(result.is_err(), "the unroutable message is refused");
+            } else {
+                result.expect("confirmed");
+                confirmed += 1;
+            }
+        }
+    }
+    assert_eq!(confirmed, 600);
+    // A consumer (a shard queue takes no basic.get: single active consumer).
+    let channel = env.connection.create_channel().await.unwrap();
+    let queue = env.topology.shard_queue(3);
+    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let mut consumer = channel.basic_consume(queue.as_str().into(), "".into(), no_ack, FieldTable::default()).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < bodies.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next()).await.expect("every message arrives");
+        got.push(String::from_utf8(delivery.unwrap().unwrap().data).unwrap());
+    }
+    let _ = channel.close(200, "".into()).await;
+    assert_eq!(got, bodies, "in the order given");
+}
