@@ -98,22 +98,17 @@ impl Publisher {
     /// Send a message and return without waiting for its confirm, so that
     /// a batch can be confirmed together (`Pending::confirmed`).
     pub async fn start(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<Pending, BrokerError> {
-        let properties = properties.with_delivery_mode(2);
-        let confirm = self
-            .channel()
-            .await?
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions { mandatory: true, immediate: false }, body, properties)
-            .await
-            .map_err(amqp(format!("publish to {exchange}")))?;
-        Ok(Pending { confirm, exchange: exchange.to_owned(), routing_key: routing_key.to_owned() })
+        let mut sent = self.start_all(exchange, [(routing_key.to_owned(), body, properties)]).await;
+        sent.pop().expect("one result per message")
     }
 
     /// Send messages in order without waiting for each one's frames to be
     /// written before queueing the next: lapin's I/O thread writes the batch
     /// together, where one `start` after another costs a round trip between
     /// tokio's threads and lapin's per message. The results come in the
-    /// order given; after the first message that could not be queued,
-    /// nothing later is sent (its result and the later ones are errors).
+    /// order given, one per message; after the first message that could not
+    /// be queued, nothing later is sent (its result and the later ones are
+    /// errors).
     pub async fn start_all<'a>(
         &self,
         exchange: &str,
@@ -122,6 +117,9 @@ impl Publisher {
         use std::future::Future;
         use std::task::Poll;
         let messages: Vec<_> = messages.into_iter().collect();
+        if messages.is_empty() {
+            return Vec::new();
+        }
         let channel = match self.channel().await {
             Ok(channel) => channel,
             Err(err) => {

@@ -469,11 +469,9 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                     }
                     next = consumer.next().now_or_never();
                 };
-                let routed: Vec<(String, lapin::BasicProperties)> =
-                    batch.iter().map(|d| (shard_of(&d.data, topology.shards).to_string(), stamped(&d.properties, &mut last))).collect();
-                let sent = publisher
-                    .start_all(&exchange, routed.into_iter().zip(&batch).map(|((shard, properties), d)| (shard, d.data.as_slice(), properties)))
-                    .await;
+                let routed =
+                    batch.iter().map(|d| (shard_of(&d.data, topology.shards).to_string(), d.data.as_slice(), stamped(&d.properties, &mut last)));
+                let sent = publisher.start_all(&exchange, routed).await;
                 let mut failed = None;
                 for (delivery, sent) in batch.into_iter().zip(sent) {
                     match sent {
