@@ -4,7 +4,8 @@
 //! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
 //! so the benchmark cannot rot); the default is the full run of issue 8.
 //! `BENCH_PHASES=drain,naive` runs only the phases named (drain, naive,
-//! latency, mix, throttled, replay, soak, burst; naive needs drain) and
+//! floor, latency, mix, throttled, replay, soak, burst; naive and floor need
+//! drain) and
 //! prints their rows without touching the report: for profiling one phase.
 
 mod fleet;
@@ -311,8 +312,10 @@ async fn main() -> anyhow::Result<()> {
     let only = Phases::from_env();
     if only.wants("drain") {
         let herald = throughput(&env, &scale, &mut rng, bare_rate, &mut rows).await?;
-        if only.wants("naive") {
-            naive(&env, &scale, &mut rng, herald, &mut rows).await?;
+        for worker in [Beside::Naive, Beside::Floor(None), Beside::Floor(Some(herald.0))] {
+            if only.wants(worker.name()) {
+                beside(&env, &scale, &mut rng, herald, worker, &mut rows).await?;
+            }
         }
     }
     if only.wants("latency") {
@@ -480,34 +483,83 @@ async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate
     Ok((herald_rate, cpu / scale.backlog as f64 * 1000.0))
 }
 
-/// Phase 2b: the worker a team would write instead (examples/naive.rs), on
-/// the same services, world and backlog, side by side with herald's drain.
-async fn naive(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, herald: (f64, f64), rows: &mut Rows) -> anyhow::Result<()> {
+/// A worker beside herald's drain (phase 2b): on the same services, world
+/// and backlog, measured the same way.
+#[derive(Clone, Copy)]
+enum Beside {
+    /// The worker a team would write instead (examples/naive.rs).
+    Naive,
+    /// The least a worker on herald's crates does per job (examples/floor.rs),
+    /// as fast as it can, or no faster than the jobs per second given
+    /// (herald's own drain rate: fewer jobs share each wake-up).
+    Floor(Option<f64>),
+}
+
+impl Beside {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Naive => "naive",
+            Self::Floor(_) => "floor",
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Self::Floor(Some(rate)) => format!("floor worker at herald's {rate:.0} jobs/s"),
+            other => format!("{} worker", other.name()),
+        }
+    }
+
+    fn what(self, backlog: usize) -> String {
+        match self {
+            Self::Naive => {
+                format!("a naive worker draining the same {backlog} jobs (consume → look up → token → post → ack; no ledger, no checks)")
+            }
+            Self::Floor(None) => format!(
+                "the floor of this stack, same {backlog} jobs (lapin consume → reqwest post of a fixed card → ack; integrations and tokens read once at start)"
+            ),
+            Self::Floor(Some(rate)) => format!("the same floor, held to herald's drain rate ({rate:.0} jobs/s)"),
+        }
+    }
+}
+
+/// Phase 2b: `beside` drains the same backlog herald drained.
+async fn beside(
+    env: &Env,
+    scale: &Scale,
+    rng: &mut fastrand::Rng,
+    herald: (f64, f64),
+    beside: Beside,
+    rows: &mut Rows,
+) -> anyhow::Result<()> {
     env.sim.reset().await?;
     env.purge_all().await?;
     let bodies = random_jobs(rng, scale, scale.backlog);
     publish_all(&env.publisher, &env.topology.jobs_exchange(), ROUTING_KEY, bodies, FieldTable::default).await?;
-    let mut worker = Command::new(binary("examples/naive")?)
-        .args([AMQP, &env.topology.work_queue(), "mongodb://127.0.0.1:27017/?directConnection=true", &env.database, &env.sim_url])
-        .stderr(Stdio::null())
-        .spawn()?;
+    let work_queue = env.topology.work_queue();
+    let mut args = vec![AMQP, &work_queue, "mongodb://127.0.0.1:27017/?directConnection=true", &env.database, &env.sim_url];
+    let rate_arg = if let Beside::Floor(Some(rate)) = beside { format!("{rate:.0}") } else { String::new() };
+    if !rate_arg.is_empty() {
+        args.push(&rate_arg);
+    }
+    let mut worker = Command::new(binary(&format!("examples/{}", beside.name()))?).args(args).stderr(Stdio::null()).spawn()?;
     let pid = worker.id();
     let backlog = scale.backlog as u64;
-    let took = wait_for("the naive worker to drain", Duration::from_secs(1800), || async {
+    let took = wait_for(&format!("the {} worker to drain", beside.name()), Duration::from_secs(1800), || async {
         Ok(env.sim.stats().await?.activities_total >= backlog)
     })
     .await?;
     let (cpu, rss) = usage(pid);
     stop(&mut worker);
     let (rate, cpu_per_1000) = (scale.backlog as f64 / took.as_secs_f64(), cpu / scale.backlog as f64 * 1000.0);
-    eprintln!("naive: {rate:.0} jobs/s, {cpu_per_1000:.2} CPU s per 1000 jobs, peak RSS {rss:.0} MiB");
+    eprintln!("{}: {rate:.0} jobs/s, {cpu_per_1000:.2} CPU s per 1000 jobs, peak RSS {rss:.0} MiB", beside.label());
     rows.push((
-        format!("a naive worker draining the same {} jobs (consume → look up → token → post → ack; no ledger, no checks)", scale.backlog),
+        beside.what(scale.backlog),
         format!("{rate:.0} jobs/s; {cpu_per_1000:.2} CPU s per 1,000 jobs; peak RSS {rss:.0} MiB"),
         String::new(),
     ));
     rows.push((
-        "herald vs the naive worker".into(),
+        format!("herald vs the {}", beside.label()),
         format!("throughput {:.2}×, CPU per job {:.2}×", herald.0 / rate, herald.1 / cpu_per_1000),
         String::new(),
     ));
