@@ -5,8 +5,8 @@
 //! so the benchmark cannot rot); the default is the full run of issue 8.
 //! `BENCH_PHASES=drain,naive` runs only the phases named (drain, naive,
 //! floor, latency, mix, throttled, replay, soak, burst; naive and floor need
-//! drain) and
-//! prints their rows without touching the report: for profiling one phase.
+//! drain) and prints their rows without touching the report: for profiling
+//! one phase.
 
 mod fleet;
 #[path = "support/mod.rs"]
