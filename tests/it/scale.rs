@@ -146,8 +146,19 @@ async fn a_router_paused_past_its_lease_never_routes_beside_the_next_one() {
     env.store.seed(&integrations, &conversations, false).await.unwrap();
     let jobs = burst::plan(1_500, 0, TENANTS, 7);
 
-    let settings: &[(&str, &str)] =
-        &[("HERALD_TEAMS__RATE_LIMITS__ENABLED", "true"), ("HERALD_FLEET__LEASE_SECS", "3"), ("HERALD_FLEET__HEARTBEAT_MS", "500")];
+    // The paused worker also holds shards: a post it has on the wire when it
+    // freezes must outlast the pause, or its answer is read only after the
+    // request's timeout ran out and the job is rightly `unconfirmed` (the
+    // test environment's 2 s timeout against a 6 s pause failed this test
+    // once so; `isolation::a_send_whose_answer_is_lost_is_unconfirmed_and_never_resent`
+    // covers that case). This test is about the router.
+    let settings: &[(&str, &str)] = &[
+        ("HERALD_TEAMS__RATE_LIMITS__ENABLED", "true"),
+        ("HERALD_FLEET__LEASE_SECS", "3"),
+        ("HERALD_FLEET__HEARTBEAT_MS", "500"),
+        ("HERALD_TEAMS__REQUEST_TIMEOUT_SECS", "12"),
+        ("HERALD_WORKER__CLAIM_LEASE_SECS", "30"),
+    ];
     let workers = [env.observed_worker(settings), env.observed_worker(settings)];
     let router_pid = || async {
         let holders = env.store.fleet_holders().await.ok()?;
