@@ -240,11 +240,14 @@ async fn every_job_is_delivered_by_its_own_org_or_dead_lettered_as_the_world_pre
     let client = env.sim.client();
     let dead_queue = env.topology.dead_queue();
     eventually("every job delivered or dead-lettered", Duration::from_secs(240), || async {
-        let delivered = client.stats().await.ok()?.activities_by_app.values().sum::<u64>() as usize;
+        // Creates first: every create counted here is in the total read
+        // after it (a create recorded between two reads in the other order
+        // made the difference negative).
         let creates =
             client.activities(&sim::ActivityFilter { route: Some(sim::Route::CreateConversation), ..Default::default() }).await.ok()?.len();
+        let delivered = client.stats().await.ok()?.activities_by_app.values().sum::<u64>() as usize;
         let dead = env.queue_len(&dead_queue).await as usize;
-        (delivered - creates + dead >= jobs).then_some(())
+        (delivered.saturating_sub(creates) + dead >= jobs).then_some(())
     })
     .await;
     worker.stop().await;
