@@ -10,6 +10,9 @@
 //! With a rate, jobs start no faster than it: the floor at herald's own
 //! pace, where fewer jobs share each wake-up of the threads.
 
+#[path = "support/token.rs"]
+mod token;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -19,7 +22,6 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use mongodb::bson::Document;
 use serde::Deserialize;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
 /// What a job needs to be posted: its integration's service URL and token.
@@ -97,15 +99,7 @@ async fn targets(http: &reqwest::Client, mongo: &str, database: &str, endpoint: 
         let bot = doc.get_document("bot")?;
         let app = bot.get_str("app_id")?.to_owned();
         if !tokens.contains_key(&app) {
-            let form = [
-                ("grant_type", "client_credentials"),
-                ("client_id", app.as_str()),
-                ("client_secret", bot.get_str("app_secret")?),
-                ("scope", "https://api.botframework.com/.default"),
-            ];
-            let answer: Value =
-                http.post(format!("{endpoint}/botframework.com/oauth2/v2.0/token")).form(&form).send().await?.json().await?;
-            tokens.insert(app.clone(), answer["access_token"].as_str().context("no token")?.to_owned());
+            tokens.insert(app.clone(), token::fetch(http, endpoint, &app, bot.get_str("app_secret")?).await?);
         }
         let key = (doc.get_str("organization_id")?.to_owned(), doc.get_str("integration_id")?.to_owned());
         targets.insert(key, Target { service_url: doc.get_str("service_url")?.to_owned(), bearer: format!("Bearer {}", tokens[&app]) });

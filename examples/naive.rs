@@ -7,6 +7,9 @@
 //!
 //! `naive <amqp url> <work queue> <mongodb uri> <database> <token endpoint>`
 
+#[path = "support/token.rs"]
+mod token;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -65,15 +68,7 @@ async fn deliver(
     let token = match cached {
         Some(token) => token,
         None => {
-            let form = [
-                ("grant_type", "client_credentials"),
-                ("client_id", app.as_str()),
-                ("client_secret", bot.get_str("app_secret")?),
-                ("scope", "https://api.botframework.com/.default"),
-            ];
-            let answer: Value =
-                http.post(format!("{endpoint}/botframework.com/oauth2/v2.0/token")).form(&form).send().await?.json().await?;
-            let token = answer["access_token"].as_str().context("no token")?.to_owned();
+            let token = token::fetch(http, endpoint, &app, bot.get_str("app_secret")?).await?;
             tokens.lock().await.insert(app, token.clone());
             token
         }
