@@ -21,9 +21,9 @@ test: services ## Unit and integration tests against the real services and teams
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
 	$(CARGO) test --test resilience --no-fail-fast
 	$(CARGO) test --test it --features fault-injection --no-fail-fast -- --skip fleetwide
-	@# The fleet test alone: five worker processes against Teams' windows must not share
-	@# the two cores with the other tests (run beside them, it missed its bound twice).
-	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide
+	@# The fleet tests alone and one at a time: worker processes against Teams' windows
+	@# must not share the two cores with other tests (run beside them, one missed its bound twice).
+	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide -- --test-threads=1
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
 	@bash scripts/services.sh --bench

@@ -4,16 +4,94 @@
 //! clock is compared with another's.
 //!
 //! Documents: `{_id: "worker/<id>", kind: "worker", expires_at}` for each
-//! live worker, and `{_id: "<unit>", kind: "unit", owner, expires_at}` for
-//! the router (`router`) and each shard (`shard/<n>`).
+//! worker, and `{_id: "<unit>", kind: "unit", owner, expires_at}` for the
+//! router (`router`) and each shard (`shard/<n>`). A worker's record also
+//! carries its recent requests in its busiest conversations and tenants
+//! (`paced`, written at `paced_at`, of use until `paced_until`), for the
+//! worker that paces them next; it outlives the worker (a worker that stops
+//! marks it `left`) until `paced_until`.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::spec::BinarySubtype;
+use mongodb::bson::{Binary, Bson, Document, doc};
+use teams_limits::{Carried, Scope};
 
 use super::{FLEET, Store, StoreError, is_duplicate_key};
+
+/// A worker's recent requests, as it writes them for the next holder of its
+/// conversations and tenants.
+pub struct Paced {
+    pub carried: Vec<Carried>,
+    /// How long they stay of use (the longest window).
+    pub horizon: Duration,
+}
+
+/// Another worker's recent requests, as read back.
+#[derive(Debug)]
+pub struct PacedBy {
+    pub worker: String,
+    /// How long ago (by the MongoDB server's clock) it wrote them.
+    pub behind: Duration,
+    /// Gone without a last word (its lease ran out; it did not leave).
+    pub died: bool,
+    pub carried: Vec<Carried>,
+}
+
+fn encode(carried: &[Carried]) -> Bson {
+    let keys = carried
+        .iter()
+        .map(|key| {
+            let mut bytes = Vec::with_capacity(key.sends.len() * 8);
+            for (age, count) in &key.sends {
+                bytes.extend_from_slice(&age.to_le_bytes());
+                bytes.extend_from_slice(&count.to_le_bytes());
+            }
+            let scope = match key.scope {
+                Scope::Conversation => "c",
+                Scope::Tenant => "t",
+            };
+            Bson::Document(doc! {
+                "s": scope, "a": key.app_id.as_str(), "i": key.id.as_str(),
+                "w": Binary { subtype: BinarySubtype::Generic, bytes },
+            })
+        })
+        .collect();
+    // Ids come from outside: a literal, so that none is read as a field path.
+    Bson::Document(doc! { "$literal": Bson::Array(keys) })
+}
+
+/// The keys of one record; a key that does not read is skipped.
+fn decode(keys: &[Bson]) -> Vec<Carried> {
+    keys.iter()
+        .filter_map(|key| {
+            let key = key.as_document()?;
+            let scope = match key.get_str("s").ok()? {
+                "c" => Scope::Conversation,
+                "t" => Scope::Tenant,
+                _ => return None,
+            };
+            let bytes = &key.get_binary_generic("w").ok()?;
+            let sends = bytes
+                .chunks_exact(8)
+                .map(|pair| (u32::from_le_bytes(pair[..4].try_into().expect("4")), u32::from_le_bytes(pair[4..].try_into().expect("4"))))
+                .collect();
+            Some(Carried { scope, app_id: key.get_str("a").ok()?.to_owned(), id: key.get_str("i").ok()?.to_owned(), sends })
+        })
+        .collect()
+}
+
+/// The fields of a worker's record that carry `paced`.
+fn paced_fields(set: &mut Document, paced: &Paced) {
+    set.insert("paced", encode(&paced.carried));
+    set.insert("paced_at", "$$NOW");
+    // Nothing carried: of no use from now on (the record of a worker gone
+    // can be deleted at once).
+    let until = if paced.carried.is_empty() { Duration::ZERO } else { paced.horizon };
+    set.insert("paced_until", expires(until));
+}
 
 fn expires(lease: Duration) -> Document {
     let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
@@ -29,16 +107,17 @@ impl Store {
         self.db.collection(FLEET)
     }
 
-    /// Say this worker is alive for `lease` more, and count the live workers
-    /// (this one included).
-    pub async fn fleet_heartbeat(&self, worker: &str, lease: Duration) -> Result<u64, StoreError> {
+    /// Say this worker is alive for `lease` more (with its recent requests,
+    /// when it paces), and count the live workers (this one included).
+    pub async fn fleet_heartbeat(&self, worker: &str, lease: Duration, paced: Option<&Paced>) -> Result<u64, StoreError> {
         let fleet = self.fleet();
+        let mut set = doc! { "kind": "worker", "expires_at": expires(lease) };
+        if let Some(paced) = paced {
+            paced_fields(&mut set, paced);
+        }
         self.write();
         fleet
-            .update_one(
-                doc! { "_id": format!("worker/{worker}") },
-                vec![doc! { "$set": { "kind": "worker", "expires_at": expires(lease) } }],
-            )
+            .update_one(doc! { "_id": format!("worker/{worker}") }, vec![doc! { "$set": set }])
             .upsert(true)
             .await
             .map_err(StoreError::new("fleet heartbeat"))?;
@@ -115,9 +194,75 @@ impl Store {
             .map_err(StoreError::new("release a fleet unit"))
     }
 
-    /// This worker leaves the fleet: the others rebalance at once.
-    pub async fn fleet_leave(&self, worker: &str) -> Result<(), StoreError> {
+    /// Write this worker's recent requests now (before it gives conversations
+    /// up).
+    pub async fn fleet_pace(&self, worker: &str, paced: &Paced) -> Result<(), StoreError> {
+        let mut set = Document::new();
+        paced_fields(&mut set, paced);
         self.write();
-        self.fleet().delete_one(doc! { "_id": format!("worker/{worker}") }).await.map(drop).map_err(StoreError::new("leave the fleet"))
+        self.fleet()
+            .update_one(doc! { "_id": format!("worker/{worker}") }, vec![doc! { "$set": set }])
+            .await
+            .map(drop)
+            .map_err(StoreError::new("write the fleet's pacing"))
+    }
+
+    /// This worker leaves the fleet: the others rebalance at once. Its record
+    /// stays, with its last requests (`paced`), until they are of no use.
+    pub async fn fleet_leave(&self, worker: &str, paced: Option<&Paced>) -> Result<(), StoreError> {
+        let id = format!("worker/{worker}");
+        self.write();
+        let Some(paced) = paced else {
+            return self.fleet().delete_one(doc! { "_id": id }).await.map(drop).map_err(StoreError::new("leave the fleet"));
+        };
+        let mut set = doc! { "left": true, "expires_at": "$$NOW" };
+        paced_fields(&mut set, paced);
+        self.fleet().update_one(doc! { "_id": id }, vec![doc! { "$set": set }]).await.map(drop).map_err(StoreError::new("leave the fleet"))
+    }
+
+    /// The recent requests the other workers (live, left or dead) wrote and
+    /// that are still of use; the records of workers gone and of no more use
+    /// are deleted.
+    pub async fn fleet_paced(&self, worker: &str) -> Result<Vec<PacedBy>, StoreError> {
+        let fleet = self.fleet();
+        let me = format!("worker/{worker}");
+        // The server's clock now (every time below is the server's), read
+        // back from this worker's own record.
+        self.write();
+        let now = fleet
+            .find_one_and_update(doc! { "_id": me.as_str() }, vec![doc! { "$set": { "read_at": "$$NOW" } }])
+            .return_document(mongodb::options::ReturnDocument::After)
+            .projection(doc! { "read_at": 1 })
+            .await
+            .map_err(StoreError::new("read the server's clock"))?
+            .and_then(|record| record.get_datetime("read_at").ok().copied())
+            .ok_or_else(|| StoreError {
+                operation: "read the server's clock",
+                source: mongodb::error::Error::custom("no worker record"),
+            })?;
+        let filter = doc! { "kind": "worker", "_id": { "$ne": me.as_str() }, "paced_until": { "$gt": now } };
+        let records = self.fleet_find(filter, "read the fleet's pacing").await?;
+        self.write();
+        fleet
+            .delete_many(doc! { "kind": "worker", "expires_at": { "$lte": now }, "$or": [
+                { "paced_until": { "$exists": false } },
+                { "paced_until": { "$lte": now } },
+            ] })
+            .await
+            .map_err(StoreError::new("forget workers gone"))?;
+        let since = |field: &str, record: &Document| {
+            record
+                .get_datetime(field)
+                .ok()
+                .map(|at| Duration::from_millis(u64::try_from(now.timestamp_millis() - at.timestamp_millis()).unwrap_or(0)))
+        };
+        Ok(records
+            .iter()
+            .filter_map(|record| {
+                let worker = record.get_str("_id").ok()?.strip_prefix("worker/")?.to_owned();
+                let died = !record.get_bool("left").unwrap_or(false) && record.get_datetime("expires_at").is_ok_and(|at| *at <= now);
+                Some(PacedBy { worker, behind: since("paced_at", record)?, died, carried: decode(record.get_array("paced").ok()?) })
+            })
+            .collect())
     }
 }

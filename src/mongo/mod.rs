@@ -21,6 +21,7 @@ use mongodb::options::{ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, Database, IndexModel};
 use secrecy::ExposeSecret;
 
+pub use fleet::{Paced, PacedBy};
 pub use ledger::{Claim, Lease};
 pub use records::*;
 pub use tenants::{ConversationFilter, SeedReport};

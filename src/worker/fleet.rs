@@ -40,7 +40,7 @@ use tracing::{info, warn};
 
 use super::lanes::{Lanes, lane_of};
 use super::settle::Settler;
-use crate::mongo::Store;
+use crate::mongo::{Paced, Store};
 use crate::rabbitmq::headers::ROUTED_SEQ;
 use crate::rabbitmq::{self, BrokerError, Publisher, Topology};
 use crate::settings::Settings;
@@ -117,12 +117,13 @@ pub(super) async fn run(
         store,
         shards: settings.fleet.shards,
         lease: settings.fleet.lease(),
+        heartbeat: settings.fleet.heartbeat(),
         consumers,
         running: HashMap::new(),
         validity: tokio::sync::watch::Sender::new(Instant::now()),
         seen: false,
     };
-    fleet.run(settings.fleet.heartbeat(), shutdown).await
+    fleet.run(shutdown).await
 }
 
 fn hostname() -> String {
@@ -134,6 +135,7 @@ struct Fleet {
     store: Store,
     shards: u16,
     lease: Duration,
+    heartbeat: Duration,
     consumers: Arc<Consumers>,
     running: HashMap<String, Running>,
     /// Until when (by this process's clock) the leases renewed last are surely
@@ -147,9 +149,9 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn run(mut self, heartbeat: Duration, shutdown: &CancellationToken) -> Result<(), BrokerError> {
+    async fn run(mut self, shutdown: &CancellationToken) -> Result<(), BrokerError> {
         info!(worker = %self.id, shards = self.shards, "joining the fleet");
-        let mut tick = tokio::time::interval(heartbeat);
+        let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
@@ -163,9 +165,14 @@ impl Fleet {
                 warn!(error = %error_chain(&err), "the fleet's leases could not be read or renewed; trying again");
             }
         };
-        self.stop_all(true).await;
-        if let Err(err) = self.store.fleet_leave(&self.id).await {
+        // Every job started is settled before the last requests are written,
+        // and those are written before the units are free to take.
+        let units = self.stop_all().await;
+        if let Err(err) = self.store.fleet_leave(&self.id, paced(&self.consumers).as_ref()).await {
             warn!(error = %error_chain(&err), "could not leave the fleet; the others notice once the lease runs out");
+        }
+        for unit in units {
+            let _ = self.store.fleet_release(&unit, &self.id).await;
         }
         result
     }
@@ -191,7 +198,7 @@ impl Fleet {
 
     async fn rebalance(&mut self) -> Result<(), crate::mongo::StoreError> {
         let sent = Instant::now();
-        let live = self.store.fleet_heartbeat(&self.id, self.lease).await?;
+        let live = self.store.fleet_heartbeat(&self.id, self.lease, paced(&self.consumers).as_ref()).await?;
         let held = self.store.fleet_renew(&self.id, self.lease).await?;
         self.validity.send_replace(sent + self.lease.saturating_sub(Duration::from_secs(1)));
         // Lost (the lease ran out while MongoDB was unreachable, say): stop
@@ -222,6 +229,7 @@ impl Fleet {
         }
         let holders = self.store.fleet_holders().await?;
         let mut wanted = share.saturating_sub(mine.len());
+        let mut carried_over = false;
         // Start at a place of this worker's own, so that workers joining
         // together do not all reach for the same shards.
         let offset = u16::from_be_bytes(Sha256::digest(self.id.as_bytes())[..2].try_into().expect("2 bytes")) % self.shards;
@@ -235,6 +243,9 @@ impl Fleet {
             }
             if self.store.fleet_claim(&unit, &self.id, self.lease).await? {
                 info!(unit = %unit, share, live, "took a shard");
+                if !std::mem::replace(&mut carried_over, true) {
+                    self.carry_over().await;
+                }
                 let queue = self.consumers.topology.shard_queue((offset + i) % self.shards);
                 self.start(unit, |consumers, stop| consume(consumers, queue, stop));
                 wanted -= 1;
@@ -250,6 +261,27 @@ impl Fleet {
         Ok(())
     }
 
+    /// Count the recent requests the other workers wrote (the last holders
+    /// of the shards just taken among them) in this worker's pacing, before
+    /// it sends anything for those shards. A worker that died may have sent
+    /// for up to a heartbeat after it wrote: counted as sent.
+    async fn carry_over(&self) {
+        let Some(pacing) = self.consumers.settler.pipeline.pacing() else { return };
+        match self.store.fleet_paced(&self.id).await {
+            Ok(others) => {
+                let keys: usize = others.iter().map(|o| o.carried.len()).sum();
+                for other in &others {
+                    let unaccounted = if other.died { self.heartbeat } else { Duration::ZERO };
+                    pacing.import(&other.worker, &other.carried, other.behind, unaccounted);
+                }
+                info!(workers = others.len(), keys, "counted the other workers' recent requests");
+            }
+            Err(err) => {
+                warn!(error = %error_chain(&err), "could not read the other workers' recent requests; pacing from this worker's own")
+            }
+        }
+    }
+
     fn start<F, Fut>(&mut self, unit: String, consumer: F)
     where
         F: FnOnce(Arc<Consumers>, CancellationToken) -> Fut,
@@ -259,12 +291,18 @@ impl Fleet {
         let leaving = Arc::new(AtomicBool::new(false));
         tokio::spawn(stop_when_lease_may_run_out(self.validity.subscribe(), stop.clone(), unit.clone()));
         let consuming = consumer(self.consumers.clone(), stop.clone());
-        let (store, id, name, gone) = (self.store.clone(), self.id.clone(), unit.clone(), leaving.clone());
+        let (store, id, name, gone, consumers) =
+            (self.store.clone(), self.id.clone(), unit.clone(), leaving.clone(), self.consumers.clone());
         let task = tokio::spawn(async move {
             let result = consuming.await;
-            // Given up to rebalance: free at once, so another worker can take it
-            // at its next heartbeat.
+            // Given up to rebalance: free at once (its last requests written
+            // first), so another worker can take it at its next heartbeat.
             if gone.load(Ordering::Relaxed) {
+                if let Some(paced) = paced(&consumers) {
+                    if let Err(err) = store.fleet_pace(&id, &paced).await {
+                        warn!(error = %error_chain(&err), "could not write this worker's recent requests; the next holder paces without them");
+                    }
+                }
                 let _ = store.fleet_release(&name, &id).await;
                 info!(unit = %name, "released");
             }
@@ -273,18 +311,25 @@ impl Fleet {
         self.running.insert(unit, Running { stop, task, leaving });
     }
 
-    /// Stop every consumer and wait for them; release their leases when `release`.
-    async fn stop_all(&mut self, release: bool) {
+    /// Stop every consumer and wait for them; the units they held (not
+    /// released yet).
+    async fn stop_all(&mut self) -> Vec<String> {
         for running in self.running.values() {
             running.stop.cancel();
         }
+        let mut units = Vec::new();
         for (unit, running) in self.running.drain() {
             let _ = running.task.await;
-            if release {
-                let _ = self.store.fleet_release(&unit, &self.id).await;
-            }
+            units.push(unit);
         }
+        units
     }
+}
+
+/// This worker's recent requests, when it paces itself.
+fn paced(consumers: &Consumers) -> Option<Paced> {
+    let pacing = consumers.settler.pipeline.pacing()?;
+    Some(Paced { carried: pacing.export(), horizon: pacing.horizon() })
 }
 
 /// Cancel `stop` once `validity` has passed without a renewal moving it: the

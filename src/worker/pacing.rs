@@ -2,6 +2,7 @@
 //! crate), so that a worker rarely meets a 429 and a busy conversation does
 //! not hold the slots other conversations need.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,7 +14,15 @@ use crate::settings::Settings;
 pub(super) struct Pacing {
     windows: Mutex<teams_limits::Throttle>,
     max_wait: Duration,
+    /// The workers whose requests were imported, by the number their
+    /// requests carry in the windows.
+    origins: Mutex<HashMap<String, u32>>,
+    /// How long a key's requests are carried: its longest window.
+    horizon: Duration,
 }
+
+/// The most keys one worker carries to the next (the fullest first).
+const CARRIED_KEYS: usize = 256;
 
 /// Why a send may not go now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,10 +38,38 @@ impl Pacing {
         let limits = &settings.teams.rate_limits;
         let windows =
             teams_limits::Limits { per_conversation: limits.per_conversation.clone(), per_app_tenant: limits.per_app_tenant.clone() };
+        let margin = Duration::from_millis(limits.margin_ms);
+        let longest = windows.per_conversation.iter().chain(&windows.per_app_tenant).map(|w| w.per_secs).max().unwrap_or(0);
         Self {
-            windows: Mutex::new(teams_limits::Throttle::new(true, windows).with_margin(Duration::from_millis(limits.margin_ms))),
+            windows: Mutex::new(teams_limits::Throttle::new(true, windows).with_margin(margin)),
             max_wait: Duration::from_millis(limits.max_in_process_wait_ms),
+            origins: Mutex::new(HashMap::new()),
+            horizon: Duration::from_secs(longest) + margin,
         }
+    }
+
+    /// How long what `export` says stays of use to the next worker.
+    pub fn horizon(&self) -> Duration {
+        self.horizon
+    }
+
+    /// This worker's own recent requests in its busiest keys, for the worker
+    /// that paces them next (docs/deploy.md, "Fleet-wide pacing").
+    pub fn export(&self) -> Vec<teams_limits::Carried> {
+        self.windows().export(Instant::now().into_std(), CARRIED_KEYS)
+    }
+
+    /// Count the requests worker `origin` exported `behind` ago (by the
+    /// MongoDB server's clock), replacing what it said before; `unaccounted`:
+    /// how long it may have gone on sending unseen (see `Throttle::import`).
+    pub fn import(&self, origin: &str, carried: &[teams_limits::Carried], behind: Duration, unaccounted: Duration) {
+        let number = {
+            let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+            let next = u32::try_from(origins.len() + 1).unwrap_or(u32::MAX);
+            *origins.entry(origin.to_owned()).or_insert(next)
+        };
+        let Some(exported) = Instant::now().into_std().checked_sub(behind) else { return };
+        self.windows().import(number, carried, exported, unaccounted);
     }
 
     fn windows(&self) -> std::sync::MutexGuard<'_, teams_limits::Throttle> {

@@ -213,6 +213,11 @@ impl Pipeline {
         }
     }
 
+    /// herald's own pacing, when on.
+    pub(super) fn pacing(&self) -> Option<&Pacing> {
+        self.pacing.as_ref()
+    }
+
     /// Conversations and tenants the pacing tracks right now.
     pub fn paced_keys(&self) -> usize {
         self.pacing.as_ref().map_or(0, Pacing::tracked)
