@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use herald::cli::{Cli, exit_code, run};
+use herald::cli::{Cli, exit_code, run, runtime_threads};
 
 /// glibc's malloc and free took about 30% of the worker's CPU in a profile
 /// of the benchmark's drain (`perf record`, README "Benchmark"): every job
@@ -13,14 +13,27 @@ use herald::cli::{Cli, exit_code, run};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(code) => code,
+    let runtime = match runtime_threads(&cli) {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("herald: error: {err:#}");
-            exit_code(&err)
+            eprintln!("herald: error: could not start the async runtime: {err}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    runtime.block_on(async {
+        match run(cli).await {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("herald: error: {err:#}");
+                exit_code(&err)
+            }
+        }
+    })
 }

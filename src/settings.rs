@@ -92,6 +92,9 @@ pub struct HttpSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerSettings {
+    /// The async runtime's threads: 1 runs the process on one thread (tokio's
+    /// current-thread scheduler), 0 on one per CPU.
+    pub threads: usize,
     pub prefetch: u16,
     pub concurrency: usize,
     pub shutdown_deadline_secs: u64,
@@ -232,6 +235,9 @@ impl Settings {
         }
         if self.worker.prefetch == 0 {
             return invalid("worker.prefetch", "must be at least 1".into());
+        }
+        if self.worker.threads > 1024 {
+            return invalid("worker.threads", "must be at most 1024 (0: one per CPU)".into());
         }
         if self.worker.concurrency == 0 {
             return invalid("worker.concurrency", "must be at least 1".into());
@@ -376,6 +382,8 @@ mod tests {
         assert!(err.contains("retry.tiers_secs") && err.contains("ascending"), "{err}");
         let err = with("teams.insecure_loopback_hosts", ["example.com"]).unwrap_err().to_string();
         assert!(err.contains("insecure_loopback_hosts"), "{err}");
+        let err = with("worker.threads", 5000).unwrap_err().to_string();
+        assert!(err.contains("worker.threads"), "{err}");
         let err = with("worker.concurrency", "many").unwrap_err().to_string();
         assert!(err.contains("worker.concurrency"), "{err}");
         let err = with("teams.clouds.gcch.token_endpoint", "http://login.example.com").unwrap_err().to_string();

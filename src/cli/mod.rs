@@ -144,6 +144,12 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     if err.downcast_ref::<Usage>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
 }
 
+/// `worker.threads` of the settings `cli` names (1 when they do not load:
+/// `run` reports why).
+pub fn runtime_threads(cli: &Cli) -> usize {
+    Settings::load(cli.config.as_deref()).map_or(1, |settings| settings.worker.threads)
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let _telemetry = telemetry::init(&settings);
