@@ -47,6 +47,36 @@ fn warnings(logs: &[String]) -> std::collections::BTreeMap<String, usize> {
     counts
 }
 
+/// Wait (up to `within`) until every job of the burst is recorded sent and
+/// the queues are drained, stop the `workers` left (their logs join `logs`),
+/// and check the burst by `burst::check`; prints the workers' warnings.
+async fn settle(
+    env: &TestEnv,
+    jobs: &[burst::BurstJob],
+    started: chrono::DateTime<chrono::Utc>,
+    workers: Vec<ObservedWorker>,
+    mut logs: Vec<String>,
+    within: Duration,
+) -> burst::Verdict {
+    let ids: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    eventually("every job of the burst recorded sent", within, || async {
+        let sent = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.ok()?;
+        let done = sent.iter().filter(|d| d.state == herald::mongo::DeliveryState::Sent && ids.contains(d.job_id.as_str())).count();
+        (done >= jobs.len()).then_some(())
+    })
+    .await;
+    env.drained().await;
+    for worker in workers {
+        logs.push(worker.stop().await);
+    }
+    let client = env.sim.client();
+    let records = client.all_activities().await.unwrap();
+    let stats = client.stats().await.unwrap();
+    let ledger = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.unwrap();
+    eprintln!("the workers' warnings: {:#?}", warnings(&logs));
+    burst::check(jobs, started, &records, &stats, &ledger, &taken_over(&logs), &teams_limits::Limits::default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
     let (world, _, _) = fleet::fleet(burst::TENANTS, burst::PER_TENANT, "");
@@ -94,26 +124,8 @@ async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
     kill(&killed.process);
     logs.push(std::fs::read_to_string(&killed.log).unwrap_or_default());
 
-    let client = env.sim.client();
-    let ids: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
-    eventually("every job of the burst recorded sent", Duration::from_secs(420), || async {
-        let sent = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.ok()?;
-        let done = sent.iter().filter(|d| d.state == herald::mongo::DeliveryState::Sent && ids.contains(d.job_id.as_str())).count();
-        (done >= jobs.len()).then_some(())
-    })
-    .await;
-    env.drained().await;
-    for worker in workers {
-        logs.push(worker.stop().await);
-    }
-
-    let records = client.all_activities().await.unwrap();
-    let stats = client.stats().await.unwrap();
-    let ledger = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.unwrap();
-    let limits = teams_limits::Limits::default();
-    let verdict = burst::check(&jobs, started, &records, &stats, &ledger, &taken_over(&logs), &limits);
+    let verdict = settle(&env, &jobs, started, workers, logs, Duration::from_secs(420)).await;
     eprintln!("4 workers (+1 started, 1 SIGTERMed, 1 SIGKILLed): {}", verdict.summary());
-    eprintln!("the workers' warnings: {:#?}", warnings(&logs));
     let broken = verdict.broken();
     assert!(broken.is_empty(), "{broken:#?}");
     assert_eq!(verdict.hot.len(), 5);
@@ -173,24 +185,8 @@ async fn a_shard_handed_over_mid_burst_comes_with_its_conversations_recent_reque
     assert!(second_log.contains("counted the other workers' recent requests"), "the second holder read the first's: {second_log}");
     logs.push(second_log);
 
-    let ids: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
-    eventually("every job of the burst recorded sent", Duration::from_secs(300), || async {
-        let sent = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.ok()?;
-        let done = sent.iter().filter(|d| d.state == herald::mongo::DeliveryState::Sent && ids.contains(d.job_id.as_str())).count();
-        (done >= jobs.len()).then_some(())
-    })
-    .await;
-    env.drained().await;
-    for worker in workers {
-        logs.push(worker.stop().await);
-    }
-    let client = env.sim.client();
-    let records = client.all_activities().await.unwrap();
-    let stats = client.stats().await.unwrap();
-    let ledger = env.store.list_deliveries(&Default::default(), 3 * jobs.len() as i64).await.unwrap();
-    let verdict = burst::check(&jobs, started, &records, &stats, &ledger, &taken_over(&logs), &teams_limits::Limits::default());
+    let verdict = settle(&env, &jobs, started, workers, logs, Duration::from_secs(300)).await;
     eprintln!("one shard handed over twice (SIGTERM at 20 s, SIGKILL at 45 s): {}", verdict.summary());
-    eprintln!("the workers' warnings: {:#?}", warnings(&logs));
     let broken = verdict.broken();
     assert!(broken.is_empty(), "{broken:#?}");
     assert_eq!(verdict.hot.len(), 5);
