@@ -26,10 +26,10 @@ use std::time::Duration;
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -357,7 +357,7 @@ async fn stop_when_lease_may_run_out(mut validity: tokio::sync::watch::Receiver<
 /// single-active-consumer flag keeps the next holder waiting until every job
 /// this worker held is back in the queue.
 async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationToken) -> Result<(), BrokerError> {
-    let channel = consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open consume channel"))?;
+    let channel = Arc::new(consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open consume channel"))?);
     channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
     // Manual acks (no_ack: false): a job is acked only once it is
     // delivered, or its retry or dead letter is confirmed by the broker.
@@ -378,7 +378,7 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
         let delivery = tokio::select! {
             next = consumer.next() => next,
             () = quiet, if !returned.is_empty() => {
-                start_in_order(&consumers, &mut jobs, &stop, &mut returned);
+                start_in_order(&consumers, &channel, &mut jobs, &stop, &mut returned);
                 continue;
             }
             () = stop.cancelled() => break Ok(()),
@@ -394,10 +394,10 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
             returned.push(delivery);
             continue;
         }
-        start_in_order(&consumers, &mut jobs, &stop, &mut returned);
-        start(&consumers, &mut jobs, &stop, delivery);
+        start_in_order(&consumers, &channel, &mut jobs, &stop, &mut returned);
+        start(&consumers, &channel, &mut jobs, &stop, delivery);
     };
-    start_in_order(&consumers, &mut jobs, &stop, &mut returned);
+    start_in_order(&consumers, &channel, &mut jobs, &stop, &mut returned);
     // Jobs not started are left unacked (`stop` is cancelled); those sending
     // get the deadline; whatever is still unacked after it returns to the
     // queue when the channel closes.
@@ -434,16 +434,23 @@ const ROUTE_BATCH: usize = 64;
 const RETURNED_QUIET: Duration = Duration::from_millis(100);
 
 /// Start the held redelivered jobs in the order the router took them.
-fn start_in_order(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &CancellationToken, returned: &mut Vec<Delivery>) {
+fn start_in_order(
+    consumers: &Arc<Consumers>,
+    channel: &Arc<Channel>,
+    jobs: &mut JoinSet<()>,
+    stop: &CancellationToken,
+    returned: &mut Vec<Delivery>,
+) {
     returned.sort_by_key(routed_seq);
     for delivery in returned.drain(..) {
-        start(consumers, jobs, stop, delivery);
+        start(consumers, channel, jobs, stop, delivery);
     }
 }
 
 /// Give a job its place in its lane and handle it when its turn comes.
-fn start(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &CancellationToken, delivery: Delivery) {
+fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<()>, stop: &CancellationToken, delivery: Delivery) {
     let settler = consumers.settler.clone();
+    let channel = channel.clone();
     let stop = stop.clone();
     match consumers.lanes.enter(lane_of(&delivery.data)) {
         Ok(mut turn) => {
@@ -456,12 +463,12 @@ fn start(consumers: &Arc<Consumers>, jobs: &mut JoinSet<()>, stop: &Cancellation
                     // still being sent here are settled).
                     drop(delivery);
                 } else {
-                    settler.handle(delivery, &stop, &turn.next_go()).await;
+                    settler.handle(delivery, &channel, &stop, &turn.next_go()).await;
                 }
             });
         }
         Err(_full) => {
-            jobs.spawn(async move { settler.lane_full(delivery).await });
+            jobs.spawn(async move { settler.lane_full(delivery, &channel).await });
         }
     }
 }
@@ -494,7 +501,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     let result = loop {
         tokio::select! {
             Some(first) = confirms.next(), if !confirms.is_empty() => {
-                if let Err(err) = ack_confirmed(first, &mut confirms).await {
+                if let Err(err) = ack_confirmed(&channel, first, &mut confirms) {
                     break Err(err);
                 }
             }
@@ -521,8 +528,8 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                 for (delivery, sent) in batch.into_iter().zip(sent) {
                     match sent {
                         Ok(pending) => {
-                            let acker = delivery.acker;
-                            confirms.push_back(Box::pin(async move { (acker, pending.confirmed().await) }));
+                            let tag = delivery.delivery_tag;
+                            confirms.push_back(Box::pin(async move { (tag, pending.confirmed().await) }));
                         }
                         // Left unacked, with every later one: they return,
                         // in order, when the channel closes.
@@ -547,7 +554,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
     // twice.
     if result.is_ok() {
         while let Some(first) = confirms.next().await {
-            if ack_confirmed(first, &mut confirms).await.is_err() {
+            if ack_confirmed(&channel, first, &mut confirms).is_err() {
                 break;
             }
         }
@@ -588,30 +595,29 @@ async fn alone_on(channel: &lapin::Channel, queue: &str, stop: &CancellationToke
 }
 
 /// Routed jobs waiting for their publish confirms, in the order consumed.
-type Confirms = FuturesOrdered<futures_util::future::BoxFuture<'static, (lapin::Acker, Result<(), BrokerError>)>>;
+type Confirms = FuturesOrdered<futures_util::future::BoxFuture<'static, (u64, Result<(), BrokerError>)>>;
 
 /// Ack `first` and every routed job whose confirm is already in, with one
 /// `multiple` ack up to the newest (they come in the order consumed, so
 /// every older job is settled already): one frame per burst instead of one
 /// per job. A failed confirm acks those before it and leaves its own job
-/// unacked, to return to the work queue with every later one.
-async fn ack_confirmed(first: (lapin::Acker, Result<(), BrokerError>), confirms: &mut Confirms) -> Result<(), BrokerError> {
-    let multiple = BasicAckOptions { multiple: true };
-    let mut newest: Option<lapin::Acker> = None;
+/// unacked, to return to the work queue with every later one. The ack is
+/// queued, not waited for (`rabbitmq::ack_queued`).
+fn ack_confirmed(channel: &Channel, first: (u64, Result<(), BrokerError>), confirms: &mut Confirms) -> Result<(), BrokerError> {
+    let mut newest: Option<u64> = None;
     let mut next = Some(first);
-    while let Some((acker, confirmed)) = next {
+    while let Some((tag, confirmed)) = next {
         if let Err(err) = confirmed {
             if let Some(newest) = newest {
-                let _ = newest.ack(multiple).await;
+                let _ = rabbitmq::ack_queued(channel, newest, true);
             }
-            drop(acker);
             return Err(err);
         }
-        newest = Some(acker);
+        newest = Some(tag);
         next = confirms.next().now_or_never().flatten();
     }
     if let Some(newest) = newest {
-        let _ = newest.ack(multiple).await;
+        let _ = rabbitmq::ack_queued(channel, newest, true);
     }
     Ok(())
 }

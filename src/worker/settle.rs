@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -25,7 +25,7 @@ use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::metrics::JobOutcome;
 use crate::outcome::Reason;
 use crate::rabbitmq::headers::{self, Signer};
-use crate::rabbitmq::{BrokerError, Publisher, ROUTING_KEY, Topology, tier_label};
+use crate::rabbitmq::{self, BrokerError, Publisher, ROUTING_KEY, Topology, tier_label};
 use crate::text::error_chain;
 
 /// Tries of one publish (with the channel healed in between) before the
@@ -43,21 +43,22 @@ pub(super) struct Settler {
 impl Settler {
     /// Decide (the step) and settle one delivery; `stop` hands it back
     /// untouched while it waits for its turn.
-    pub async fn handle(&self, delivery: Delivery, stop: &CancellationToken, next: &NextGo) {
-        self.settle(delivery, Some((stop, next))).await;
+    /// `channel` is the one the delivery came on (its ack goes there).
+    pub async fn handle(&self, delivery: Delivery, channel: &Channel, stop: &CancellationToken, next: &NextGo) {
+        self.settle(delivery, channel, Some((stop, next))).await;
     }
 
     /// Settle a delivery whose lane is full: a delayed retry.
-    pub async fn lane_full(&self, delivery: Delivery) {
-        self.settle(delivery, None).await;
+    pub async fn lane_full(&self, delivery: Delivery, channel: &Channel) {
+        self.settle(delivery, channel, None).await;
     }
 
     /// With `stop`: the step decides; without: the lane was full.
-    async fn settle(&self, delivery: Delivery, stop: Option<(&CancellationToken, &NextGo)>) {
+    async fn settle(&self, delivery: Delivery, channel: &Channel, stop: Option<(&CancellationToken, &NextGo)>) {
         let started = std::time::Instant::now();
         let metrics = &self.pipeline.metrics;
         metrics.job_started();
-        let Delivery { data, properties, redelivered, acker, .. } = delivery;
+        let Delivery { data, properties, redelivered, acker, delivery_tag, .. } = delivery;
         let message_id = properties.message_id().as_ref().map(|id| id.to_string());
         let table = properties.headers().as_ref();
         let history = self.signer.history(message_id.as_deref(), &data, table);
@@ -101,7 +102,7 @@ impl Settler {
         match self.carry_out(&incoming, &properties, &disposition).await {
             Ok(outcome) => {
                 metrics.job_finished(outcome, started.elapsed());
-                if let Err(err) = acker.ack(BasicAckOptions::default()).await {
+                if let Err(err) = rabbitmq::ack_queued(channel, delivery_tag, false) {
                     // The channel is gone; the broker redelivers, the ledger
                     // keeps a sent job from being posted twice.
                     warn!(error = %err, "ack failed; the message will be redelivered");

@@ -362,3 +362,69 @@ async fn two_copies_of_one_job_consumed_at_once_are_posted_once() {
     assert_eq!(env.queue_len(&env.topology.dead_queue()).await, 0);
     worker.stop().await;
 }
+
+/// The worker queues its acks without waiting for lapin to write them
+/// (`rabbitmq::ack_queued`). Queued acks still reach the broker before the
+/// channel's close, single and `multiple`: none of the deliveries acked that
+/// way, the channel closed right after, comes back to the queue. On a closed
+/// channel the ack is refused, not lost silently.
+#[tokio::test]
+async fn acks_queued_without_waiting_reach_the_broker_before_the_channel_closes() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::FieldTable;
+
+    const N: usize = 300;
+    let connection = herald::rabbitmq::connect(AMQP_URL, "herald it acks").await.expect("RabbitMQ answers");
+    let queue = format!("it-{}-acks", uuid::Uuid::new_v4().simple());
+    let setup = connection.create_channel().await.expect("channel");
+    setup.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    let ready = |setup: lapin::Channel, queue: String| async move {
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        setup.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.expect("queue exists").message_count()
+    };
+
+    for multiple in [false, true] {
+        for i in 0..N {
+            setup
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    i.to_string().as_bytes(),
+                    Default::default(),
+                )
+                .await
+                .expect("publish");
+        }
+        let channel = connection.create_channel().await.expect("channel");
+        channel.basic_qos(N as u16, BasicQosOptions::default()).await.expect("qos");
+        let mut consumer = channel
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .expect("consume");
+        let mut tags = Vec::new();
+        while tags.len() < N {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("deliveries arrive")
+                .expect("open")
+                .expect("ok");
+            tags.push(delivery.delivery_tag);
+        }
+        if multiple {
+            herald::rabbitmq::ack_queued(&channel, *tags.last().unwrap(), true).expect("queued");
+        } else {
+            for tag in &tags {
+                herald::rabbitmq::ack_queued(&channel, *tag, false).expect("queued");
+            }
+        }
+        channel.close(200, "done".into()).await.expect("close");
+        // The close is answered after every frame before it: an ack lost on
+        // the way would have put its delivery back by now.
+        assert_eq!(ready(setup.clone(), queue.clone()).await, 0, "deliveries returned after queued acks (multiple: {multiple})");
+        assert!(herald::rabbitmq::ack_queued(&channel, tags[0], false).is_err(), "an ack on a closed channel is refused");
+    }
+    let _ = setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = connection.close(200, "".into()).await;
+}
