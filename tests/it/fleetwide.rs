@@ -97,12 +97,17 @@ async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
 
     // The burst comes to a running fleet: every shard and the router held,
     // by all four workers.
-    eventually("the fleet to share the shards", Duration::from_secs(60), || async {
+    let shared = within(Duration::from_secs(120), || async {
         let holders = env.store.fleet_holders().await.ok()?;
         let owners: HashSet<&String> = holders.iter().filter(|(unit, _)| unit.starts_with("shard/")).map(|(_, owner)| owner).collect();
         (holders.len() == 17 && owners.len() == 4).then_some(())
     })
     .await;
+    if shared.is_none() {
+        let holders = env.store.fleet_holders().await;
+        let reports: Vec<String> = workers.iter_mut().map(ObservedWorker::report).collect();
+        panic!("timed out after 120 s waiting for the fleet to share the shards; the units held: {holders:#?}\n{}", reports.join("\n"));
+    }
 
     let publisher = Publisher::open(env.connection.clone()).await.unwrap();
     let started = chrono::Utc::now();

@@ -34,7 +34,20 @@ pub const CONV_A: &str = "19:conv-a@thread.tacv2";
 pub const CONV_B: &str = "19:conv-b@thread.tacv2";
 
 /// Wait until `check` returns `Some`, or fail after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match within(timeout, check).await {
+        Some(value) => value,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// [`eventually`] for a caller that explains a timeout itself: `None` once
+/// `timeout` has passed without `check` returning `Some`.
+pub async fn within<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -42,10 +55,10 @@ where
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -424,6 +437,20 @@ impl ObservedWorker {
     /// The sum of every series of `name` on the metrics page.
     pub async fn metric(&self, name: &str) -> f64 {
         metric(&self.metrics().await, name)
+    }
+
+    /// What a failed test says of this worker: its process id, whether it
+    /// has exited (and how), and the last lines of its log.
+    pub fn report(&mut self) -> String {
+        let state = match self.process.try_wait() {
+            Ok(Some(status)) => format!("exited ({status})"),
+            Ok(None) => "running".to_owned(),
+            Err(err) => format!("unknown ({err})"),
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n  ");
+        format!("worker pid {:?} on port {}: {state}; last lines of its log:\n  {tail}", self.process.id(), self.port)
     }
 
     /// SIGTERM; require a clean exit; the log.
