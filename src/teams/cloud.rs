@@ -35,9 +35,20 @@ impl ServiceUrlPolicy {
         // The refusal names the URL without any credentials it carries.
         let refuse = |why: &str| TeamsError::ServiceUrlNotAllowed { url: redact(service_url), why: why.to_owned() };
         let mut url = Url::parse(service_url).map_err(|_| refuse("not a URL"))?;
-        let host = url.host_str().ok_or_else(|| refuse("no host"))?.to_ascii_lowercase();
+        self.allows(&url).map_err(refuse)?;
+        if !url.path().ends_with('/') {
+            let path = format!("{}/", url.path());
+            url.set_path(&path);
+        }
+        Ok(url)
+    }
+
+    /// Why a token may not be sent to `url`, if it may not (the check of
+    /// [`ServiceUrlPolicy::check`] on a URL already parsed).
+    pub fn allows(&self, url: &Url) -> Result<(), &'static str> {
+        let host = url.host_str().ok_or("no host")?.to_ascii_lowercase();
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(refuse("credentials in the URL"));
+            return Err("credentials in the URL");
         }
         let allowed = match url.scheme() {
             "https" => self.allowed_hosts.contains(&host),
@@ -45,20 +56,16 @@ impl ServiceUrlPolicy {
             _ => false,
         };
         if !allowed {
-            return Err(refuse(if self.allowed_hosts.contains(&host) {
+            return Err(if self.allowed_hosts.contains(&host) {
                 "only https is allowed for this host"
             } else {
                 "host is not on the allowlist"
-            }));
+            });
         }
         if url.query().is_some() || url.fragment().is_some() {
-            return Err(refuse("query or fragment in the URL"));
+            return Err("query or fragment in the URL");
         }
-        if !url.path().ends_with('/') {
-            let path = format!("{}/", url.path());
-            url.set_path(&path);
-        }
-        Ok(url)
+        Ok(())
     }
 }
 

@@ -180,6 +180,15 @@ impl Teams {
         }
     }
 
+    /// [`Teams::check_service_url`] on a URL already parsed (no second parse per post).
+    fn check_url(&self, bot: &BotCredentials, url: &Url) -> Result<(), TeamsError> {
+        let refuse = |why: String| TeamsError::ServiceUrlNotAllowed { url: redact(url.as_str()), why };
+        match self.clouds.get(&bot.cloud) {
+            Some(cloud) => cloud.policy.allows(url).map_err(|why| refuse(why.to_owned())),
+            None => Err(refuse(format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64)))),
+        }
+    }
+
     pub fn token_requests(&self) -> u64 {
         self.tokens.requests()
     }
@@ -215,8 +224,7 @@ impl Teams {
     /// Post an encoded activity to the conversation, finishing by `until`. A
     /// 401 gets one forced token refresh and one more try.
     pub async fn send(&self, to: &Destination<'_>, body: &[u8], until: Instant) -> Result<Sent, TeamsError> {
-        let mut url = to.service_url.join("v3/conversations/").expect("a relative path joins");
-        url.path_segments_mut().expect("http URLs have paths").pop_if_empty().push(to.conversation_id).push("activities");
+        let url = activities_url(to.service_url, to.conversation_id);
         let response = self.authorized_post(to.bot, &url, body, until).await?;
         let correlation_id = answer::correlation_id(&response);
         let id = read_id(response).await?;
@@ -252,7 +260,7 @@ impl Teams {
 
     async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8], until: Instant) -> Result<reqwest::Response, TeamsError> {
         // Checked here too, so that no caller can skip it.
-        self.check_service_url(bot, url.as_str())?;
+        self.check_url(bot, url)?;
         let cloud = &self.clouds[&bot.cloud];
         let token = self.tokens.get(cloud, bot, self.time_left(until)?).await?;
         match self.post(url, &token, body, until).await {
@@ -306,6 +314,15 @@ async fn read_id(response: reqwest::Response) -> Result<String, TeamsError> {
     Ok(parsed.id)
 }
 
+/// `{service_url}v3/conversations/{conversation_id}/activities`, the id one
+/// percent-encoded path segment, built on the checked service URL without
+/// parsing it again.
+fn activities_url(service_url: &Url, conversation_id: &str) -> Url {
+    let mut url = service_url.clone();
+    url.path_segments_mut().expect("http URLs have paths").pop_if_empty().extend(["v3", "conversations", conversation_id, "activities"]);
+    url
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,10 +350,12 @@ mod tests {
 
     #[test]
     fn conversation_ids_are_one_path_segment() {
-        let base = Url::parse("https://smba.trafficmanager.net/teams/").unwrap();
-        let mut url = base.join("v3/conversations/").unwrap();
-        url.path_segments_mut().unwrap().pop_if_empty().push("19:a/b@thread.tacv2;messageid=1").push("activities");
-        assert_eq!(url.as_str(), "https://smba.trafficmanager.net/teams/v3/conversations/19:a%2Fb@thread.tacv2;messageid=1/activities");
+        for base in ["https://smba.trafficmanager.net/teams/", "https://smba.trafficmanager.net/teams"] {
+            let url = activities_url(&Url::parse(base).unwrap(), "19:a/b@thread.tacv2;messageid=1");
+            assert_eq!(url.as_str(), "https://smba.trafficmanager.net/teams/v3/conversations/19:a%2Fb@thread.tacv2;messageid=1/activities");
+        }
+        let root = activities_url(&Url::parse("http://127.0.0.1:3978/").unwrap(), "a:1");
+        assert_eq!(root.as_str(), "http://127.0.0.1:3978/v3/conversations/a:1/activities");
     }
 
     #[test]
