@@ -171,22 +171,22 @@ impl Teams {
 
     /// The parsed service URL, if `bot`'s cloud allows sending its token there.
     pub fn check_service_url(&self, bot: &BotCredentials, service_url: &str) -> Result<Url, TeamsError> {
-        match self.clouds.get(&bot.cloud) {
-            Some(cloud) => cloud.policy.check(service_url),
-            None => Err(TeamsError::ServiceUrlNotAllowed {
-                url: redact(service_url),
-                why: format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64)),
-            }),
-        }
+        let refuse = |why| TeamsError::ServiceUrlNotAllowed { url: redact(service_url), why };
+        self.policy(bot).map_err(refuse)?.check(service_url)
     }
 
     /// [`Teams::check_service_url`] on a URL already parsed (no second parse per post).
     fn check_url(&self, bot: &BotCredentials, url: &Url) -> Result<(), TeamsError> {
         let refuse = |why: String| TeamsError::ServiceUrlNotAllowed { url: redact(url.as_str()), why };
-        match self.clouds.get(&bot.cloud) {
-            Some(cloud) => cloud.policy.allows(url).map_err(|why| refuse(why.to_owned())),
-            None => Err(refuse(format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64)))),
-        }
+        self.policy(bot).map_err(refuse)?.allows(url).map_err(|why| refuse(why.to_owned()))
+    }
+
+    /// The service URL policy of the bot's cloud, or why there is none.
+    fn policy(&self, bot: &BotCredentials) -> Result<&cloud::ServiceUrlPolicy, String> {
+        self.clouds
+            .get(&bot.cloud)
+            .map(|cloud| &cloud.policy)
+            .ok_or_else(|| format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64)))
     }
 
     pub fn token_requests(&self) -> u64 {
