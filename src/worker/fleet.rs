@@ -463,7 +463,7 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
                     // still being sent here are settled).
                     drop(delivery);
                 } else {
-                    settler.handle(delivery, &channel, &stop, &turn.next_go()).await;
+                    settler.handle(delivery, &channel, &stop, &turn.handoff()).await;
                 }
             });
         }

@@ -1,12 +1,18 @@
 //! Order per conversation inside one worker: jobs of one lane (organization,
-//! integration, recipient as the job names it) run one after the other, in
-//! the order the queue delivered them; jobs of other lanes run beside them.
+//! integration, recipient as the job names it) are posted one after the
+//! other, in the order the queue delivered them; jobs of other lanes run
+//! beside them.
 //!
-//! Each job entering a lane takes the previous job's "done" signal and
-//! leaves its own for the next; a job waiting for its turn holds no
-//! concurrency slot. A lane holds at most `max` jobs: the next one is turned
-//! away (the caller sends it to a retry tier), so that a flood into one
-//! conversation cannot fill the prefetch the shard's other lanes need.
+//! A job hands two signals to the next job of its lane. "Counted": its
+//! request is counted against Teams' windows (about to be sent), so the next
+//! one may wait for its own room and claim its ledger record while this one
+//! posts. "Posted": its post is made, so the next one may send. A job that
+//! ends without sending gives both. The claim of the next job thus overlaps
+//! the post of this one: a busy conversation goes at the pace of its posts,
+//! not of its posts plus MongoDB's answers. A job waiting for its turn holds
+//! no concurrency slot. A lane holds at most `max` jobs: the next one is
+//! turned away (the caller sends it to a retry tier), so that a flood into
+//! one conversation cannot fill the prefetch the shard's other lanes need.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,10 +20,16 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+/// What the last job of a lane will signal to the one after it.
+struct Signals {
+    counted: Option<oneshot::Receiver<()>>,
+    posted: oneshot::Receiver<()>,
+}
+
 #[derive(Default)]
 struct Lane {
     pending: usize,
-    tail: Option<oneshot::Receiver<()>>,
+    tail: Option<Signals>,
 }
 
 pub(super) struct Lanes {
@@ -25,31 +37,63 @@ pub(super) struct Lanes {
     max: usize,
 }
 
-/// A job's place in its lane: `wait` for the jobs before it; dropping it
-/// (or `NextGo::go`, once the job's post is done) lets the next one go.
+/// A job's place in its lane: `wait` until the job before it is counted;
+/// dropping it (or `Handoff::posted`) lets the next one send.
 pub(super) struct Turn {
     lanes: Arc<Lanes>,
     key: String,
-    before: Option<oneshot::Receiver<()>>,
-    done: NextGo,
+    before: Option<Signals>,
+    handoff: Handoff,
 }
 
-/// Lets the next job of a lane go before this one is settled: once its post
-/// is made, recording it and acking it need not hold the lane.
-#[derive(Clone, Default)]
-pub struct NextGo(Arc<Mutex<Option<oneshot::Sender<()>>>>, bool);
+type Slot = Arc<Mutex<Option<oneshot::Sender<()>>>>;
 
-impl NextGo {
+/// The job's side of its lane, for the step: when it may send, and the
+/// signals it gives the next job (each given once; a later call does
+/// nothing). The default belongs to no lane: nothing to wait for or give.
+#[derive(Clone, Default)]
+pub struct Handoff {
+    counted: Slot,
+    posted: Slot,
+    /// The job before this one: its post.
+    before_posted: Arc<Mutex<Option<oneshot::Receiver<()>>>>,
+    backlog: bool,
+}
+
+fn give(slot: &Slot) {
+    if let Some(signal) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = signal.send(());
+    }
+}
+
+impl Handoff {
     /// Jobs of the same lane were waiting behind this one when it started:
     /// its conversation has a backlog.
     pub fn backlog(&self) -> bool {
-        self.1
+        self.backlog
     }
 
-    pub fn go(&self) {
-        if let Some(done) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = done.send(());
+    /// Wait until the job before this one in its lane has posted (or ended
+    /// without posting).
+    pub async fn previous_posted(&self) {
+        let before = self.before_posted.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(before) = before {
+            // An error means the one before was dropped: done as well.
+            let _ = before.await;
         }
+    }
+
+    /// This job's request is counted against Teams' windows: the next job
+    /// may take its room and claim.
+    pub fn counted(&self) {
+        give(&self.counted);
+    }
+
+    /// This job's post is made: the next job may send (recording and acking
+    /// this one need not hold the lane).
+    pub fn posted(&self) {
+        give(&self.counted);
+        give(&self.posted);
     }
 }
 
@@ -73,10 +117,17 @@ impl Lanes {
         if lane.pending >= self.max {
             return Err(Full);
         }
-        let (done, next) = oneshot::channel();
-        let before = lane.tail.replace(next);
+        let (counted, counted_rx) = oneshot::channel();
+        let (posted, posted_rx) = oneshot::channel();
+        let before = lane.tail.replace(Signals { counted: Some(counted_rx), posted: posted_rx });
         lane.pending += 1;
-        Ok(Turn { lanes: self.clone(), key, before, done: NextGo(Arc::new(Mutex::new(Some(done))), false) })
+        let handoff = Handoff {
+            counted: Arc::new(Mutex::new(Some(counted))),
+            posted: Arc::new(Mutex::new(Some(posted))),
+            before_posted: Arc::default(),
+            backlog: false,
+        };
+        Ok(Turn { lanes: self.clone(), key, before, handoff })
     }
 
     /// Lanes holding at least one job.
@@ -87,24 +138,26 @@ impl Lanes {
 }
 
 impl Turn {
-    /// Wait until every job before this one in its lane is done.
+    /// Wait until the job before this one in its lane is counted against
+    /// Teams' windows (or has ended).
     pub async fn wait(&mut self) {
-        if let Some(before) = self.before.take() {
+        if let Some(counted) = self.before.as_mut().and_then(|before| before.counted.take()) {
             // An error means the one before was dropped: done as well.
-            let _ = before.await;
+            let _ = counted.await;
         }
     }
 
     /// The handle the job's step uses; call after `wait`.
-    pub fn next_go(&self) -> NextGo {
+    pub fn handoff(&mut self) -> Handoff {
         let backlog = self.lanes.lock().get(&self.key).is_some_and(|lane| lane.pending > 1);
-        NextGo(self.done.0.clone(), backlog)
+        let before_posted = self.before.take().map(|before| before.posted);
+        Handoff { before_posted: Arc::new(Mutex::new(before_posted)), backlog, ..self.handoff.clone() }
     }
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.done.go();
+        self.handoff.posted();
         let mut lanes = self.lanes.lock();
         if let Some(lane) = lanes.get_mut(&self.key) {
             lane.pending -= 1;
@@ -173,17 +226,38 @@ mod tests {
         assert_eq!(lanes.busy(), 0);
     }
 
+    async fn pending(what: impl std::future::Future<Output = ()>) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), what).await.is_err()
+    }
+
+    /// The next job may claim once the one before is counted, and send
+    /// once it has posted; a job that ends without either gives both.
     #[tokio::test]
-    async fn the_next_job_may_go_once_the_one_before_says_so() {
+    async fn the_next_job_claims_once_the_one_before_is_counted_and_sends_once_it_posted() {
         let lanes = Lanes::new(10);
-        let first = lanes.enter("a".into()).unwrap();
+        let mut first = lanes.enter("a".into()).unwrap();
         let mut second = lanes.enter("a".into()).unwrap();
-        let waiting = tokio::time::timeout(Duration::from_millis(50), second.wait()).await;
-        assert!(waiting.is_err(), "the second waits while the first holds the lane");
-        first.next_go().go();
-        tokio::time::timeout(Duration::from_secs(1), second.wait()).await.expect("the second goes");
+        first.wait().await;
+        let ahead = first.handoff();
+        assert!(ahead.backlog(), "a job waits behind the first");
+        assert!(pending(second.wait()).await, "the second waits while the first is not counted");
+        ahead.counted();
+        tokio::time::timeout(Duration::from_secs(1), second.wait()).await.expect("counted: the second may claim");
+        let behind = second.handoff();
+        assert!(pending(behind.previous_posted()).await, "but not send before the first has posted");
+        ahead.posted();
+        tokio::time::timeout(Duration::from_secs(1), behind.previous_posted()).await.expect("posted: the second may send");
         assert_eq!(lanes.enter("a".into()).map(|_| ()).err(), None, "the first still counts until dropped");
         drop(first);
+
+        // A job dropped without a word (it failed, or was handed back) lets the next one claim and send.
+        let mut third = lanes.enter("b".into()).unwrap();
+        let mut fourth = lanes.enter("b".into()).unwrap();
+        third.wait().await;
+        assert!(third.handoff().backlog(), "a job was waiting behind the third");
+        drop(third);
+        tokio::time::timeout(Duration::from_secs(1), fourth.wait()).await.expect("dropped: counted");
+        tokio::time::timeout(Duration::from_secs(1), fourth.handoff().previous_posted()).await.expect("dropped: posted");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 pub use crate::rabbitmq::headers::History;
 pub use crate::text::error_chain;
 pub use fleet::shard_of;
-pub use lanes::NextGo;
+pub use lanes::Handoff;
 pub use run::{Worker, WorkerError, run};
 pub use step::Pipeline;
 

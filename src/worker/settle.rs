@@ -19,7 +19,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::lanes::NextGo;
+use super::lanes::Handoff;
 use super::step::Pipeline;
 use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::metrics::JobOutcome;
@@ -44,7 +44,7 @@ impl Settler {
     /// Decide (the step) and settle one delivery; `stop` hands it back
     /// untouched while it waits for its turn.
     /// `channel` is the one the delivery came on (its ack goes there).
-    pub async fn handle(&self, delivery: Delivery, channel: &Channel, stop: &CancellationToken, next: &NextGo) {
+    pub async fn handle(&self, delivery: Delivery, channel: &Channel, stop: &CancellationToken, next: &Handoff) {
         self.settle(delivery, channel, Some((stop, next))).await;
     }
 
@@ -54,7 +54,7 @@ impl Settler {
     }
 
     /// With `stop`: the step decides; without: the lane was full.
-    async fn settle(&self, delivery: Delivery, channel: &Channel, stop: Option<(&CancellationToken, &NextGo)>) {
+    async fn settle(&self, delivery: Delivery, channel: &Channel, stop: Option<(&CancellationToken, &Handoff)>) {
         let started = std::time::Instant::now();
         let metrics = &self.pipeline.metrics;
         metrics.job_started();

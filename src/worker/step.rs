@@ -4,8 +4,9 @@
 //!
 //! Order: decode → expiry → resolve the org_integration and the recipient →
 //! pace (no claim, no slot held while waiting) → take a slot → claim the
-//! ledger record → send (quick retries) → record → classify the error once →
-//! decide (retry budget included).
+//! ledger record → wait for the previous job of the lane to have posted →
+//! send (quick retries) → record → classify the error once → decide (retry
+//! budget included).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::lanes::NextGo;
+use super::lanes::Handoff;
 use super::pacing::{Paced, Pacing};
 use super::resolve::{OrgIntegration, Resolver};
 use super::{Acked, Disposition, Failure, History, Incoming};
@@ -236,7 +237,7 @@ impl Pipeline {
     /// Decide what happens to one message. Never touches the broker; never
     /// panics on bad input.
     pub async fn process(&self, incoming: &Incoming) -> Disposition {
-        self.process_until(incoming, &CancellationToken::new(), &NextGo::default()).await
+        self.process_until(incoming, &CancellationToken::new(), &Handoff::default()).await
     }
 
     /// A job turned away because its lane is full: a delayed retry
@@ -256,9 +257,10 @@ impl Pipeline {
     }
 
     /// `process`, unless `stop` comes while the job waits for its turn before
-    /// its claim: then `Disposition::GiveBack`. `next` lets the next job of the
-    /// lane go as soon as this one's post is made.
-    pub async fn process_until(&self, incoming: &Incoming, stop: &CancellationToken, next: &NextGo) -> Disposition {
+    /// its claim: then `Disposition::GiveBack`. `lane` orders the job's post
+    /// after the previous one of its lane, and lets the next one claim once
+    /// this one's request is counted and send once its post is made.
+    pub async fn process_until(&self, incoming: &Incoming, stop: &CancellationToken, lane: &Handoff) -> Disposition {
         let checked = job::check_properties(incoming.content_type.as_deref(), incoming.content_encoding.as_deref());
         let job = match checked.and_then(|()| Job::decode(&incoming.body)) {
             Ok(job) => job,
@@ -294,7 +296,7 @@ impl Pipeline {
         }
         async {
             let mut attempt = Attempt::default();
-            let result = self.deliver(&job, &mut attempt, stop, next).await;
+            let result = self.deliver(&job, &mut attempt, stop, lane).await;
             let organization_id = Some(job.organization_id.to_string());
             let disposition = self.conclude(Some(&job), incoming.history, attempt, organization_id, result).await;
             let outcome = match &disposition {
@@ -311,7 +313,7 @@ impl Pipeline {
         .await
     }
 
-    async fn deliver(&self, job: &Job, attempt: &mut Attempt, stop: &CancellationToken, next: &NextGo) -> Result<Done, DeliveryError> {
+    async fn deliver(&self, job: &Job, attempt: &mut Attempt, stop: &CancellationToken, lane: &Handoff) -> Result<Done, DeliveryError> {
         if let Some(expires_at) = job.expires_at
             && expires_at <= chrono::Utc::now()
         {
@@ -331,7 +333,7 @@ impl Pipeline {
         // behind a backlog of other conversations' jobs would cut that pace
         // to a fraction. At most one job per conversation is past its lane's
         // turn at a time, so these are bounded by the lanes.
-        let busy = next.backlog() || ready.as_ref().is_ok_and(|r| r.paced);
+        let busy = lane.backlog() || ready.as_ref().is_ok_and(|r| r.paced);
         let _slot = if busy { None } else { Some(self.slots.acquire().await.expect("the slots are never closed")) };
         // The deadline starts before the claim is sent, so it ends before the
         // lease the server computes from its own clock. Every outcome,
@@ -354,8 +356,11 @@ impl Pipeline {
         let Ready { integration, service_url, conversation_id, .. } = ready?;
         let body = self.teams.encode(&card::activity(&job.content))?;
         let destination = Destination { service_url: &service_url, conversation_id: &conversation_id, bot: &integration.bot };
-        let sent = self.send(&integration, &destination, &body, until, attempt).await?;
-        next.go();
+        // The claim above ran beside the previous job's post; the post waits
+        // for it (the previous job is counted, so this is short).
+        lane.previous_posted().await;
+        let sent = self.send(&integration, &destination, &body, until, attempt, lane).await?;
+        lane.posted();
         self.record_sent(attempt, &sent).await;
         Ok(Done::Sent { sent, conversation_id })
     }
@@ -406,6 +411,7 @@ impl Pipeline {
         body: &[u8],
         until: Instant,
         attempt: &mut Attempt,
+        lane: &Handoff,
     ) -> Result<Sent, DeliveryError> {
         let request = self.teams.request_timeout();
         let mut backoff = self.policy.quick.build();
@@ -423,6 +429,8 @@ impl Pipeline {
                         Paced::Stopped => DeliveryError::RateLimited(Duration::ZERO),
                     })?;
             }
+            // The next job of the lane may take its room and claim now.
+            lane.counted();
             attempt.sends += 1;
             let started = std::time::Instant::now();
             let result = self.teams.send(to, body, until).await;
