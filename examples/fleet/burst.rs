@@ -128,6 +128,9 @@ pub struct Verdict {
     pub excused: usize,
     pub out_of_order: Vec<String>,
     pub hot: Vec<Hot>,
+    /// From the first publish to the last post of a job outside the hot
+    /// conversations: while they drain, the hot ones share the machine.
+    pub cold_finished: Duration,
 }
 
 impl Verdict {
@@ -178,19 +181,21 @@ impl Verdict {
             .map(|h| {
                 let pauses: Vec<String> = h.pauses.iter().map(|(at, gap)| format!("{gap:.0} s at {at:.0} s")).collect();
                 format!(
-                    "{} jobs in {:.1} s (earliest {:.1} s, {:.2}×; posts per 10 s: {:?}; pauses over 5 s: {})",
+                    "{} jobs in {:.1} s (earliest {:.1} s, {:.2}×; first post at {:.1} s; posts per 10 s: {:?}; pauses over 5 s: {})",
                     h.jobs,
                     h.finished.as_secs_f64(),
                     h.bound.as_secs_f64(),
                     h.finished.as_secs_f64() / h.bound.as_secs_f64(),
+                    h.posts.iter().copied().fold(f64::INFINITY, f64::min),
                     h.per_10s(),
                     if pauses.is_empty() { "none".into() } else { pauses.join(", ") }
                 )
             })
             .collect();
         format!(
-            "{} jobs; 429: {} of {} Connector requests ({:.2}%); posted twice: {} (killed in flight); excused from order: {}; out of order: {}; hot: {}",
+            "{} jobs (the others all posted {:.1} s after the first publish); 429: {} of {} Connector requests ({:.2}%); posted twice: {} (killed in flight); excused from order: {}; out of order: {}; hot: {}",
             self.jobs,
+            self.cold_finished.as_secs_f64(),
             self.throttled,
             self.connector_requests,
             100.0 * self.throttled_share(),
@@ -241,6 +246,7 @@ pub fn check(
     let mut times: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut highest: HashMap<&str, usize> = HashMap::new();
     let mut activity_ids = HashSet::new();
+    let hot_names: HashSet<String> = HOT.iter().map(|(org, c)| conversation(*org, *c)).collect();
     for record in sorted {
         let title = record.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap_or_default();
         let Some(job) = title.strip_prefix("burst ").and_then(|id| by_id.get(id)) else { continue };
@@ -250,7 +256,11 @@ pub fn check(
         if *count > 1 {
             continue;
         }
-        times.entry(job.conversation.as_str()).or_default().push((record.received_at - started).to_std().unwrap_or_default().as_secs_f64());
+        let after = (record.received_at - started).to_std().unwrap_or_default();
+        if !hot_names.contains(&job.conversation) {
+            verdict.cold_finished = verdict.cold_finished.max(after);
+        }
+        times.entry(job.conversation.as_str()).or_default().push(after.as_secs_f64());
         if let Some(before) = last_post.insert(job.conversation.as_str(), record.received_at) {
             let gap = (record.received_at - before).to_std().unwrap_or_default().as_secs_f64();
             if gap > 5.0 {
