@@ -130,7 +130,7 @@ pub struct Verdict {
     pub hot: Vec<Hot>,
     /// From the first publish to the last post of a job outside the hot
     /// conversations: while they drain, the hot ones share the machine.
-    pub cold_finished: Duration,
+    pub cold_finished: Option<Duration>,
 }
 
 impl Verdict {
@@ -193,9 +193,10 @@ impl Verdict {
             })
             .collect();
         format!(
-            "{} jobs (the others all posted {:.1} s after the first publish); 429: {} of {} Connector requests ({:.2}%); posted twice: {} (killed in flight); excused from order: {}; out of order: {}; hot: {}",
+            "{} jobs ({}); 429: {} of {} Connector requests ({:.2}%); posted twice: {} (killed in flight); excused from order: {}; out of order: {}; hot: {}",
             self.jobs,
-            self.cold_finished.as_secs_f64(),
+            self.cold_finished
+                .map_or("no other jobs".into(), |at| format!("the others all posted {:.1} s after the first publish", at.as_secs_f64())),
             self.throttled,
             self.connector_requests,
             100.0 * self.throttled_share(),
@@ -258,7 +259,7 @@ pub fn check(
         }
         let after = (record.received_at - started).to_std().unwrap_or_default();
         if !hot_names.contains(&job.conversation) {
-            verdict.cold_finished = verdict.cold_finished.max(after);
+            verdict.cold_finished = verdict.cold_finished.max(Some(after));
         }
         times.entry(job.conversation.as_str()).or_default().push(after.as_secs_f64());
         if let Some(before) = last_post.insert(job.conversation.as_str(), record.received_at) {
