@@ -44,8 +44,8 @@ impl Settler {
     /// Decide (the step) and settle one delivery; `stop` hands it back
     /// untouched while it waits for its turn.
     /// `channel` is the one the delivery came on (its ack goes there).
-    pub async fn handle(&self, delivery: Delivery, channel: &Channel, stop: &CancellationToken, next: &Handoff) {
-        self.settle(delivery, channel, Some((stop, next))).await;
+    pub async fn handle(&self, delivery: Delivery, channel: &Channel, stop: &CancellationToken, lane: &Handoff) {
+        self.settle(delivery, channel, Some((stop, lane))).await;
     }
 
     /// Settle a delivery whose lane is full: a delayed retry.
@@ -77,7 +77,7 @@ impl Settler {
         };
         let decided = async {
             match stop {
-                Some((stop, next)) => self.pipeline.process_until(&incoming, stop, next).await,
+                Some((stop, lane)) => self.pipeline.process_until(&incoming, stop, lane).await,
                 None => self.pipeline.lane_full(&incoming),
             }
         };

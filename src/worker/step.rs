@@ -331,8 +331,9 @@ impl Pipeline {
         // of its conversation wait behind it) takes no slot: its conversation
         // goes at Teams' pace one job at a time, and queueing each of its jobs
         // behind a backlog of other conversations' jobs would cut that pace
-        // to a fraction. At most one job per conversation is past its lane's
-        // turn at a time, so these are bounded by the lanes.
+        // to a fraction. At most two jobs per conversation are past their
+        // lane's turn at a time (one posting, the next claiming beside it),
+        // so these are bounded by the lanes.
         let busy = lane.backlog() || ready.as_ref().is_ok_and(|r| r.paced);
         let _slot = if busy { None } else { Some(self.slots.acquire().await.expect("the slots are never closed")) };
         // The deadline starts before the claim is sent, so it ends before the
