@@ -4,9 +4,10 @@
 //! - **Scoped**: the record's `_id` is `delivery_key(job, organization,
 //!   integration)`, so one organization's job ids can never suppress,
 //!   overwrite or read another organization's record.
-//! - **Owned**: a claim writes a random owner token; only statements that
-//!   name that token change the record afterwards. A copy that finds the job
-//!   claimed by someone else writes nothing.
+//! - **Owned**: a claim writes an owner token no other claim has
+//!   (`Owners`); only statements that name that token change the record
+//!   afterwards. A copy that finds the job claimed by someone else writes
+//!   nothing.
 //! - **Server time**: the lease runs out at the server's `$$NOW` plus the
 //!   lease, computed in an update pipeline; no worker's clock is compared
 //!   with another's.
@@ -16,6 +17,7 @@
 //!   Nothing waits for a batch to fill: a flusher takes what is queued now.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use futures_util::TryStreamExt;
@@ -30,6 +32,27 @@ use super::{DELIVERIES, StoreError};
 const MAX_BATCH: usize = 256;
 /// Commands in flight at once.
 const FLUSHERS: usize = 4;
+
+/// Owner tokens: 128 random bits drawn once per process, then a counter, so
+/// no two claims anywhere share a token without a call to the operating
+/// system's random source for every job.
+#[derive(Debug)]
+pub struct Owners {
+    process: String,
+    next: AtomicU64,
+}
+
+impl Default for Owners {
+    fn default() -> Self {
+        Self { process: uuid::Uuid::new_v4().simple().to_string(), next: AtomicU64::new(0) }
+    }
+}
+
+impl Owners {
+    pub fn next(&self) -> String {
+        format!("{}-{:x}", self.process, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
 
 /// A claim this delivery holds: its record and its owner token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,4 +313,19 @@ async fn read_back(db: &Database, keys: &[&str]) -> Result<HashMap<String, Docum
         .try_collect()
         .await?;
     Ok(found.into_iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::Owners;
+
+    #[test]
+    fn owner_tokens_are_never_repeated_within_a_process_or_across_processes() {
+        let (one, other) = (Owners::default(), Owners::default());
+        let tokens: HashSet<String> = (0..1_000).flat_map(|_| [one.next(), other.next()]).collect();
+        assert_eq!(tokens.len(), 2_000);
+        assert!(tokens.iter().all(|t| t.len() > 32), "each token keeps the 128 random bits of its process");
+    }
 }

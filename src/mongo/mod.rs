@@ -112,6 +112,7 @@ pub struct Store {
     retention: Duration,
     ops: Arc<OpCounts>,
     ledger: ledger::Ledger,
+    owners: Arc<ledger::Owners>,
 }
 
 /// MongoDB operations made by this process (for metrics and the benchmark).
@@ -133,6 +134,7 @@ impl Store {
         let db = client.database(&settings.mongodb_database);
         Ok(Self {
             ledger: ledger::Ledger::start(db.clone()),
+            owners: Default::default(),
             client,
             db,
             ops: Default::default(),
@@ -285,7 +287,7 @@ impl Store {
             job_id,
             organization_id: org.to_string(),
             integration_id: integration.to_string(),
-            owner: uuid::Uuid::new_v4().simple().to_string(),
+            owner: self.owners.next(),
             lease_ms: i64::try_from(self.claim_lease.as_millis()).unwrap_or(i64::MAX),
         };
         match self.ledger.run("claim delivery", op).await? {
