@@ -463,7 +463,10 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
                     // still being sent here are settled).
                     drop(delivery);
                 } else {
-                    settler.handle(delivery, &channel, &stop, &turn.handoff()).await;
+                    // Boxed: the step's state is kilobytes, and a task's
+                    // future is copied whole each time tokio moves it
+                    // (spawn, completion, join).
+                    Box::pin(settler.handle(delivery, &channel, &stop, &turn.handoff())).await;
                 }
             });
         }
