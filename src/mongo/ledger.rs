@@ -12,9 +12,12 @@
 //!   lease, computed in an update pipeline; no worker's clock is compared
 //!   with another's.
 //! - **Group commit**: claims and "sent" marks of concurrent jobs share one
-//!   `update` command (one command, many statements, `ordered: false`), so a
-//!   busy worker makes a few round trips per batch instead of one per job.
-//!   Nothing waits for a batch to fill: a flusher takes what is queued now.
+//!   `update` command (`ordered: false`), so a busy worker makes a few round
+//!   trips per batch instead of one per job. Each claim is its own statement
+//!   (an upsert); the marks of a batch are one statement together (`multi`,
+//!   each record's values picked by its owner token), so a delivered job
+//!   costs one statement and a share of one. Nothing waits for a batch to
+//!   fill: a flusher takes what is queued now.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +29,7 @@ use mongodb::bson::{Bson, Document, RawArrayBuf, RawBson, RawDocumentBuf, doc, r
 use mongodb::error::Error as MongoError;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{DELIVERIES, StoreError};
+use super::{DELIVERIES, OpCounts, StoreError};
 
 /// Statements per command; MongoDB allows far more, this bounds latency.
 const MAX_BATCH: usize = 256;
@@ -100,11 +103,12 @@ pub(super) struct Ledger {
 }
 
 impl Ledger {
-    pub fn start(db: Database) -> Self {
+    /// Start the flushers; every statement and read they send is counted in `counts`.
+    pub fn start(db: Database, counts: Arc<OpCounts>) -> Self {
         let (tx, rx) = mpsc::channel::<Request>(4 * MAX_BATCH);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..FLUSHERS {
-            tokio::spawn(flusher(db.clone(), rx.clone()));
+            tokio::spawn(flusher(db.clone(), rx.clone(), counts.clone()));
         }
         Self { tx }
     }
@@ -117,7 +121,7 @@ impl Ledger {
     }
 }
 
-async fn flusher(db: Database, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
+async fn flusher(db: Database, rx: Arc<Mutex<mpsc::Receiver<Request>>>, counts: Arc<OpCounts>) {
     loop {
         let batch = {
             let mut rx = rx.lock().await;
@@ -132,7 +136,7 @@ async fn flusher(db: Database, rx: Arc<Mutex<mpsc::Receiver<Request>>>) {
             batch
         };
         let (requests, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        let results = flush(&db, &requests).await;
+        let results = flush(&db, &requests, &counts).await;
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
@@ -214,6 +218,52 @@ fn statement(op: &Op) -> RawDocumentBuf {
     }
 }
 
+/// The "sent" marks of a batch as one statement: every record that one of
+/// them still holds (its owner is one of the batch's tokens) is updated, and
+/// each takes its own values from the arrays by the index of its owner token.
+/// A token is written by one claim on one record and never reused
+/// (`Owners`), so a record can only match the mark made for it, and a mark
+/// whose claim was taken over matches nothing, exactly as its statement
+/// alone would. The record ends as `Op::Sent`'s statement leaves it.
+fn marks_statement(marks: &[&Op]) -> RawDocumentBuf {
+    let (mut keys, mut owners, mut conversations, mut activities, mut attempts, mut entries) =
+        (RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new());
+    for op in marks {
+        let Op::Sent { key, owner, conversation_id, activity_id, attempts: sends, entries: each } = op else { continue };
+        keys.push(key.as_str());
+        owners.push(owner.as_str());
+        conversations.push(conversation_id.as_str());
+        activities.push(activity_id.as_str());
+        attempts.push(*sends);
+        let mut list = RawArrayBuf::new();
+        for entry in each {
+            list.push(entry.clone());
+        }
+        entries.push(list);
+    }
+    // `$literal`: a value starting with `$` is data, not a field path.
+    let pick = |values: RawArrayBuf| rawdoc! { "$arrayElemAt": [{ "$literal": values }, "$_mark"] };
+    rawdoc! {
+        "q": { "_id": { "$in": keys }, "owner": { "$in": owners.clone() } },
+        "u": [
+            { "$set": { "_mark": { "$indexOfArray": [{ "$literal": owners }, "$owner"] } } },
+            { "$set": {
+                "state": "sent",
+                "conversation_id": pick(conversations),
+                "activity_id": pick(activities),
+                "attempts": { "$add": [{ "$ifNull": ["$attempts", 0_i64] }, pick(attempts)] },
+                "history": { "$slice": [
+                    { "$concatArrays": [{ "$ifNull": ["$history", []] }, pick(entries)] },
+                    -super::MAX_HISTORY,
+                ] },
+                "updated_at": "$$NOW",
+            } },
+            { "$unset": ["_mark", "last_error", "reason", "lease_until", "owner", "claimed_from"] },
+        ],
+        "multi": true,
+    }
+}
+
 fn key_of(op: &Op) -> &str {
     match op {
         Op::Claim { key, .. } | Op::Sent { key, .. } => key,
@@ -221,11 +271,29 @@ fn key_of(op: &Op) -> &str {
 }
 
 /// What a batch's statements came to, in order.
-async fn flush(db: &Database, ops: &[Op]) -> Vec<Result<Done, MongoError>> {
+async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done, MongoError>> {
+    // Each claim is a statement; two or more marks are one statement
+    // together, the last. `statement_of[i]`: the statement that carries `ops[i]`.
+    let marks: Vec<&Op> = ops.iter().filter(|op| matches!(op, Op::Sent { .. })).collect();
+    let grouped = marks.len() > 1;
+    let marks_at = ops.len() - marks.len();
     let mut updates = RawArrayBuf::new();
+    let mut statements = 0_usize;
+    let mut statement_of = Vec::with_capacity(ops.len());
     for op in ops {
-        updates.push(statement(op));
+        if grouped && matches!(op, Op::Sent { .. }) {
+            statement_of.push(marks_at);
+        } else {
+            updates.push(statement(op));
+            statement_of.push(statements);
+            statements += 1;
+        }
     }
+    if grouped {
+        updates.push(marks_statement(&marks));
+        statements += 1;
+    }
+    counts.writes.fetch_add(statements as u64, Ordering::Relaxed);
     let command = rawdoc! { "update": DELIVERIES, "updates": updates, "ordered": false };
     let answer = match db.run_raw_command(command).await {
         Ok(answer) => answer,
@@ -235,17 +303,26 @@ async fn flush(db: &Database, ops: &[Op]) -> Vec<Result<Done, MongoError>> {
         let message = format!("write concern: {}", concern.get_str("errmsg").unwrap_or("write concern error"));
         return ops.iter().map(|_| Err(MongoError::custom(message.clone()))).collect();
     }
+    // Errors and upserts are reported by statement; each applies to the ops it carries.
+    let by_statement = |name: &str| -> Vec<(usize, &mongodb::bson::Document)> {
+        answer
+            .get_array(name)
+            .into_iter()
+            .flatten()
+            .filter_map(Bson::as_document)
+            .filter_map(|entry| Some((usize::try_from(entry.get_i32("index").ok()?).ok()?, entry)))
+            .collect()
+    };
     let mut errors: Vec<Option<String>> = vec![None; ops.len()];
-    for entry in answer.get_array("writeErrors").into_iter().flatten().filter_map(Bson::as_document) {
-        let index = entry.get_i32("index").ok().and_then(|i| usize::try_from(i).ok());
+    for (index, entry) in by_statement("writeErrors") {
         let message = format!("write error {}: {}", entry.get_i32("code").unwrap_or_default(), entry.get_str("errmsg").unwrap_or_default());
-        if let Some(slot) = index.and_then(|i| errors.get_mut(i)) {
-            *slot = Some(message);
+        for (slot, _) in errors.iter_mut().zip(&statement_of).filter(|(_, s)| **s == index) {
+            *slot = Some(message.clone());
         }
     }
     let mut upserted = vec![false; ops.len()];
-    for entry in answer.get_array("upserted").into_iter().flatten().filter_map(Bson::as_document) {
-        if let Some(slot) = entry.get_i32("index").ok().and_then(|i| usize::try_from(i).ok()).and_then(|i| upserted.get_mut(i)) {
+    for (index, _) in by_statement("upserted") {
+        for (slot, _) in upserted.iter_mut().zip(&statement_of).filter(|(_, s)| **s == index) {
             *slot = true;
         }
     }
@@ -263,6 +340,9 @@ async fn flush(db: &Database, ops: &[Op]) -> Vec<Result<Done, MongoError>> {
         .filter(|((op, error), upserted)| error.is_none() && !**upserted && (matches!(op, Op::Claim { .. }) || !all_marks_held))
         .map(|((op, _), _)| key_of(op))
         .collect();
+    if !unknown.is_empty() {
+        counts.reads.fetch_add(1, Ordering::Relaxed);
+    }
     let records = match read_back(db, &unknown).await {
         Ok(records) => records,
         Err(err) => return ops.iter().map(|_| Err(err.clone())).collect(),

@@ -115,7 +115,9 @@ pub struct Store {
     owners: Arc<ledger::Owners>,
 }
 
-/// MongoDB operations made by this process (for metrics and the benchmark).
+/// MongoDB operations made by this process (for metrics and the benchmark):
+/// reads, and write statements (one entry of an `update` command's
+/// `updates` is one, however many records it changes).
 #[derive(Debug, Default)]
 struct OpCounts {
     reads: AtomicU64,
@@ -132,12 +134,13 @@ impl Store {
         options.connect_timeout.get_or_insert(Duration::from_secs(5));
         let client = Client::with_options(options).map_err(StoreError::new("connect"))?;
         let db = client.database(&settings.mongodb_database);
+        let ops = Arc::new(OpCounts::default());
         Ok(Self {
-            ledger: ledger::Ledger::start(db.clone()),
+            ledger: ledger::Ledger::start(db.clone(), ops.clone()),
             owners: Default::default(),
             client,
             db,
-            ops: Default::default(),
+            ops,
             claim_lease: settings.claim_lease(),
             retention: Duration::from_secs(u64::from(settings.ledger.retention_days) * 86_400),
         })
@@ -280,7 +283,6 @@ impl Store {
     /// org_integration, unless it was sent already or another delivery holds
     /// it. Claims of concurrent jobs share one command (see `ledger`).
     pub async fn claim(&self, job: JobId, org: &OrganizationId, integration: &IntegrationId) -> Result<Claim, StoreError> {
-        self.write();
         let job_id = job.to_string();
         let op = ledger::Op::Claim {
             key: delivery_key(&job_id, org.as_str(), integration.as_str()),
@@ -300,8 +302,8 @@ impl Store {
 
     /// Record the job sent. `false` when the claim was no longer this
     /// delivery's (its lease ran out and another delivery took the job).
+    /// The marks of concurrent jobs are one statement (see `ledger`).
     pub async fn mark_sent(&self, lease: &Lease, activity_id: &str, attempts: &[AttemptRecord]) -> Result<bool, StoreError> {
-        self.write();
         let op = ledger::Op::Sent {
             key: lease.key.clone(),
             owner: lease.owner.clone(),

@@ -279,3 +279,81 @@ async fn seed_replaces_what_it_owns_keeps_quarantines_and_checks_before_writing(
     assert!(env.store.org_integration(&org("org-new"), &integration).await.unwrap().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The "sent" marks of concurrent jobs are one statement, and each record
+/// still gets only its own values: 24 claims, one of them taken over by
+/// another delivery after its lease ran out, then all 24 marked at once. The
+/// mark of the claim that was taken over changes nothing; the others each
+/// carry their own activity, attempts and history. (A current-thread runtime:
+/// every mark is queued before a flusher runs.)
+#[tokio::test]
+async fn the_marks_of_concurrent_jobs_are_one_statement_and_each_record_keeps_its_own() {
+    use herald::mongo::{AttemptRecord, Claim, Store};
+    let env = TestEnv::two_orgs().await;
+    let jobs: Vec<_> = (0..24).map(|i| job("org-a", CONV_A, &format!("mark {i}"))).collect();
+    let mut leases = Vec::new();
+    for job in &jobs {
+        match env.store.claim(job.id, &job.organization_id, &job.integration_id).await.unwrap() {
+            Claim::Fresh(lease) => leases.push(lease),
+            other => panic!("a new job is ours to send: {other:?}"),
+        }
+    }
+    // Job 7's worker hung past its lease; another delivery takes the job over.
+    let raw = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true").await.unwrap();
+    let deliveries = raw.database(&env.settings.mongodb_database).collection::<mongodb::bson::Document>("deliveries");
+    let expired = mongodb::bson::doc! { "$set": { "lease_until": mongodb::bson::DateTime::from_millis(0) } };
+    deliveries.update_one(mongodb::bson::doc! { "_id": &leases[7].key }, expired).await.unwrap();
+    let other = Store::connect(&env.settings).await.unwrap();
+    let Claim::Fresh(taken) = other.claim(jobs[7].id, &jobs[7].organization_id, &jobs[7].integration_id).await.unwrap() else {
+        panic!("a claim whose lease ran out can be taken over")
+    };
+    assert!(taken.taken_over);
+
+    let attempt = |i: usize| AttemptRecord {
+        at: mongodb::bson::DateTime::now(),
+        outcome: "sent".into(),
+        reason: None,
+        http_status: Some(201),
+        teams_code: None,
+        bot_app_id: Some("app-a".into()),
+        conversation_id: Some(format!("$conversation-{i}")),
+        sends: 1,
+        duration_ms: i as i64,
+    };
+    // Job 5 was tried 20 times before: the record keeps the newest 20 attempts.
+    let old = mongodb::bson::to_document(&AttemptRecord { duration_ms: -1, ..attempt(5) }).unwrap();
+    let tried = mongodb::bson::doc! { "$set": { "history": vec![old; 20] } };
+    deliveries.update_one(mongodb::bson::doc! { "_id": &leases[5].key }, tried).await.unwrap();
+
+    let (_, writes_before) = env.store.op_counts();
+    let marks = futures_util::future::join_all(leases.iter().enumerate().map(|(i, lease)| {
+        let attempts: Vec<_> = (0..=i % 3).map(|_| attempt(i)).collect();
+        let store = env.store.clone();
+        async move { store.mark_sent(lease, &format!("$activity-{i}"), &attempts).await.unwrap() }
+    }))
+    .await;
+    let (_, writes_after) = env.store.op_counts();
+    assert!(writes_after - writes_before <= 2, "24 marks made {} statements", writes_after - writes_before);
+    for (i, (job, held)) in jobs.iter().zip(marks).enumerate() {
+        let record = env.store.delivery(&job.id.to_string()).await.unwrap().unwrap();
+        if i == 7 {
+            assert!(!held, "the claim was taken over: the mark does not hold");
+            assert_eq!(
+                (record.state, record.owner.as_deref(), record.activity_id),
+                (DeliveryState::Sending, Some(taken.owner.as_str()), None)
+            );
+            continue;
+        }
+        assert!(held, "job {i}");
+        assert_eq!(record.state, DeliveryState::Sent, "job {i}");
+        assert_eq!(record.activity_id.as_deref(), Some(format!("$activity-{i}").as_str()), "values starting with $ are data");
+        assert_eq!(record.conversation_id.as_deref(), Some(format!("$conversation-{i}").as_str()));
+        assert_eq!(record.attempts, (i % 3 + 1) as i64);
+        let (earlier, this) = record.history.split_at(record.history.len() - (i % 3 + 1));
+        assert!(this.iter().all(|a| a.duration_ms == i as i64), "job {i}: {:?}", record.history);
+        let earlier_kept = if i == 5 { 17 } else { 0 };
+        assert!(earlier.len() == earlier_kept && earlier.iter().all(|a| a.duration_ms == -1), "job {i}: {:?}", record.history);
+        assert_eq!((record.owner, record.lease_until), (None, None));
+    }
+    other.shutdown().await;
+}
