@@ -335,7 +335,7 @@ impl Pipeline {
         // lane's turn at a time (one posting, the next claiming beside it),
         // so these are bounded by the lanes.
         let busy = lane.backlog() || ready.as_ref().is_ok_and(|r| r.paced);
-        let _slot = if busy { None } else { Some(self.slots.acquire().await.expect("the slots are never closed")) };
+        let slot = if busy { None } else { Some(self.slots.acquire().await.expect("the slots are never closed")) };
         // The deadline starts before the claim is sent, so it ends before the
         // lease the server computes from its own clock. Every outcome,
         // failures included, is decided under the claim: a job already sent
@@ -362,6 +362,10 @@ impl Pipeline {
         lane.previous_posted().await;
         let sent = self.send(&integration, &destination, &body, until, attempt, lane).await?;
         lane.posted();
+        // A slot bounds jobs sending; recording the post is not sending, and
+        // holding the slot through it would let the ledger's round trip
+        // bound the worker's rate.
+        drop(slot);
         self.record_sent(attempt, &sent).await;
         Ok(Done::Sent { sent, conversation_id })
     }
