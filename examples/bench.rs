@@ -153,6 +153,12 @@ impl Env {
     }
 
     fn worker_env(&self, http_port: u16) -> Vec<(String, String)> {
+        let mut env = self.bench_worker_env(http_port);
+        env.extend(tried_settings());
+        env
+    }
+
+    fn bench_worker_env(&self, http_port: u16) -> Vec<(String, String)> {
         vec![
             ("HERALD_TOPOLOGY_PREFIX".into(), self.prefix.clone()),
             ("HERALD_MONGODB_DATABASE".into(), self.database.clone()),
@@ -198,6 +204,14 @@ impl Env {
         }
         Ok(())
     }
+}
+
+/// `BENCH_WORKER_ENV="HERALD_WORKER__CONCURRENCY=256 HERALD_FLEET__SHARDS=0"`:
+/// settings every herald worker of this run gets on top of the bench's own,
+/// to try a setting without a rebuild (DEVELOPERS.md, "Profiling").
+fn tried_settings() -> Vec<(String, String)> {
+    let tried = std::env::var("BENCH_WORKER_ENV").unwrap_or_default();
+    tried.split_whitespace().filter_map(|pair| pair.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 /// Publish `bodies` with pipelined confirms (windows of 500).
