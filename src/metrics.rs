@@ -297,7 +297,7 @@ impl Metrics {
         counter(&mut out, "herald_resolution_cache_total", "org_integration resolutions, served from the cache or not.");
         let _ = writeln!(out, "herald_resolution_cache_total{{result=\"hit\"}} {}", gauges.cache_hits);
         let _ = writeln!(out, "herald_resolution_cache_total{{result=\"miss\"}} {}", gauges.cache_misses);
-        counter(&mut out, "herald_mongodb_operations_total", "MongoDB operations, by kind.");
+        counter(&mut out, "herald_mongodb_operations_total", "MongoDB reads and write statements (a ledger batch's sent marks are one).");
         let _ = writeln!(out, "herald_mongodb_operations_total{{kind=\"read\"}} {}", gauges.mongodb_reads);
         let _ = writeln!(out, "herald_mongodb_operations_total{{kind=\"write\"}} {}", gauges.mongodb_writes);
         counter(
