@@ -201,7 +201,7 @@ pub struct DeliveryDoc {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The claim's holder while `sending` (a random token per delivery).
+    /// The claim's holder while `sending` (a token per claim, never reused: `ledger::Owners`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
