@@ -14,10 +14,10 @@
 //! - **Group commit**: claims and "sent" marks of concurrent jobs share one
 //!   `update` command (`ordered: false`), so a busy worker makes a few round
 //!   trips per batch instead of one per job. Each claim is its own statement
-//!   (an upsert); the marks of a batch are one statement together (`multi`,
-//!   each record's values picked by its owner token), so a delivered job
-//!   costs one statement and a share of one. Nothing waits for a batch to
-//!   fill: a flusher takes what is queued now.
+//!   (an upsert); the marks of a batch, one or many, are one statement
+//!   together (`multi`, each record's values picked by its owner token), so a
+//!   delivered job costs one statement and a share of one. Nothing waits for
+//!   a batch to fill: a flusher takes what is queued now.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,62 +173,42 @@ static CLAIM_PARTS: LazyLock<(RawDocumentBuf, RawDocumentBuf, RawDocumentBuf)> =
     (rawdoc! { "$set": { "_claim": claimable } }, constant, rawdoc! { "$unset": "_claim" })
 });
 
-/// One statement of the batch's `update` command, written straight to BSON
-/// bytes (`rawdoc!`): building a `Document` per statement (an ordered map
-/// per nested object) was most of the flusher's CPU in a profile.
-fn statement(op: &Op) -> RawDocumentBuf {
-    match op {
-        // One statement for a new job (an upsert) and for a known one: the
-        // pipeline takes the record only when it is neither sent nor
-        // unconfirmed and no live lease holds it, and leaves it untouched
-        // otherwise. Who holds it afterwards is read back only for records
-        // that existed (rare: redeliveries, retries, replays).
-        Op::Claim { key, job_id, organization_id, integration_id, owner, lease_ms } => {
-            let (first, constant, last) = &*CLAIM_PARTS;
-            let lease_until = rawdoc! { "$dateAdd": { "startDate": "$$NOW", "unit": "millisecond", "amount": *lease_ms } };
-            let mut set = constant.clone();
-            set.append("owner", when(literal(owner).into(), "$owner"));
-            set.append("lease_until", when(lease_until.into(), "$lease_until"));
-            set.append("job_id", literal(job_id));
-            set.append("organization_id", literal(organization_id));
-            set.append("integration_id", literal(integration_id));
-            rawdoc! {
-                "q": { "_id": key.as_str() },
-                "u": [first.clone(), { "$set": set }, last.clone()],
-                "upsert": true,
-            }
-        }
-        // Only the holder of the claim may mark it.
-        Op::Sent { key, owner, conversation_id, activity_id, attempts, entries } => {
-            let mut each = RawArrayBuf::new();
-            for entry in entries {
-                each.push(entry.clone());
-            }
-            rawdoc! {
-                "q": { "_id": key.as_str(), "owner": owner.as_str() },
-                "u": {
-                    "$set": { "state": "sent", "conversation_id": conversation_id.as_str(), "activity_id": activity_id.as_str() },
-                    "$inc": { "attempts": *attempts },
-                    "$push": { "history": { "$each": each, "$slice": -super::MAX_HISTORY } },
-                    "$unset": { "last_error": "", "reason": "", "lease_until": "", "owner": "", "claimed_from": "" },
-                    "$currentDate": { "updated_at": true },
-                },
-            }
-        }
+/// A claim's statement, written straight to BSON bytes (`rawdoc!`):
+/// building a `Document` per statement (an ordered map per nested object)
+/// was most of the flusher's CPU in a profile.
+///
+/// One statement for a new job (an upsert) and for a known one: the pipeline
+/// takes the record only when it is neither sent nor unconfirmed and no live
+/// lease holds it, and leaves it untouched otherwise. Who holds it afterwards
+/// is read back only for records that existed (rare: redeliveries, retries,
+/// replays).
+fn claim_statement(key: &str, job_id: &str, organization_id: &str, integration_id: &str, owner: &str, lease_ms: i64) -> RawDocumentBuf {
+    let (first, constant, last) = &*CLAIM_PARTS;
+    let lease_until = rawdoc! { "$dateAdd": { "startDate": "$$NOW", "unit": "millisecond", "amount": lease_ms } };
+    let mut set = constant.clone();
+    set.append("owner", when(literal(owner).into(), "$owner"));
+    set.append("lease_until", when(lease_until.into(), "$lease_until"));
+    set.append("job_id", literal(job_id));
+    set.append("organization_id", literal(organization_id));
+    set.append("integration_id", literal(integration_id));
+    rawdoc! {
+        "q": { "_id": key },
+        "u": [first.clone(), { "$set": set }, last.clone()],
+        "upsert": true,
     }
 }
 
-/// The "sent" marks of a batch as one statement: every record that one of
-/// them still holds (its owner is one of the batch's tokens) is updated, and
-/// each takes its own values from the arrays by the index of its owner token.
-/// A token is written by one claim on one record and never reused
-/// (`Owners`), so a record can only match the mark made for it, and a mark
-/// whose claim was taken over matches nothing, exactly as its statement
-/// alone would. The record ends as `Op::Sent`'s statement leaves it.
-fn marks_statement(marks: &[&Op]) -> RawDocumentBuf {
+/// The "sent" marks among `ops` as one statement: only the holder of a claim
+/// may mark it, so every record that one of them still holds (its owner is
+/// one of the batch's tokens) is updated, and each takes its own values from
+/// the arrays by the index of its owner token. A token is written by one
+/// claim on one record and never reused (`Owners`), so a record can only
+/// match the mark made for it, and a mark whose claim was taken over matches
+/// nothing.
+fn marks_statement(ops: &[Op]) -> RawDocumentBuf {
     let (mut keys, mut owners, mut conversations, mut activities, mut attempts, mut entries) =
         (RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new(), RawArrayBuf::new());
-    for op in marks {
+    for op in ops {
         let Op::Sent { key, owner, conversation_id, activity_id, attempts: sends, entries: each } = op else { continue };
         keys.push(key.as_str());
         owners.push(owner.as_str());
@@ -272,28 +252,27 @@ fn key_of(op: &Op) -> &str {
 
 /// What a batch's statements came to, in order.
 async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done, MongoError>> {
-    // Each claim is a statement; two or more marks are one statement
+    // Each claim is a statement; the marks, if any, are one statement
     // together, the last. `statement_of[i]`: the statement that carries `ops[i]`.
-    let marks: Vec<&Op> = ops.iter().filter(|op| matches!(op, Op::Sent { .. })).collect();
-    let grouped = marks.len() > 1;
-    let marks_at = ops.len() - marks.len();
+    let claims = ops.iter().filter(|op| matches!(op, Op::Claim { .. })).count();
     let mut updates = RawArrayBuf::new();
-    let mut statements = 0_usize;
     let mut statement_of = Vec::with_capacity(ops.len());
+    let mut claimed = 0;
     for op in ops {
-        if grouped && matches!(op, Op::Sent { .. }) {
-            statement_of.push(marks_at);
-        } else {
-            updates.push(statement(op));
-            statement_of.push(statements);
-            statements += 1;
+        match op {
+            Op::Claim { key, job_id, organization_id, integration_id, owner, lease_ms } => {
+                updates.push(claim_statement(key, job_id, organization_id, integration_id, owner, *lease_ms));
+                statement_of.push(claimed);
+                claimed += 1;
+            }
+            Op::Sent { .. } => statement_of.push(claims),
         }
     }
-    if grouped {
-        updates.push(marks_statement(&marks));
-        statements += 1;
+    let marked = claims < ops.len();
+    if marked {
+        updates.push(marks_statement(ops));
     }
-    counts.writes.fetch_add(statements as u64, Ordering::Relaxed);
+    counts.writes.fetch_add((claims + usize::from(marked)) as u64, Ordering::Relaxed);
     let command = rawdoc! { "update": DELIVERIES, "updates": updates, "ordered": false };
     let answer = match db.run_raw_command(command).await {
         Ok(answer) => answer,
@@ -328,7 +307,6 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done,
     }
     // Every claim statement matches or upserts one record; what `n` counts
     // beyond them are the marks that found their owner.
-    let claims = ops.iter().filter(|op| matches!(op, Op::Claim { .. })).count();
     let marks = ops.len() - claims;
     let matched = usize::try_from(answer.get_i32("n").unwrap_or_default()).unwrap_or_default();
     let all_marks_held = errors.iter().all(Option::is_none) && matched.saturating_sub(claims) == marks;
