@@ -23,6 +23,18 @@ pub struct OrgIntegration {
     pub tenant_id: String,
     pub service_url: String,
     pub bot: BotCredentials,
+    /// `service_url` parsed and checked against the bot's cloud once, when
+    /// the record was read, not for every job: the parsed URL, or why the
+    /// token may not go there (`TeamsError::ServiceUrlNotAllowed`).
+    checked_service_url: Result<url::Url, (String, String)>,
+}
+
+impl OrgIntegration {
+    /// The service URL, if the bot's cloud allows sending its token there
+    /// ([`Teams::check_service_url`], as of when the record was read).
+    pub fn checked_service_url(&self) -> Result<url::Url, crate::teams::TeamsError> {
+        self.checked_service_url.clone().map_err(|(url, why)| crate::teams::TeamsError::ServiceUrlNotAllowed { url, why })
+    }
 }
 
 /// What the cache remembers of a lookup, misses included, so that a storm of
@@ -186,7 +198,7 @@ impl Resolver {
         if let Some(found) = self.personal(store, &key, user).await? {
             return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: None });
         }
-        let service_url = teams.check_service_url(&integration.bot, &integration.service_url)?;
+        let service_url = integration.checked_service_url()?;
         let conversation_id =
             teams.create_personal_conversation(&service_url, &integration.bot, &integration.tenant_id, user.as_str(), until).await?;
         let doc = ConversationDoc {
@@ -277,17 +289,23 @@ fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, Strin
     else {
         return Err(format!("org_integration {id}: blank organization_id or integration_id"));
     };
+    let bot = BotCredentials {
+        authority: doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone()),
+        cloud: cloud.name.clone(),
+        app_id: doc.bot.app_id,
+        app_secret: SecretString::from(secret),
+    };
+    let checked_service_url = teams.check_service_url(&bot, &doc.service_url).map_err(|refused| match refused {
+        crate::teams::TeamsError::ServiceUrlNotAllowed { url, why } => (url, why),
+        other => (crate::teams::redact(&doc.service_url), other.to_string()),
+    });
     Ok(OrgIntegration {
         id,
         organization_id,
         integration_id,
         tenant_id: doc.tenant_id,
         service_url: doc.service_url,
-        bot: BotCredentials {
-            authority: doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone()),
-            cloud: cloud.name.clone(),
-            app_id: doc.bot.app_id,
-            app_secret: SecretString::from(secret),
-        },
+        bot,
+        checked_service_url,
     })
 }

@@ -381,7 +381,7 @@ impl Pipeline {
         attempt.org_integration_id = Some(integration.id.clone());
         attempt.bot_app_id = Some(integration.bot.app_id.clone());
         // Checked before any request (the recipient lookup may create a chat).
-        let service_url = self.teams.check_service_url(&integration.bot, &integration.service_url).map_err(DeliveryError::from)?;
+        let service_url = integration.checked_service_url().map_err(DeliveryError::from)?;
         let recipient = tokio::time::timeout_at(until, self.resolver.recipient(&self.store, &self.teams, job, &integration, until))
             .await
             .map_err(within("the recipient lookup"))??;
