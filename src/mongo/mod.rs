@@ -9,6 +9,7 @@ mod fleet;
 mod ledger;
 mod records;
 mod tenants;
+mod writer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
