@@ -404,7 +404,7 @@ async fn check(settings: &Settings, store: &Store, target: &Target, conversation
         facts: Vec::new(),
     };
     let sent = async {
-        let service_url = teams.check_service_url(&integration.bot, &integration.service_url)?;
+        let service_url = integration.checked_service_url()?;
         let body = teams.encode(&card::activity(&Content::Message(message)))?;
         let to = Destination { service_url: &service_url, conversation_id: conversation.as_str(), bot: &integration.bot };
         teams.send(&to, &body, tokio::time::Instant::now() + teams.request_timeout()).await

@@ -21,11 +21,10 @@ pub struct OrgIntegration {
     pub organization_id: OrganizationId,
     pub integration_id: IntegrationId,
     pub tenant_id: String,
-    pub service_url: String,
     pub bot: BotCredentials,
-    /// `service_url` parsed and checked against the bot's cloud once, when
-    /// the record was read, not for every job: the parsed URL, or why the
-    /// token may not go there (`TeamsError::ServiceUrlNotAllowed`).
+    /// The record's `service_url` parsed and checked against the bot's cloud
+    /// once, when the record was read, not for every job: the parsed URL, or
+    /// why the token may not go there (`TeamsError::ServiceUrlNotAllowed`).
     checked_service_url: Result<url::Url, (String, String)>,
 }
 
@@ -299,13 +298,5 @@ fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, Strin
         crate::teams::TeamsError::ServiceUrlNotAllowed { url, why } => (url, why),
         other => (crate::teams::redact(&doc.service_url), other.to_string()),
     });
-    Ok(OrgIntegration {
-        id,
-        organization_id,
-        integration_id,
-        tenant_id: doc.tenant_id,
-        service_url: doc.service_url,
-        bot,
-        checked_service_url,
-    })
+    Ok(OrgIntegration { id, organization_id, integration_id, tenant_id: doc.tenant_id, bot, checked_service_url })
 }
