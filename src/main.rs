@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use herald::cli::{Cli, exit_code, run, runtime_threads};
+use herald::cli::{Cli, exit_code, run, runtime_plan};
 
 /// glibc's malloc and free took about 30% of the worker's CPU in a profile
 /// of the benchmark's drain (`perf record`, README "Benchmark"): every job
@@ -15,7 +15,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match runtime_threads(&cli) {
+    let plan = runtime_plan(&cli);
+    if plan.batch_scheduling {
+        // Before any thread starts, so that all of them inherit it.
+        herald::worker::sched::use_batch_policy();
+    }
+    let runtime = match plan.threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),

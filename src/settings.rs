@@ -95,6 +95,9 @@ pub struct WorkerSettings {
     /// The async runtime's threads: 1 runs the process on one thread (tokio's
     /// current-thread scheduler), 0 on one per CPU.
     pub threads: usize,
+    /// Run the worker's threads under Linux's `SCHED_BATCH` policy (see
+    /// `worker::sched`); elsewhere, and when the kernel refuses, it is ignored.
+    pub batch_scheduling: bool,
     pub prefetch: u16,
     pub concurrency: usize,
     pub shutdown_deadline_secs: u64,

@@ -146,8 +146,23 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
 
 /// `worker.threads` of the settings `cli` names (1 when they do not load:
 /// `run` reports why).
-pub fn runtime_threads(cli: &Cli) -> usize {
-    Settings::load(cli.config.as_deref()).map_or(1, |settings| settings.worker.threads)
+/// What the process needs before its async runtime starts.
+pub struct RuntimePlan {
+    /// `worker.threads` (1 when the settings do not load: the command then
+    /// reports why).
+    pub threads: usize,
+    /// A worker whose settings ask for `SCHED_BATCH` (`worker.batch_scheduling`).
+    pub batch_scheduling: bool,
+}
+
+pub fn runtime_plan(cli: &Cli) -> RuntimePlan {
+    match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => RuntimePlan {
+            threads: settings.worker.threads,
+            batch_scheduling: matches!(cli.command, Command::Worker) && settings.worker.batch_scheduling,
+        },
+        Err(_) => RuntimePlan { threads: 1, batch_scheduling: false },
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -24,6 +24,7 @@ mod lanes;
 mod pacing;
 pub mod resolve;
 pub mod run;
+pub mod sched;
 mod settle;
 pub mod step;
 

@@ -84,6 +84,7 @@ impl Worker {
 
     /// Consume until `shutdown`; reconnect with backoff when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        super::sched::log_outcome();
         if !self.settings.http.listen.is_empty() {
             let addr = crate::http::serve(&self.settings.http.listen, self.health(), shutdown.clone())
                 .await

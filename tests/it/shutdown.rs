@@ -12,6 +12,21 @@ fn titles(records: &[sim::ActivityRecord]) -> Vec<String> {
     records.iter().map(|r| r.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap().to_owned()).collect()
 }
 
+/// Each thread of process `pid` with its scheduling policy (`/proc/PID/task/TID/stat`, field 41).
+fn thread_policies(pid: &str) -> Vec<(String, u32)> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the worker runs") {
+        let task = task.unwrap().path();
+        let (Ok(stat), Ok(name)) = (std::fs::read_to_string(task.join("stat")), std::fs::read_to_string(task.join("comm"))) else {
+            continue;
+        };
+        let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+        let policy = after_name.split(' ').nth(41 - 3).expect("field 41").parse().expect("a number");
+        policies.push((name.trim().to_owned(), policy));
+    }
+    policies
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_jobs_and_loses_none() {
     let env = TestEnv::two_orgs().await;
@@ -35,6 +50,11 @@ async fn sigterm_finishes_in_flight_jobs_and_loses_none() {
         .expect("herald worker starts");
     env.activities(6).await;
     let pid = process.id().expect("running").to_string();
+    // worker.batch_scheduling (on by default): every thread of the worker,
+    // lapin's I/O threads included, runs under SCHED_BATCH (3).
+    let policies = thread_policies(&pid);
+    assert!(policies.len() >= 3, "tokio's thread and an I/O thread per connection: {policies:?}");
+    assert!(policies.iter().all(|(_, policy)| *policy == 3), "{policies:?}");
     let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
     let exit = tokio::time::timeout(Duration::from_secs(15), process.wait()).await.expect("exits within the drain deadline").unwrap();
