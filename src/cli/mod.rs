@@ -144,8 +144,6 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     if err.downcast_ref::<Usage>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
 }
 
-/// `worker.threads` of the settings `cli` names (1 when they do not load:
-/// `run` reports why).
 /// What the process needs before its async runtime starts.
 pub struct RuntimePlan {
     /// `worker.threads` (1 when the settings do not load: the command then
@@ -155,6 +153,7 @@ pub struct RuntimePlan {
     pub batch_scheduling: bool,
 }
 
+/// The plan from the settings `cli` names.
 pub fn runtime_plan(cli: &Cli) -> RuntimePlan {
     match Settings::load(cli.config.as_deref()) {
         Ok(settings) => RuntimePlan {
