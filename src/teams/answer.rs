@@ -4,9 +4,14 @@
 
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use http::HeaderMap;
+use http::header::RETRY_AFTER;
+use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use super::TeamsError;
+use super::connector::Answer;
 
 /// The most of an answer's body herald reads. Microsoft's answers are a few
 /// hundred bytes; anything larger is cut here.
@@ -16,28 +21,35 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 pub enum BodyError {
     TooLarge,
-    Transport(reqwest::Error),
+    Transport(String),
 }
 
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyError::TooLarge => write!(f, "the answer's body exceeds {MAX_BODY_BYTES} bytes"),
-            BodyError::Transport(err) => write!(f, "{}", crate::text::error_chain(err)),
+            BodyError::Transport(err) => f.write_str(err),
         }
     }
 }
 
-/// The body, up to `MAX_BODY_BYTES` (the request's timeout bounds the time).
-pub async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>, BodyError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| BodyError::Transport(e.without_url()))? {
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(BodyError::TooLarge);
+/// A body, up to `MAX_BODY_BYTES` (the caller bounds the time).
+pub async fn read_body<B>(mut body: B) -> Result<Vec<u8>, BodyError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
+{
+    let mut read = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| BodyError::Transport(crate::text::error_chain(&err)))?;
+        if let Ok(chunk) = frame.into_data() {
+            if read.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(BodyError::TooLarge);
+            }
+            read.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok(read)
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date (RFC 9110 §10.2.3), as a
@@ -68,22 +80,18 @@ struct ErrorDetail {
     message: Option<String>,
 }
 
-pub fn correlation_id(response: &reqwest::Response) -> Option<String> {
-    let value = response.headers().get("x-correlating-operationid")?.to_str().ok()?;
+pub fn correlation_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("x-correlating-operationid")?.to_str().ok()?;
     Some(crate::text::clip(value, 128))
 }
 
 /// Microsoft's error answer, with its code, correlation id and `Retry-After`.
-pub async fn api_error(response: reqwest::Response, max_retry_after: Duration) -> TeamsError {
-    let status = response.status().as_u16();
-    let correlation_id = correlation_id(&response);
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry_after(v, SystemTime::now(), max_retry_after));
-    let body = read_body(response).await;
-    let text = match &body {
+pub fn api_error(answer: Answer, max_retry_after: Duration) -> TeamsError {
+    let status = answer.status.as_u16();
+    let correlation_id = correlation_id(&answer.headers);
+    let retry_after =
+        answer.headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| retry_after(v, SystemTime::now(), max_retry_after));
+    let text = match &answer.body {
         Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
         Err(err) => format!("<{err}>"),
     };

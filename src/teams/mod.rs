@@ -9,11 +9,14 @@
 mod answer;
 pub mod card;
 mod cloud;
+mod connector;
 pub mod token;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::Uri;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
@@ -21,6 +24,8 @@ use tokio::time::Instant;
 use url::Url;
 
 pub use cloud::{Cloud, ServiceUrlPolicy, redact};
+pub use connector::SetupError;
+use connector::{Answer, Connector};
 
 use crate::settings::TeamsSettings;
 
@@ -89,13 +94,6 @@ impl TeamsError {
             _ => None,
         }
     }
-
-    /// A failed request: before any byte could reach the server, or after.
-    fn transport(err: reqwest::Error, what: &str) -> Self {
-        let unsent = err.is_connect() || err.is_builder();
-        let detail = format!("{what}: {}", crate::text::error_chain(&err.without_url()));
-        if unsent { TeamsError::Unsent { what: detail } } else { TeamsError::Ambiguous { what: detail } }
-    }
 }
 
 /// Where an activity goes.
@@ -114,7 +112,7 @@ pub struct Sent {
 }
 
 pub struct Teams {
-    http: reqwest::Client,
+    connector: Arc<Connector>,
     tokens: token::Tokens,
     clouds: HashMap<String, Cloud>,
     max_activity_bytes: usize,
@@ -128,14 +126,11 @@ struct IdBody {
 }
 
 impl Teams {
-    pub fn new(settings: &TeamsSettings) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(settings.request_timeout_secs))
-            .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
-            // A redirect could carry the bearer token to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+    /// The Connector's client, with the proxy settings of the environment
+    /// (`HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`; see `connector`).
+    pub fn new(settings: &TeamsSettings) -> Result<Self, SetupError> {
+        let proxy = hyper_util::client::proxy::matcher::Matcher::from_env();
+        let connector = Arc::new(Connector::new(Duration::from_secs(settings.connect_timeout_secs), proxy)?);
         let clouds = settings
             .clouds
             .iter()
@@ -151,8 +146,8 @@ impl Teams {
             })
             .collect();
         Ok(Self {
-            tokens: token::Tokens::new(http.clone(), Duration::from_secs(settings.token_refresh_margin_secs)),
-            http,
+            tokens: token::Tokens::new(connector.clone(), Duration::from_secs(settings.token_refresh_margin_secs)),
+            connector,
             clouds,
             max_activity_bytes: settings.max_activity_bytes,
             request_timeout: Duration::from_secs(settings.request_timeout_secs),
@@ -225,9 +220,9 @@ impl Teams {
     /// 401 gets one forced token refresh and one more try.
     pub async fn send(&self, to: &Destination<'_>, body: &[u8], until: Instant) -> Result<Sent, TeamsError> {
         let url = activities_url(to.service_url, to.conversation_id);
-        let response = self.authorized_post(to.bot, &url, body, until).await?;
-        let correlation_id = answer::correlation_id(&response);
-        let id = read_id(response).await?;
+        let answer = self.authorized_post(to.bot, &url, body, until).await?;
+        let correlation_id = answer::correlation_id(&answer.headers);
+        let id = read_id(answer)?;
         Ok(Sent { activity_id: id, correlation_id })
     }
 
@@ -251,14 +246,15 @@ impl Teams {
             "channelData": { "tenant": { "id": tenant_id } },
         });
         let body = serde_json::to_vec(&params).expect("a serde_json::Value always serializes");
-        let response = self.authorized_post(bot, &url, &body, until).await?;
-        read_id(response).await.map_err(|err| match err {
+        let answer = self.authorized_post(bot, &url, &body, until).await?;
+        read_id(answer).map_err(|err| match err {
             TeamsError::Ambiguous { what } => TeamsError::Unsent { what },
             other => other,
         })
     }
 
-    async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8], until: Instant) -> Result<reqwest::Response, TeamsError> {
+    /// POST with the bot's token; a 2xx answer, or the error it comes to.
+    async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8], until: Instant) -> Result<Answer, TeamsError> {
         // Checked here too, so that no caller can skip it.
         self.check_url(bot, url)?;
         let cloud = &self.clouds[&bot.cloud];
@@ -282,31 +278,23 @@ impl Teams {
         Ok(left)
     }
 
-    async fn post(&self, url: &Url, token: &SecretString, body: &[u8], until: Instant) -> Result<reqwest::Response, TeamsError> {
+    async fn post(&self, url: &Url, token: &SecretString, body: &[u8], until: Instant) -> Result<Answer, TeamsError> {
         let timeout = self.time_left(until)?;
-        let response = self
-            .http
-            .post(url.clone())
-            .timeout(timeout)
-            .bearer_auth(token.expose_secret())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_vec())
-            .send()
-            .await
-            .map_err(|err| TeamsError::transport(err, "POST"))?;
-        if response.status().is_success() {
-            return Ok(response);
+        let uri = Uri::try_from(url.as_str()).map_err(|err| TeamsError::Unsent { what: format!("POST: {err}") })?;
+        let answer = self.connector.post(uri, Some(token.expose_secret()), connector::JSON, body, timeout).await?;
+        if answer.status.is_success() {
+            return Ok(answer);
         }
-        Err(answer::api_error(response, self.max_retry_after).await)
+        Err(answer::api_error(answer, self.max_retry_after))
     }
 }
 
 /// The `id` of a 2xx answer. The Connector accepted the request, so an
 /// answer that cannot be read leaves the outcome unknown.
-async fn read_id(response: reqwest::Response) -> Result<String, TeamsError> {
-    let status = response.status().as_u16();
+fn read_id(answer: Answer) -> Result<String, TeamsError> {
+    let status = answer.status.as_u16();
     let ambiguous = |why: String| TeamsError::Ambiguous { what: format!("answered {status}, but {why}") };
-    let body = answer::read_body(response).await.map_err(|err| ambiguous(err.to_string()))?;
+    let body = answer.body.map_err(|err| ambiguous(err.to_string()))?;
     let parsed: IdBody = serde_json::from_slice(&body).map_err(|err| ambiguous(format!("the body is not an id: {err}")))?;
     if parsed.id.is_empty() || parsed.id.len() > 1024 {
         return Err(ambiguous(format!("the id is {} bytes long", parsed.id.len())));

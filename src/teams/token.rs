@@ -17,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::answer::read_body;
+use super::connector::{Connector, FORM};
 use super::{BotCredentials, Cloud, TeamsError};
 
 struct Cached {
@@ -42,7 +42,7 @@ const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const SWEEP_ABOVE: usize = 1024;
 
 pub struct Tokens {
-    http: reqwest::Client,
+    http: Arc<Connector>,
     margin: Duration,
     slots: Mutex<HashMap<Key, Slot>>,
     requests: AtomicU64,
@@ -68,7 +68,7 @@ fn key(cloud: &Cloud, bot: &BotCredentials) -> Key {
 }
 
 impl Tokens {
-    pub fn new(http: reqwest::Client, margin: Duration) -> Self {
+    pub fn new(http: Arc<Connector>, margin: Duration) -> Self {
         Self { http, margin, slots: Mutex::new(HashMap::new()), requests: AtomicU64::new(0) }
     }
 
@@ -138,26 +138,24 @@ impl Tokens {
 
     async fn fetch(&self, cloud: &Cloud, bot: &BotCredentials, timeout: Duration) -> Result<Cached, TeamsError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let url = format!("{}/{}/oauth2/v2.0/token", cloud.token_endpoint, bot.authority);
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("client_id", bot.app_id.as_str()),
-            ("client_secret", bot.app_secret.expose_secret()),
-            ("scope", cloud.scope.as_str()),
-        ];
         let transport = |what: String| TeamsError::TokenTransport { what };
+        let url = format!("{}/{}/oauth2/v2.0/token", cloud.token_endpoint, bot.authority);
+        let uri = http::Uri::try_from(url).map_err(|err| transport(format!("the token endpoint is not a URL: {err}")))?;
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", &bot.app_id)
+            .append_pair("client_secret", bot.app_secret.expose_secret())
+            .append_pair("scope", &cloud.scope)
+            .finish();
+        let form = SecretString::from(form);
         let started = Instant::now();
-        let response = self
-            .http
-            .post(&url)
-            .timeout(timeout)
-            .form(&form)
-            .send()
-            .await
-            .map_err(|err| transport(crate::text::error_chain(&err.without_url())))?;
-        let status = response.status().as_u16();
-        let success = response.status().is_success();
-        let body = read_body(response).await.map_err(|err| transport(err.to_string()))?;
+        let answer = self.http.post(uri, None, FORM, form.expose_secret().as_bytes(), timeout).await.map_err(|err| match err {
+            TeamsError::Unsent { what } | TeamsError::Ambiguous { what } => transport(what),
+            other => transport(other.to_string()),
+        })?;
+        let status = answer.status.as_u16();
+        let success = answer.status.is_success();
+        let body = answer.body.map_err(|err| transport(err.to_string()))?;
         if success {
             let body: TokenResponse =
                 serde_json::from_slice(&body).map_err(|err| transport(format!("the token answer cannot be read: {err}")))?;
@@ -211,7 +209,8 @@ mod tests {
 
     #[test]
     fn idle_expired_keys_are_swept() {
-        let tokens = Tokens::new(reqwest::Client::new(), Duration::from_secs(300));
+        let connector = Connector::new(Duration::from_secs(1), hyper_util::client::proxy::matcher::Matcher::builder().build());
+        let tokens = Tokens::new(Arc::new(connector.expect("a client")), Duration::from_secs(300));
         for i in 0..(SWEEP_ABOVE * 4) {
             let _ = tokens.slot(&cloud(), &bot(&format!("s{i}")));
         }

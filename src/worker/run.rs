@@ -30,8 +30,8 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot build the HTTP client")]
-    Http(#[from] reqwest::Error),
+    #[error("cannot build the Connector's HTTP client")]
+    Http(#[from] crate::teams::SetupError),
     #[error("cannot listen on {addr} (http.listen)")]
     Listen {
         addr: String,
