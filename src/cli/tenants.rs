@@ -368,7 +368,7 @@ async fn check(settings: &Settings, store: &Store, target: &Target, conversation
         }
     };
     step("secret", Ok("read".to_owned()));
-    let token = teams.fetch_token(&integration.bot).await.map(|()| format!("accepted by the {} cloud", integration.bot.cloud));
+    let token = teams.fetch_token(&integration.bot).await.map(|()| format!("accepted by the {} cloud", integration.bot.cloud()));
     if !step("token", token.map_err(|err| error_chain(&err))) {
         return steps;
     }

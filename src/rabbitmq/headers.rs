@@ -133,9 +133,12 @@ impl Signer {
 
     /// The job's history: herald's counters if the headers verify, else a
     /// first delivery (with `forged` set when herald headers were present).
+    /// What [`Signer::trusted`] keeps, read in place: the counters are
+    /// herald headers, so headers that do not verify count as none.
     pub fn history(&self, message_id: Option<&str>, body: &[u8], table: Option<&FieldTable>) -> History {
-        let (trusted, forged) = self.trusted(message_id, body, table);
-        let count = |key| get_u32(Some(&trusted), key).unwrap_or(0);
+        let has_herald = table.is_some_and(|t| t.inner().keys().any(|k| k.as_str().starts_with(PREFIX)));
+        let forged = has_herald && !table.is_some_and(|t| self.verify(message_id, body, t));
+        let count = |key| if forged { 0 } else { get_u32(table, key).unwrap_or(0) };
         History { attempts: count(ATTEMPTS), hops: count(HOPS), replays: count(REPLAYS), forged }
     }
 }

@@ -117,7 +117,7 @@ impl Publisher {
     /// Send a message and return without waiting for its confirm, so that
     /// a batch can be confirmed together (`Pending::confirmed`).
     pub async fn start(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) -> Result<Pending, BrokerError> {
-        let mut sent = self.start_all(exchange, [(routing_key.to_owned(), body, properties)]).await;
+        let mut sent = self.start_all(exchange, [(Arc::from(routing_key), body, properties)]).await;
         sent.pop().expect("one result per message")
     }
 
@@ -127,50 +127,53 @@ impl Publisher {
     /// tokio's threads and lapin's per message. The results come in the
     /// order given, one per message; after the first message that could not
     /// be queued, nothing later is sent (its result and the later ones are
-    /// errors).
+    /// errors). Routing keys are shared (`Arc<str>`): the router sends every
+    /// job with one of a few fixed keys.
     pub async fn start_all<'a>(
         &self,
         exchange: &str,
-        messages: impl IntoIterator<Item = (String, &'a [u8], BasicProperties)>,
+        messages: impl IntoIterator<Item = (Arc<str>, &'a [u8], BasicProperties)>,
     ) -> Vec<Result<Pending, BrokerError>> {
         use std::future::Future;
         use std::task::Poll;
-        let messages: Vec<_> = messages.into_iter().collect();
-        if messages.is_empty() {
-            return Vec::new();
-        }
+        let messages = messages.into_iter();
+        let exchange: Arc<str> = Arc::from(exchange);
         let channel = match self.channel().await {
             Ok(channel) => channel,
             Err(err) => {
-                let mut results = vec![Err(err)];
-                results.extend(messages.iter().skip(1).map(|_| Err(not_sent(exchange))));
+                let mut results: Vec<_> = messages.map(|_| Err(not_sent(&exchange))).collect();
+                if let Some(first) = results.first_mut() {
+                    *first = Err(err);
+                }
                 return results;
             }
         };
         let options = BasicPublishOptions { mandatory: true, immediate: false };
-        let mut sends = Vec::with_capacity(messages.len());
+        let mut sends = Vec::with_capacity(messages.size_hint().0);
         let mut stopped = false;
-        for (routing_key, body, properties) in &messages {
+        for (routing_key, body, properties) in messages {
             if stopped {
-                sends.push(None);
+                sends.push((routing_key, None));
                 continue;
             }
-            let properties = properties.clone().with_delivery_mode(2);
-            let mut send = Box::pin(channel.basic_publish(exchange.into(), routing_key.as_str().into(), options, body, properties));
+            let properties = properties.with_delivery_mode(2);
+            let mut send =
+                Box::pin(channel.basic_publish(exchange.as_ref().into(), routing_key.as_ref().into(), options, body, properties));
             // lapin queues a message's frames on the first poll, before its
             // first await: polling each once here keeps the batch in order.
             let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
             stopped = matches!(first, Poll::Ready(Err(_)));
-            sends.push(Some((first, send)));
+            sends.push((routing_key, Some((first, send))));
         }
-        futures_util::future::join_all(sends.into_iter().zip(&messages).map(|(send, (routing_key, _, _))| async move {
+        let exchange = &exchange;
+        futures_util::future::join_all(sends.into_iter().map(|(routing_key, send)| async move {
             let confirm = match send {
                 None => return Err(not_sent(exchange)),
                 Some((Poll::Ready(result), _)) => result,
                 Some((Poll::Pending, send)) => send.await,
             };
-            let confirm = confirm.map_err(amqp(format!("publish to {exchange}")))?;
-            Ok(Pending { confirm, exchange: exchange.to_owned(), routing_key: routing_key.clone() })
+            let confirm = confirm.map_err(|source| BrokerError::Amqp { operation: format!("publish to {exchange}"), source })?;
+            Ok(Pending { confirm, exchange: exchange.clone(), routing_key })
         }))
         .await
     }
@@ -188,21 +191,25 @@ fn not_sent(exchange: &str) -> BrokerError {
 /// A published message whose confirm has not been awaited yet.
 pub struct Pending {
     confirm: lapin::PublisherConfirm,
-    exchange: String,
-    routing_key: String,
+    exchange: Arc<str>,
+    routing_key: Arc<str>,
 }
 
 impl Pending {
     /// Wait for the broker: an ack of a routed message is success.
     pub async fn confirmed(self) -> Result<(), BrokerError> {
-        let confirm = self.confirm.await.map_err(amqp(format!("confirm of publish to {}", self.exchange)))?;
+        let Self { confirm, exchange, routing_key } = self;
+        let confirm =
+            confirm.await.map_err(|source| BrokerError::Amqp { operation: format!("confirm of publish to {exchange}"), source })?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable { exchange: self.exchange, routing_key: self.routing_key }),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: self.exchange }),
+            Confirmation::Ack(Some(_)) => {
+                Err(BrokerError::Unroutable { exchange: exchange.to_string(), routing_key: routing_key.to_string() })
+            }
+            Confirmation::Nack(_) => Err(BrokerError::Nacked { exchange: exchange.to_string() }),
             // The channel was opened in confirm mode; a confirm that never
             // came is a failed publish, not a reason to stop the worker.
-            Confirmation::NotRequested => Err(BrokerError::Nacked { exchange: self.exchange }),
+            Confirmation::NotRequested => Err(BrokerError::Nacked { exchange: exchange.to_string() }),
         }
     }
 }

@@ -40,6 +40,14 @@ pub struct Answer {
     pub body: Result<Vec<u8>, BodyError>,
 }
 
+/// `Bearer <token>` as an `Authorization` value, marked sensitive (never
+/// shown in `Debug`); an error if the token cannot be a header value.
+pub fn bearer(token: &str) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {token}"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -114,27 +122,25 @@ impl Connector {
         Ok(Some((uri, intercept.basic_auth().cloned())))
     }
 
-    /// POST `body` (of `content_type`) to `uri`, with `bearer`'s token if
-    /// given, and read the answer, all within `timeout`. `Unsent` when no
-    /// connection could be made, `Ambiguous` when the request may have
-    /// reached the server but no complete answer came back.
+    /// POST `body` (of `content_type`) to `uri`, with the `Authorization`
+    /// value `authorization` if given ([`bearer`]), and read the answer, all
+    /// within `timeout`. `Unsent` when no connection could be made,
+    /// `Ambiguous` when the request may have reached the server but no
+    /// complete answer came back.
     pub async fn post(
         &self,
         uri: Uri,
-        bearer: Option<&str>,
+        authorization: Option<HeaderValue>,
         content_type: &'static str,
-        body: &[u8],
+        body: Bytes,
         timeout: Duration,
     ) -> Result<Answer, TeamsError> {
         let mut request = Request::post(uri)
             .header(USER_AGENT, self.user_agent.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
-            .body(Full::new(Bytes::copy_from_slice(body)))
+            .body(Full::new(body))
             .map_err(|err| TeamsError::Unsent { what: format!("POST: {err}") })?;
-        if let Some(token) = bearer {
-            let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| TeamsError::Unsent { what: "POST: the token is not a valid header value".into() })?;
-            value.set_sensitive(true);
+        if let Some(value) = authorization {
             request.headers_mut().insert(AUTHORIZATION, value);
         }
         let uri = request.uri();
@@ -198,7 +204,7 @@ mod tests {
         let (port, seen) = listener("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
         let connector = Connector::new(Duration::from_secs(2), proxy("", &format!("http://127.0.0.1:{port}"), "")).unwrap();
         let uri: Uri = "https://smba.trafficmanager.net/teams/v3/conversations/a:1/activities".parse().unwrap();
-        let result = connector.post(uri, Some(TOKEN), JSON, b"{}", Duration::from_secs(5)).await;
+        let result = connector.post(uri, Some(bearer(TOKEN).unwrap()), JSON, Bytes::from_static(b"{}"), Duration::from_secs(5)).await;
         // The proxy refused the tunnel: nothing reached the Connector.
         assert!(matches!(result, Err(TeamsError::Unsent { .. })), "{:?}", result.err());
         let seen = String::from_utf8(seen.await.unwrap()).unwrap();
@@ -216,7 +222,8 @@ mod tests {
         let (port, seen) = listener(answer).await;
         let connector = Connector::new(Duration::from_secs(2), proxy(&at, &at, "")).unwrap();
         let uri: Uri = format!("http://127.0.0.1:{port}/v3/conversations/a:1/activities").parse().unwrap();
-        let answered = connector.post(uri, Some(TOKEN), JSON, b"{}", Duration::from_secs(5)).await.unwrap();
+        let answered =
+            connector.post(uri, Some(bearer(TOKEN).unwrap()), JSON, Bytes::from_static(b"{}"), Duration::from_secs(5)).await.unwrap();
         assert_eq!(answered.status, StatusCode::CREATED);
         assert_eq!(answered.body.unwrap(), b"{\"id\":\"1\"}");
         let seen = String::from_utf8(seen.await.unwrap()).unwrap();
@@ -228,7 +235,7 @@ mod tests {
         let (port, seen) = listener("").await;
         let connector = Connector::new(Duration::from_secs(2), proxy(&at, &at, "localhost")).unwrap();
         let uri: Uri = format!("https://localhost:{port}/v3/conversations/a:1/activities").parse().unwrap();
-        assert!(connector.post(uri, Some(TOKEN), JSON, b"{}", Duration::from_secs(5)).await.is_err());
+        assert!(connector.post(uri, Some(bearer(TOKEN).unwrap()), JSON, Bytes::from_static(b"{}"), Duration::from_secs(5)).await.is_err());
         let seen = seen.await.unwrap();
         assert_eq!(seen.first(), Some(&0x16), "a TLS record (handshake) first, got {:?}", String::from_utf8_lossy(&seen));
         assert!(!String::from_utf8_lossy(&seen).contains(TOKEN));
@@ -257,7 +264,7 @@ mod tests {
         let connector = Connector::new(Duration::from_secs(2), proxy("", "", "")).unwrap();
         let uri: Uri = format!("http://127.0.0.1:{port}/v3/conversations/a:1/activities").parse().unwrap();
         let started = std::time::Instant::now();
-        let result = connector.post(uri, Some(TOKEN), JSON, b"{}", Duration::from_millis(300)).await;
+        let result = connector.post(uri, Some(bearer(TOKEN).unwrap()), JSON, Bytes::from_static(b"{}"), Duration::from_millis(300)).await;
         assert!(matches!(result, Err(TeamsError::Ambiguous { .. })), "{:?}", result.err());
         assert!(started.elapsed() < Duration::from_secs(5), "ended by the timeout");
     }
@@ -267,7 +274,7 @@ mod tests {
         let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
         let connector = Connector::new(Duration::from_secs(2), proxy("", "", "")).unwrap();
         let uri: Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
-        let result = connector.post(uri, None, FORM, b"a=b", Duration::from_secs(2)).await;
+        let result = connector.post(uri, None, FORM, Bytes::from_static(b"a=b"), Duration::from_secs(2)).await;
         assert!(matches!(result, Err(TeamsError::Unsent { .. })), "{:?}", result.err());
     }
 }

@@ -16,8 +16,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Uri;
-use secrecy::{ExposeSecret, SecretString};
+use bytes::Bytes;
+use http::{HeaderValue, Uri};
+use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
@@ -29,15 +30,41 @@ use connector::{Answer, Connector};
 
 use crate::settings::TeamsSettings;
 
-/// Which bot signs a request, and where its token comes from.
+/// Which bot signs a request, and where its token comes from. Built once
+/// per org_integration read (not per job), with the token cache's key.
 #[derive(Clone)]
 pub struct BotCredentials {
     /// The Microsoft cloud (a key of `teams.clouds`).
-    pub cloud: String,
-    pub app_id: String,
-    pub app_secret: SecretString,
+    cloud: String,
+    app_id: String,
+    app_secret: SecretString,
     /// The cloud's multi-tenant authority, or the bot's tenant id.
-    pub authority: String,
+    authority: String,
+    /// The token cache's key (`token`): a digest of all four, computed here
+    /// so that a job's token lookup hashes 32 bytes, nothing else.
+    token_key: [u8; 32],
+}
+
+impl BotCredentials {
+    pub fn new(cloud: impl Into<String>, app_id: impl Into<String>, app_secret: SecretString, authority: impl Into<String>) -> Self {
+        let (cloud, app_id, authority) = (cloud.into(), app_id.into(), authority.into());
+        let token_key = token::key(&cloud, &authority, &app_id, &app_secret);
+        Self { cloud, app_id, app_secret, authority, token_key }
+    }
+
+    /// The Microsoft cloud (a key of `teams.clouds`).
+    pub fn cloud(&self) -> &str {
+        &self.cloud
+    }
+
+    pub fn app_id(&self) -> &str {
+        &self.app_id
+    }
+
+    /// The cloud's multi-tenant authority, or the bot's tenant id.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
 }
 
 impl std::fmt::Debug for BotCredentials {
@@ -170,18 +197,18 @@ impl Teams {
         self.policy(bot).map_err(refuse)?.check(service_url)
     }
 
-    /// [`Teams::check_service_url`] on a URL already parsed (no second parse per post).
-    fn check_url(&self, bot: &BotCredentials, url: &Url) -> Result<(), TeamsError> {
+    /// [`Teams::check_service_url`] on a URL already parsed (no second parse
+    /// per post): the bot's cloud, if it allows `url`.
+    fn cloud_allowing(&self, bot: &BotCredentials, url: &Url) -> Result<&Cloud, TeamsError> {
         let refuse = |why: String| TeamsError::ServiceUrlNotAllowed { url: redact(url.as_str()), why };
-        self.policy(bot).map_err(refuse)?.allows(url).map_err(|why| refuse(why.to_owned()))
+        let cloud = self.clouds.get(&bot.cloud).ok_or_else(|| refuse(unknown_cloud(bot)))?;
+        cloud.policy.allows(url).map_err(|why| refuse(why.to_owned()))?;
+        Ok(cloud)
     }
 
     /// The service URL policy of the bot's cloud, or why there is none.
     fn policy(&self, bot: &BotCredentials) -> Result<&cloud::ServiceUrlPolicy, String> {
-        self.clouds
-            .get(&bot.cloud)
-            .map(|cloud| &cloud.policy)
-            .ok_or_else(|| format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64)))
+        self.clouds.get(&bot.cloud).map(|cloud| &cloud.policy).ok_or_else(|| unknown_cloud(bot))
     }
 
     pub fn token_requests(&self) -> u64 {
@@ -208,17 +235,18 @@ impl Teams {
     }
 
     /// Serialize `activity`, refusing it when it exceeds the size limit.
-    pub fn encode(&self, activity: &card::Activity<'_>) -> Result<Vec<u8>, TeamsError> {
+    /// The body is shared, not copied, by each request that posts it.
+    pub fn encode(&self, activity: &card::Activity<'_>) -> Result<Bytes, TeamsError> {
         let body = serde_json::to_vec(activity).expect("an activity (strings and a producer's JSON) always serializes");
         if body.len() > self.max_activity_bytes {
             return Err(TeamsError::PayloadTooLarge { bytes: body.len(), limit: self.max_activity_bytes });
         }
-        Ok(body)
+        Ok(Bytes::from(body))
     }
 
     /// Post an encoded activity to the conversation, finishing by `until`. A
     /// 401 gets one forced token refresh and one more try.
-    pub async fn send(&self, to: &Destination<'_>, body: &[u8], until: Instant) -> Result<Sent, TeamsError> {
+    pub async fn send(&self, to: &Destination<'_>, body: &Bytes, until: Instant) -> Result<Sent, TeamsError> {
         let url = activities_url(to.service_url, to.conversation_id);
         let answer = self.authorized_post(to.bot, &url, body, until).await?;
         let correlation_id = answer::correlation_id(&answer.headers);
@@ -245,7 +273,7 @@ impl Teams {
             "tenantId": tenant_id,
             "channelData": { "tenant": { "id": tenant_id } },
         });
-        let body = serde_json::to_vec(&params).expect("a serde_json::Value always serializes");
+        let body = Bytes::from(serde_json::to_vec(&params).expect("a serde_json::Value always serializes"));
         let answer = self.authorized_post(bot, &url, &body, until).await?;
         read_id(answer).map_err(|err| match err {
             TeamsError::Ambiguous { what } => TeamsError::Unsent { what },
@@ -254,14 +282,13 @@ impl Teams {
     }
 
     /// POST with the bot's token; a 2xx answer, or the error it comes to.
-    async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &[u8], until: Instant) -> Result<Answer, TeamsError> {
+    async fn authorized_post(&self, bot: &BotCredentials, url: &Url, body: &Bytes, until: Instant) -> Result<Answer, TeamsError> {
         // Checked here too, so that no caller can skip it.
-        self.check_url(bot, url)?;
-        let cloud = &self.clouds[&bot.cloud];
-        let token = self.tokens.get(cloud, bot, self.time_left(until)?).await?;
-        match self.post(url, &token, body, until).await {
+        let cloud = self.cloud_allowing(bot, url)?;
+        let bearer = self.tokens.get(cloud, bot, self.time_left(until)?).await?;
+        match self.post(url, &bearer, body, until).await {
             Err(TeamsError::Api { status: 401, .. }) => {
-                let fresh = self.tokens.refresh(cloud, bot, &token, self.time_left(until)?).await?;
+                let fresh = self.tokens.refresh(cloud, bot, &bearer, self.time_left(until)?).await?;
                 self.post(url, &fresh, body, until).await
             }
             other => other,
@@ -278,15 +305,19 @@ impl Teams {
         Ok(left)
     }
 
-    async fn post(&self, url: &Url, token: &SecretString, body: &[u8], until: Instant) -> Result<Answer, TeamsError> {
+    async fn post(&self, url: &Url, bearer: &HeaderValue, body: &Bytes, until: Instant) -> Result<Answer, TeamsError> {
         let timeout = self.time_left(until)?;
         let uri = Uri::try_from(url.as_str()).map_err(|err| TeamsError::Unsent { what: format!("POST: {err}") })?;
-        let answer = self.connector.post(uri, Some(token.expose_secret()), connector::JSON, body, timeout).await?;
+        let answer = self.connector.post(uri, Some(bearer.clone()), connector::JSON, body.clone(), timeout).await?;
         if answer.status.is_success() {
             return Ok(answer);
         }
         Err(answer::api_error(answer, self.max_retry_after))
     }
+}
+
+fn unknown_cloud(bot: &BotCredentials) -> String {
+    format!("unknown cloud {:?}", crate::text::clip(&bot.cloud, 64))
 }
 
 /// The `id` of a 2xx answer. The Connector accepted the request, so an
@@ -320,12 +351,7 @@ mod tests {
         let mut settings = crate::settings::Settings::from_figment(crate::settings::Settings::defaults()).unwrap().teams;
         settings.insecure_loopback_hosts.clear();
         let teams = Teams::new(&settings).unwrap();
-        let bot = |cloud: &str| BotCredentials {
-            cloud: cloud.into(),
-            app_id: "a".into(),
-            app_secret: SecretString::from("s"),
-            authority: "botframework.com".into(),
-        };
+        let bot = |cloud: &str| BotCredentials::new(cloud, "a", SecretString::from("s"), "botframework.com");
         assert!(teams.check_service_url(&bot("public"), "https://smba.trafficmanager.net/teams/").is_ok());
         assert!(teams.check_service_url(&bot("gcch"), "https://smba.infra.gov.teams.microsoft.us/teams").is_ok());
         assert!(teams.check_service_url(&bot("dod"), "https://smba.infra.dod.teams.microsoft.us/teams").is_ok());
@@ -348,12 +374,7 @@ mod tests {
 
     #[test]
     fn credentials_never_show_their_secret() {
-        let bot = BotCredentials {
-            cloud: "public".into(),
-            app_id: "app".into(),
-            app_secret: SecretString::from("hunter2"),
-            authority: "botframework.com".into(),
-        };
+        let bot = BotCredentials::new("public", "app", SecretString::from("hunter2"), "botframework.com");
         assert!(!format!("{bot:?}").contains("hunter2"));
     }
 }

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -21,16 +23,21 @@ use super::connector::{Connector, FORM};
 use super::{BotCredentials, Cloud, TeamsError};
 
 struct Cached {
-    token: SecretString,
+    /// `Bearer <token>`, marked sensitive, made once per token: a post
+    /// clones it (a reference count), instead of formatting and checking a
+    /// kilobyte-long token per request.
+    bearer: HeaderValue,
     /// When the cached token should be replaced (expiry less the margin).
     refresh_at: Instant,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
-/// (cloud, authority, bot app, SHA-256 of the secret). The digest is of the
-/// secret's value, never the value itself, and lives only in memory.
-type Key = (String, String, String, [u8; 32]);
+/// SHA-256 of (cloud, authority, bot app, secret), each part
+/// length-prefixed so that no two credentials share a key: computed once per
+/// credential ([`BotCredentials::new`]). A digest of the secret's value,
+/// never the value itself, and it lives only in memory.
+type Key = [u8; 32];
 
 /// A token's lifetime is trusted within these bounds whatever `expires_in`
 /// says: an absurd value neither overflows nor pins a token for years, and a
@@ -62,9 +69,13 @@ struct AadError {
     error_description: String,
 }
 
-fn key(cloud: &Cloud, bot: &BotCredentials) -> Key {
-    let digest = Sha256::digest(bot.app_secret.expose_secret().as_bytes());
-    (cloud.name.clone(), bot.authority.clone(), bot.app_id.clone(), digest.into())
+pub(super) fn key(cloud: &str, authority: &str, app_id: &str, secret: &SecretString) -> Key {
+    let mut hash = Sha256::new();
+    for part in [cloud, authority, app_id, secret.expose_secret()] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hash.finalize().into()
 }
 
 impl Tokens {
@@ -86,12 +97,12 @@ impl Tokens {
         self.len() == 0
     }
 
-    fn slot(&self, cloud: &Cloud, bot: &BotCredentials) -> Slot {
+    fn slot(&self, bot: &BotCredentials) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if slots.len() >= SWEEP_ABOVE && slots.len().is_power_of_two() {
             sweep(&mut slots);
         }
-        slots.entry(key(cloud, bot)).or_default().clone()
+        slots.entry(bot.token_key).or_default().clone()
     }
 
     /// Forget the keys nobody is using whose token is gone or stale.
@@ -99,18 +110,19 @@ impl Tokens {
         sweep(&mut self.slots.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    /// A valid token for `bot`. Concurrent callers for the same credential
-    /// wait for the one request in flight instead of each making their own.
-    pub async fn get(&self, cloud: &Cloud, bot: &BotCredentials, timeout: Duration) -> Result<SecretString, TeamsError> {
-        let slot = self.slot(cloud, bot);
+    /// A valid token for `bot`, as the `Authorization` header's value.
+    /// Concurrent callers for the same credential wait for the one request
+    /// in flight instead of each making their own.
+    pub async fn get(&self, cloud: &Cloud, bot: &BotCredentials, timeout: Duration) -> Result<HeaderValue, TeamsError> {
+        let slot = self.slot(bot);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref().filter(|c| Instant::now() < c.refresh_at) {
-            return Ok(c.token.clone());
+            return Ok(c.bearer.clone());
         }
         let fresh = self.fetch(cloud, bot, timeout).await?;
-        let token = fresh.token.clone();
+        let bearer = fresh.bearer.clone();
         *cached = Some(fresh);
-        Ok(token)
+        Ok(bearer)
     }
 
     /// After a 401 with `rejected`: drop it (unless another caller already
@@ -119,21 +131,21 @@ impl Tokens {
         &self,
         cloud: &Cloud,
         bot: &BotCredentials,
-        rejected: &SecretString,
+        rejected: &HeaderValue,
         timeout: Duration,
-    ) -> Result<SecretString, TeamsError> {
-        let slot = self.slot(cloud, bot);
+    ) -> Result<HeaderValue, TeamsError> {
+        let slot = self.slot(bot);
         let mut cached = slot.lock().await;
         if let Some(c) = cached.as_ref()
-            && c.token.expose_secret() != rejected.expose_secret()
+            && c.bearer != rejected
             && Instant::now() < c.refresh_at
         {
-            return Ok(c.token.clone());
+            return Ok(c.bearer.clone());
         }
         let fresh = self.fetch(cloud, bot, timeout).await?;
-        let token = fresh.token.clone();
+        let bearer = fresh.bearer.clone();
         *cached = Some(fresh);
-        Ok(token)
+        Ok(bearer)
     }
 
     async fn fetch(&self, cloud: &Cloud, bot: &BotCredentials, timeout: Duration) -> Result<Cached, TeamsError> {
@@ -149,7 +161,8 @@ impl Tokens {
             .finish();
         let form = SecretString::from(form);
         let started = Instant::now();
-        let answer = self.http.post(uri, None, FORM, form.expose_secret().as_bytes(), timeout).await.map_err(|err| match err {
+        let form = Bytes::copy_from_slice(form.expose_secret().as_bytes());
+        let answer = self.http.post(uri, None, FORM, form, timeout).await.map_err(|err| match err {
             TeamsError::Unsent { what } | TeamsError::Ambiguous { what } => transport(what),
             other => transport(other.to_string()),
         })?;
@@ -162,7 +175,9 @@ impl Tokens {
             let lifetime = Duration::from_secs(body.expires_in).clamp(MIN_LIFETIME, MAX_LIFETIME);
             // Short-lived tokens (tests) refresh at half their life instead.
             let margin = self.margin.min(lifetime / 2);
-            return Ok(Cached { token: body.access_token, refresh_at: started + (lifetime - margin) });
+            let bearer = super::connector::bearer(body.access_token.expose_secret())
+                .map_err(|_| transport("the token answer's access_token is not a valid header value".into()))?;
+            return Ok(Cached { bearer, refresh_at: started + (lifetime - margin) });
         }
         let aad: AadError = serde_json::from_slice(&body).unwrap_or_default();
         // The description starts "AADSTS7000215: ..."; keep that first sentence.
@@ -185,26 +200,30 @@ fn sweep(slots: &mut HashMap<Key, Slot>) {
 mod tests {
     use super::*;
 
-    fn cloud() -> Cloud {
-        Cloud {
-            name: "public".into(),
-            token_endpoint: "https://login.example".into(),
-            multi_tenant_authority: "botframework.com".into(),
-            scope: "s".into(),
-            policy: super::super::ServiceUrlPolicy::new(vec![], vec![]),
-        }
-    }
-
     fn bot(secret: &str) -> BotCredentials {
-        BotCredentials { cloud: "public".into(), app_id: "app".into(), app_secret: SecretString::from(secret), authority: "a".into() }
+        BotCredentials::new("public", "app", SecretString::from(secret), "a")
     }
 
     #[test]
     fn a_different_secret_is_a_different_token() {
-        assert_ne!(key(&cloud(), &bot("right")), key(&cloud(), &bot("wrong")));
-        assert_eq!(key(&cloud(), &bot("right")), key(&cloud(), &bot("right")));
-        let (_, _, _, digest) = key(&cloud(), &bot("hunter2"));
-        assert!(!String::from_utf8_lossy(&digest).contains("hunter2"));
+        assert_ne!(bot("right").token_key, bot("wrong").token_key);
+        assert_eq!(bot("right").token_key, bot("right").token_key);
+        assert!(!String::from_utf8_lossy(&bot("hunter2").token_key).contains("hunter2"));
+    }
+
+    #[test]
+    fn every_part_of_the_credential_is_in_its_key_and_parts_cannot_run_together() {
+        let secret = || SecretString::from("s");
+        let base = BotCredentials::new("public", "app", secret(), "a").token_key;
+        assert_ne!(base, BotCredentials::new("gcch", "app", secret(), "a").token_key);
+        assert_ne!(base, BotCredentials::new("public", "app2", secret(), "a").token_key);
+        assert_ne!(base, BotCredentials::new("public", "app", secret(), "b").token_key);
+        // The same bytes split differently between the parts.
+        assert_ne!(
+            BotCredentials::new("public", "bc", secret(), "a").token_key,
+            BotCredentials::new("public", "c", secret(), "ab").token_key
+        );
+        assert_ne!(key("public", "a", "b", &SecretString::from("cd")), key("public", "a", "bc", &SecretString::from("d")));
     }
 
     #[test]
@@ -212,7 +231,7 @@ mod tests {
         let connector = Connector::new(Duration::from_secs(1), hyper_util::client::proxy::matcher::Matcher::builder().build());
         let tokens = Tokens::new(Arc::new(connector.expect("a client")), Duration::from_secs(300));
         for i in 0..(SWEEP_ABOVE * 4) {
-            let _ = tokens.slot(&cloud(), &bot(&format!("s{i}")));
+            let _ = tokens.slot(&bot(&format!("s{i}")));
         }
         assert!(tokens.len() <= SWEEP_ABOVE + 1, "{} keys kept", tokens.len());
     }

@@ -19,6 +19,7 @@
 //!
 //! With `fleet.shards = 0` every worker consumes the work queue itself.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,8 +39,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::lanes::{Lanes, lane_of};
+use super::lanes::{Lanes, lane_of, lane_of_job};
 use super::settle::Settler;
+use crate::job::Job;
 use crate::mongo::{Paced, Store};
 use crate::rabbitmq::headers::ROUTED_SEQ;
 use crate::rabbitmq::{self, BrokerError, Publisher, Topology};
@@ -50,19 +52,22 @@ use crate::text::error_chain;
 /// (the same in every worker and every release). A body that is not a job
 /// goes to shard 0, where it is dead-lettered.
 pub fn shard_of(body: &[u8], shards: u16) -> u16 {
+    // Borrowed from the body unless a value has escapes.
     #[derive(Deserialize)]
-    struct Head {
-        organization_id: Option<String>,
-        integration_id: Option<String>,
+    struct Head<'a> {
+        #[serde(borrow)]
+        organization_id: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        integration_id: Option<Cow<'a, str>>,
     }
     if shards == 0 {
         return 0;
     }
     let Ok(head) = serde_json::from_slice::<Head>(body) else { return 0 };
     let mut hash = Sha256::new();
-    hash.update(head.organization_id.unwrap_or_default().as_bytes());
+    hash.update(head.organization_id.as_deref().unwrap_or_default().as_bytes());
     hash.update([0]);
-    hash.update(head.integration_id.unwrap_or_default().as_bytes());
+    hash.update(head.integration_id.as_deref().unwrap_or_default().as_bytes());
     let digest = hash.finalize();
     let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
     (n % u64::from(shards)) as u16
@@ -412,12 +417,12 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
 
 /// The job's properties with its place in the routing order: microseconds
 /// since the epoch, strictly increasing within one router.
-fn stamped(properties: &lapin::BasicProperties, last: &mut i64) -> lapin::BasicProperties {
+fn stamped(properties: lapin::BasicProperties, last: &mut i64) -> lapin::BasicProperties {
     let now = chrono::Utc::now().timestamp_micros();
     *last = now.max(*last + 1);
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert(ROUTED_SEQ.into(), lapin::types::AMQPValue::LongLongInt(*last));
-    properties.clone().with_headers(headers)
+    properties.with_headers(headers)
 }
 
 fn routed_seq(delivery: &Delivery) -> i64 {
@@ -426,6 +431,9 @@ fn routed_seq(delivery: &Delivery) -> i64 {
         _ => 0,
     }
 }
+
+/// Bodies up to this size are decoded when they arrive (`start`).
+const PREDECODE_MAX_BYTES: usize = 4096;
 
 /// The most deliveries the router publishes as one batch.
 const ROUTE_BATCH: usize = 64;
@@ -452,7 +460,12 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
     let settler = consumers.settler.clone();
     let channel = channel.clone();
     let stop = stop.clone();
-    match consumers.lanes.enter(lane_of(&delivery.data)) {
+    // A small job is decoded once, here, for its lane and for the step; a
+    // larger one is read for its lane only and decoded when its turn comes,
+    // so that jobs waiting in their lanes hold no second copy of a large body.
+    let decoded = (delivery.data.len() <= PREDECODE_MAX_BYTES).then(|| Job::decode(&delivery.data).ok()).flatten();
+    let lane = decoded.as_ref().map_or_else(|| lane_of(&delivery.data), lane_of_job);
+    match consumers.lanes.enter(lane) {
         Ok(mut turn) => {
             jobs.spawn(async move {
                 turn.wait().await;
@@ -466,7 +479,7 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
                     // Boxed: the step's state is kilobytes, and a task's
                     // future is copied whole each time tokio moves it
                     // (spawn, completion, join).
-                    Box::pin(settler.handle(delivery, &channel, &stop, &turn.handoff())).await;
+                    Box::pin(settler.handle(delivery, decoded, &channel, &stop, &turn.handoff())).await;
                 }
             });
         }
@@ -500,6 +513,8 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
         .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
     info!(queue = %queue, exchange = %exchange, shards = topology.shards, "routing");
     let mut last = 0_i64;
+    // The shards' routing keys, made once.
+    let keys: Vec<Arc<str>> = (0..topology.shards.max(1)).map(|n| Arc::from(n.to_string())).collect();
     let mut confirms: Confirms = FuturesOrdered::new();
     let result = loop {
         tokio::select! {
@@ -524,8 +539,14 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                     }
                     next = consumer.next().now_or_never();
                 };
-                let routed =
-                    batch.iter().map(|d| (shard_of(&d.data, topology.shards).to_string(), d.data.as_slice(), stamped(&d.properties, &mut last)));
+                // The properties move to the publish (the deliveries are
+                // kept only for their tags).
+                let properties: Vec<_> = batch.iter_mut().map(|d| stamped(std::mem::take(&mut d.properties), &mut last)).collect();
+                let routed: Vec<_> = batch
+                    .iter()
+                    .zip(properties)
+                    .map(|(d, properties)| (keys[usize::from(shard_of(&d.data, topology.shards))].clone(), d.data.as_slice(), properties))
+                    .collect();
                 let sent = publisher.start_all(&exchange, routed).await;
                 let mut failed = None;
                 for (delivery, sent) in batch.into_iter().zip(sent) {

@@ -14,11 +14,14 @@
 //! turned away (the caller sends it to a retry tier), so that a flood into
 //! one conversation cannot fill the prefetch the shard's other lanes need.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use tokio::sync::oneshot;
+
+use crate::job::Job;
 
 /// What the last job of a lane will signal to the one after it.
 struct Signals {
@@ -172,25 +175,49 @@ impl Drop for Turn {
 /// integration and the recipient as the job names it. A body that is not a
 /// job has the empty lane (it is dead-lettered quickly there).
 pub(super) fn lane_of(body: &[u8]) -> String {
+    // Borrowed from the body unless a value has escapes.
     #[derive(Deserialize)]
-    struct Recipient {
-        conversation_id: Option<String>,
-        user_id: Option<String>,
+    struct Recipient<'a> {
+        #[serde(borrow)]
+        conversation_id: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        user_id: Option<Cow<'a, str>>,
     }
     #[derive(Deserialize)]
-    struct Head {
-        organization_id: Option<String>,
-        integration_id: Option<String>,
-        recipient: Option<Recipient>,
+    struct Head<'a> {
+        #[serde(borrow)]
+        organization_id: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        integration_id: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        recipient: Option<Recipient<'a>>,
     }
     let Ok(head) = serde_json::from_slice::<Head>(body) else { return String::new() };
     let (conversation, user) = head.recipient.map_or((None, None), |r| (r.conversation_id, r.user_id));
-    let recipient = match (conversation, user) {
-        (Some(c), _) => format!("c:{c}"),
-        (None, Some(u)) => format!("u:{u}"),
-        (None, None) => String::new(),
+    let (kind, recipient) = match (&conversation, &user) {
+        (Some(c), _) => ("c:", c.as_ref()),
+        (None, Some(u)) => ("u:", u.as_ref()),
+        (None, None) => ("", ""),
     };
-    format!("{}\n{}\n{recipient}", head.organization_id.unwrap_or_default(), head.integration_id.unwrap_or_default())
+    lane(head.organization_id.as_deref().unwrap_or_default(), head.integration_id.as_deref().unwrap_or_default(), kind, recipient)
+}
+
+/// The lane of a job already decoded: the same as [`lane_of`] its body.
+pub(super) fn lane_of_job(job: &Job) -> String {
+    let (kind, recipient) = match (&job.recipient.conversation_id, &job.recipient.user_id) {
+        (Some(c), _) => ("c:", c.as_str()),
+        (None, Some(u)) => ("u:", u.as_str()),
+        (None, None) => ("", ""),
+    };
+    lane(job.organization_id.as_str(), job.integration_id.as_str(), kind, recipient)
+}
+
+fn lane(organization: &str, integration: &str, kind: &str, recipient: &str) -> String {
+    let mut lane = String::with_capacity(organization.len() + integration.len() + kind.len() + recipient.len() + 2);
+    for part in [organization, "\n", integration, "\n", kind, recipient] {
+        lane.push_str(part);
+    }
+    lane
 }
 
 #[cfg(test)]
@@ -278,5 +305,24 @@ mod tests {
         assert_eq!(lane_of(job(r#"{"user_id":"u1"}"#).as_bytes()), "o\ni\nu:u1");
         assert_eq!(lane_of(b"not json"), "");
         assert_eq!(lane_of(br#"{"organization_id":7}"#), "");
+    }
+
+    /// The consumer finds a small job's lane from the job it decoded, and
+    /// any other body's from the body: both must agree.
+    #[test]
+    fn a_decoded_job_has_the_lane_of_its_body() {
+        let body = |recipient: &str| {
+            format!(
+                r#"{{"version":1,"job_id":"0b8f1f4e-8d3c-4a52-9a55-3f1c1b7a2e10","organization_id":"org \"7\" é","integration_id":"teams\nmain",
+                "recipient":{recipient},"message":{{"title":"t","text":"x"}},"created_at":"2026-12-06T00:00:00Z"}}"#
+            )
+        };
+        for recipient in
+            [r#"{"conversation_id":"19:a\/b@thread"}"#, r#"{"user_id":"29:u"}"#, r#"{"conversation_id":"19:c","user_id":"29:u"}"#]
+        {
+            let body = body(recipient);
+            let job = Job::decode(body.as_bytes()).expect("a valid job");
+            assert_eq!(lane_of_job(&job), lane_of(body.as_bytes()), "{recipient}");
+        }
     }
 }

@@ -50,8 +50,9 @@ type Key = (OrganizationId, IntegrationId);
 
 pub struct Resolver {
     integrations: TtlCache<Key, Resolution>,
-    conversations: TtlCache<(Key, ConversationId), Option<ConversationDoc>>,
-    personal: TtlCache<(Key, UserId), Option<ConversationDoc>>,
+    // Shared, not copied, by every job that uses them.
+    conversations: TtlCache<(Key, ConversationId), Option<Arc<ConversationDoc>>>,
+    personal: TtlCache<(Key, UserId), Option<Arc<ConversationDoc>>>,
 }
 
 /// Where the job goes, and whether the recipient was corrected.
@@ -109,24 +110,30 @@ impl Resolver {
             true => self.integrations.get_or_load(&key, load).await?,
             false => load().await?,
         };
-        let (organization_id, integration_id) = (key.0.to_string(), key.1.to_string());
+        let ids = || (key.0.to_string(), key.1.to_string());
         match resolution {
             Resolution::Active(integration) => Ok(integration),
-            Resolution::NotFound => Err(DeliveryError::OrgIntegrationNotFound { organization_id, integration_id }),
-            Resolution::Disabled => Err(DeliveryError::OrgIntegrationDisabled { organization_id, integration_id }),
+            Resolution::NotFound => {
+                let (organization_id, integration_id) = ids();
+                Err(DeliveryError::OrgIntegrationNotFound { organization_id, integration_id })
+            }
+            Resolution::Disabled => {
+                let (organization_id, integration_id) = ids();
+                Err(DeliveryError::OrgIntegrationDisabled { organization_id, integration_id })
+            }
             Resolution::Misconfigured(problem) => Err(DeliveryError::OrgIntegrationMisconfigured(problem)),
         }
     }
 
-    async fn conversation(&self, store: &Store, key: &Key, id: &ConversationId) -> Result<Option<ConversationDoc>, DeliveryError> {
-        let load = || async { Ok(store.conversation(&key.0, &key.1, id).await?) };
+    async fn conversation(&self, store: &Store, key: &Key, id: &ConversationId) -> Result<Option<Arc<ConversationDoc>>, DeliveryError> {
+        let load = || async { Ok(store.conversation(&key.0, &key.1, id).await?.map(Arc::new)) };
         if !cacheable(&[key.0.as_str(), key.1.as_str(), id.as_str()]) {
             return load().await;
         }
         self.conversations.get_or_load(&(key.clone(), id.clone()), load).await
     }
 
-    async fn personal(&self, store: &Store, key: &Key, user: &UserId) -> Result<Option<ConversationDoc>, DeliveryError> {
+    async fn personal(&self, store: &Store, key: &Key, user: &UserId) -> Result<Option<Arc<ConversationDoc>>, DeliveryError> {
         let cache_key = (key.clone(), user.clone());
         if let Some(found) = self.personal.get(&cache_key) {
             return Ok(found);
@@ -140,7 +147,7 @@ impl Resolver {
                 crate::text::clip(key.1.as_str(), 256)
             )));
         }
-        let found = found.pop();
+        let found = found.pop().map(Arc::new);
         if cacheable(&[key.0.as_str(), key.1.as_str(), user.as_str()]) {
             self.personal.insert(cache_key, found.clone());
         }
@@ -179,12 +186,12 @@ impl Resolver {
         let key = (job.organization_id.clone(), job.integration_id.clone());
         if let Some(conversation_id) = &job.recipient.conversation_id {
             if let Some(found) = self.conversation(store, &key, conversation_id).await? {
-                return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: None });
+                return usable(&found).map(|id| Recipient { conversation_id: id, corrected_from: None });
             }
             if let Some(user) = &job.recipient.user_id
                 && let Some(found) = self.personal(store, &key, user).await?
             {
-                return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: Some(conversation_id.to_string()) });
+                return usable(&found).map(|id| Recipient { conversation_id: id, corrected_from: Some(conversation_id.to_string()) });
             }
             return Err(DeliveryError::RecipientNotInOrganization(format!(
                 "conversation {} is not registered for organization {} (integration {})",
@@ -195,7 +202,7 @@ impl Resolver {
         }
         let user = job.recipient.user_id.as_ref().expect("a validated job names a conversation or a user");
         if let Some(found) = self.personal(store, &key, user).await? {
-            return usable(found).map(|id| Recipient { conversation_id: id, corrected_from: None });
+            return usable(&found).map(|id| Recipient { conversation_id: id, corrected_from: None });
         }
         let service_url = integration.checked_service_url()?;
         let conversation_id =
@@ -211,17 +218,21 @@ impl Resolver {
             created_at: Some(mongodb::bson::DateTime::now()),
         };
         store.record_conversation(&doc).await?;
-        self.personal.insert((key, user.clone()), Some(doc));
+        self.personal.insert((key, user.clone()), Some(Arc::new(doc)));
         Ok(Recipient { conversation_id, corrected_from: None })
     }
 }
 
-fn usable(conversation: ConversationDoc) -> Result<String, DeliveryError> {
+fn usable(conversation: &ConversationDoc) -> Result<String, DeliveryError> {
     match conversation.status {
-        ConversationStatus::Active => Ok(conversation.conversation_id),
+        ConversationStatus::Active => Ok(conversation.conversation_id.clone()),
         ConversationStatus::Quarantined => Err(DeliveryError::ConversationQuarantined {
-            reason: conversation.quarantine.map(|q| q.teams_code.unwrap_or(q.reason)).unwrap_or_else(|| "quarantined".into()),
-            conversation_id: conversation.conversation_id,
+            reason: conversation
+                .quarantine
+                .as_ref()
+                .map(|q| q.teams_code.clone().unwrap_or_else(|| q.reason.clone()))
+                .unwrap_or_else(|| "quarantined".into()),
+            conversation_id: conversation.conversation_id.clone(),
         }),
     }
 }
@@ -288,12 +299,8 @@ fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, Strin
     else {
         return Err(format!("org_integration {id}: blank organization_id or integration_id"));
     };
-    let bot = BotCredentials {
-        authority: doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone()),
-        cloud: cloud.name.clone(),
-        app_id: doc.bot.app_id,
-        app_secret: SecretString::from(secret),
-    };
+    let authority = doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone());
+    let bot = BotCredentials::new(cloud.name.clone(), doc.bot.app_id, SecretString::from(secret), authority);
     let checked_service_url = teams.check_service_url(&bot, &doc.service_url).map_err(|refused| match refused {
         crate::teams::TeamsError::ServiceUrlNotAllowed { url, why } => (url, why),
         other => (crate::teams::redact(&doc.service_url), other.to_string()),

@@ -22,6 +22,7 @@ use tracing::{error, warn};
 use super::lanes::Handoff;
 use super::step::Pipeline;
 use super::{Acked, Disposition, Failure, History, Incoming};
+use crate::job::Job;
 use crate::metrics::JobOutcome;
 use crate::outcome::Reason;
 use crate::rabbitmq::headers::{self, Signer};
@@ -44,8 +45,9 @@ impl Settler {
     /// Decide (the step) and settle one delivery; `stop` hands it back
     /// untouched while it waits for its turn.
     /// `channel` is the one the delivery came on (its ack goes there).
-    pub async fn handle(&self, delivery: Delivery, channel: &Channel, stop: &CancellationToken, lane: &Handoff) {
-        self.settle(delivery, channel, Some((stop, lane))).await;
+    /// `decoded`: the job, if the consumer decoded its body already.
+    pub async fn handle(&self, delivery: Delivery, decoded: Option<Job>, channel: &Channel, stop: &CancellationToken, lane: &Handoff) {
+        self.settle(delivery, channel, Some((decoded, stop, lane))).await;
     }
 
     /// Settle a delivery whose lane is full: a delayed retry.
@@ -54,7 +56,7 @@ impl Settler {
     }
 
     /// With `stop`: the step decides; without: the lane was full.
-    async fn settle(&self, delivery: Delivery, channel: &Channel, stop: Option<(&CancellationToken, &Handoff)>) {
+    async fn settle(&self, delivery: Delivery, channel: &Channel, stop: Option<(Option<Job>, &CancellationToken, &Handoff)>) {
         let started = std::time::Instant::now();
         let metrics = &self.pipeline.metrics;
         metrics.job_started();
@@ -77,7 +79,7 @@ impl Settler {
         };
         let decided = async {
             match stop {
-                Some((stop, lane)) => self.pipeline.process_until(&incoming, stop, lane).await,
+                Some((decoded, stop, lane)) => self.pipeline.process_until(&incoming, decoded, stop, lane).await,
                 None => self.pipeline.lane_full(&incoming),
             }
         };

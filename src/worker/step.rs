@@ -237,7 +237,7 @@ impl Pipeline {
     /// Decide what happens to one message. Never touches the broker; never
     /// panics on bad input.
     pub async fn process(&self, incoming: &Incoming) -> Disposition {
-        self.process_until(incoming, &CancellationToken::new(), &Handoff::default()).await
+        self.process_until(incoming, None, &CancellationToken::new(), &Handoff::default()).await
     }
 
     /// A job turned away because its lane is full: a delayed retry
@@ -260,9 +260,10 @@ impl Pipeline {
     /// its claim: then `Disposition::GiveBack`. `lane` orders the job's post
     /// after the previous one of its lane, and lets the next one claim once
     /// this one's request is counted and send once its post is made.
-    pub async fn process_until(&self, incoming: &Incoming, stop: &CancellationToken, lane: &Handoff) -> Disposition {
+    /// `decoded` is `incoming`'s body decoded already, if it was.
+    pub async fn process_until(&self, incoming: &Incoming, decoded: Option<Job>, stop: &CancellationToken, lane: &Handoff) -> Disposition {
         let checked = job::check_properties(incoming.content_type.as_deref(), incoming.content_encoding.as_deref());
-        let job = match checked.and_then(|()| Job::decode(&incoming.body)) {
+        let job = match checked.and_then(|()| decoded.map_or_else(|| Job::decode(&incoming.body), Ok)) {
             Ok(job) => job,
             Err(invalid) => {
                 let err = DeliveryError::Invalid(invalid);
@@ -379,7 +380,7 @@ impl Pipeline {
             .await
             .map_err(within("the org_integration lookup"))??;
         attempt.org_integration_id = Some(integration.id.clone());
-        attempt.bot_app_id = Some(integration.bot.app_id.clone());
+        attempt.bot_app_id = Some(integration.bot.app_id().to_owned());
         // Checked before any request (the recipient lookup may create a chat).
         let service_url = integration.checked_service_url().map_err(DeliveryError::from)?;
         let recipient = tokio::time::timeout_at(until, self.resolver.recipient(&self.store, &self.teams, job, &integration, until))
@@ -397,7 +398,7 @@ impl Pipeline {
         }
         let mut paced = false;
         if let Some(pacing) = &self.pacing {
-            match pacing.room(&integration.bot.app_id, &integration.tenant_id, &recipient.conversation_id, stop).await {
+            match pacing.room(integration.bot.app_id(), &integration.tenant_id, &recipient.conversation_id, stop).await {
                 Ok(waited) => paced = waited,
                 Err(Paced::Later(wait)) => return Err(Prepared::Failed(DeliveryError::RateLimited(wait))),
                 Err(Paced::Stopped) => return Err(Prepared::Stopped),
@@ -413,7 +414,7 @@ impl Pipeline {
         &self,
         integration: &OrgIntegration,
         to: &Destination<'_>,
-        body: &[u8],
+        body: &bytes::Bytes,
         until: Instant,
         attempt: &mut Attempt,
         lane: &Handoff,
@@ -426,7 +427,7 @@ impl Pipeline {
             if let Some(pacing) = &self.pacing {
                 let deadline = Some((until, request));
                 pacing
-                    .admit(&integration.bot.app_id, &integration.tenant_id, to.conversation_id, deadline, &self.shutdown)
+                    .admit(integration.bot.app_id(), &integration.tenant_id, to.conversation_id, deadline, &self.shutdown)
                     .await
                     .map(drop)
                     .map_err(|paced| match paced {
@@ -450,7 +451,7 @@ impl Pipeline {
             let err = match result {
                 Ok(sent) => {
                     info!(
-                        attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id,
+                        attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id(),
                         tenant_id = %integration.tenant_id, conversation_id = %to.conversation_id,
                         activity_id = %sent.activity_id, "delivered"
                     );
@@ -459,7 +460,7 @@ impl Pipeline {
                 Err(err) => DeliveryError::Teams(err),
             };
             warn!(
-                attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id,
+                attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id(),
                 tenant_id = %integration.tenant_id, conversation_id = %to.conversation_id,
                 http_status = http_status(&err), teams_code = teams_code(&err), error = %error_chain(&err), "send failed"
             );
@@ -469,7 +470,7 @@ impl Pipeline {
             if let (Some(pacing), Verdict::Retry { reason: Reason::TeamsThrottled, after: Some(after), .. }) = (&self.pacing, &verdict) {
                 // Teams counted more than this worker did (another worker
                 // sent into this conversation a moment ago): hold it back.
-                pacing.hold(&integration.bot.app_id, &integration.tenant_id, to.conversation_id, *after);
+                pacing.hold(integration.bot.app_id(), &integration.tenant_id, to.conversation_id, *after);
             }
             let Verdict::Retry { quick: true, after, .. } = verdict else { return Err(err) };
             let wait = after.unwrap_or_else(|| backoff.next().unwrap_or(Duration::from_secs(1)));

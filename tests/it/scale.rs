@@ -247,8 +247,8 @@ async fn a_batch_is_published_in_order_and_each_message_confirmed_on_its_own() {
     let bodies: Vec<String> = (0..600).map(|i| format!("{{\"n\":{i}}}")).collect();
     let mut confirmed = 0;
     for batch in bodies.chunks(200) {
-        let mut messages: Vec<(String, &[u8], BasicProperties)> =
-            batch.iter().map(|b| ("3".to_owned(), b.as_bytes(), BasicProperties::default())).collect();
+        let mut messages: Vec<(std::sync::Arc<str>, &[u8], BasicProperties)> =
+            batch.iter().map(|b| ("3".into(), b.as_bytes(), BasicProperties::default())).collect();
         messages.insert(100, ("no-such-shard".into(), b"{}", BasicProperties::default()));
         let sent = publisher.start_all(&exchange, messages).await;
         assert_eq!(sent.len(), 201);

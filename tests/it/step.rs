@@ -157,7 +157,7 @@ async fn a_job_waiting_for_teams_windows_is_handed_back_untouched_when_its_shard
         tokio::time::sleep(Duration::from_millis(100)).await;
         giving_up.cancel();
     });
-    let handed_back = step.process_until(&incoming(&waiting, History::default()), &stop, &Default::default()).await;
+    let handed_back = step.process_until(&incoming(&waiting, History::default()), None, &stop, &Default::default()).await;
     assert_eq!(handed_back, Disposition::GiveBack);
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 7, "no post for the job handed back");
     assert!(env.store.delivery(&waiting.id.to_string()).await.unwrap().is_none(), "no ledger record: nothing to wait for");
