@@ -464,7 +464,7 @@ async fn throughput(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, bare_rate
     rows.push(("herald / bare".into(), format!("{ratio:.2}"), verdict(ratio >= 0.5, "≥ 0.5")));
     rows.push((
         "worker CPU per 1,000 jobs".into(),
-        format!("{cpu_per_1000:.2} s"),
+        format!("{cpu_per_1000:.3} s"),
         verdict(cpu_per_1000 <= 0.08, "≤ 0.08 s, issue 15; the floor of the stack at herald's rate: further down"),
     ));
     let per_1000 = |name: &str| {
@@ -579,7 +579,7 @@ async fn beside(
     eprintln!("{}: {rate:.0} jobs/s, {cpu_per_1000:.3} CPU s per 1000 jobs, peak RSS {rss:.0} MiB", beside.label());
     rows.push((
         beside.what(scale.backlog),
-        format!("{rate:.0} jobs/s; {cpu_per_1000:.2} CPU s per 1,000 jobs; peak RSS {rss:.0} MiB"),
+        format!("{rate:.0} jobs/s; {cpu_per_1000:.3} CPU s per 1,000 jobs; peak RSS {rss:.0} MiB"),
         String::new(),
     ));
     rows.push((
