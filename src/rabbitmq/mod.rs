@@ -54,7 +54,12 @@ pub fn ack_queued(channel: &Channel, delivery_tag: u64, multiple: bool) -> Resul
 
 pub(crate) fn amqp(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let operation = operation.into();
-    move |source| BrokerError::Amqp { operation, source }
+    amqp_with(move || operation)
+}
+
+/// [`amqp`] whose description is written only on error (per-message paths).
+fn amqp_with(operation: impl FnOnce() -> String) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |source| BrokerError::Amqp { operation: operation(), source }
 }
 
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
@@ -172,7 +177,7 @@ impl Publisher {
                 Some((Poll::Ready(result), _)) => result,
                 Some((Poll::Pending, send)) => send.await,
             };
-            let confirm = confirm.map_err(|source| BrokerError::Amqp { operation: format!("publish to {exchange}"), source })?;
+            let confirm = confirm.map_err(amqp_with(|| format!("publish to {exchange}")))?;
             Ok(Pending { confirm, exchange: exchange.clone(), routing_key })
         }))
         .await
@@ -199,8 +204,7 @@ impl Pending {
     /// Wait for the broker: an ack of a routed message is success.
     pub async fn confirmed(self) -> Result<(), BrokerError> {
         let Self { confirm, exchange, routing_key } = self;
-        let confirm =
-            confirm.await.map_err(|source| BrokerError::Amqp { operation: format!("confirm of publish to {exchange}"), source })?;
+        let confirm = confirm.await.map_err(amqp_with(|| format!("confirm of publish to {exchange}")))?;
         match confirm {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => {

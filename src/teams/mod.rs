@@ -60,11 +60,6 @@ impl BotCredentials {
     pub fn app_id(&self) -> &str {
         &self.app_id
     }
-
-    /// The cloud's multi-tenant authority, or the bot's tenant id.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
 }
 
 impl std::fmt::Debug for BotCredentials {
@@ -229,7 +224,7 @@ impl Teams {
     /// send would: `Ok` when the identity platform accepts the credential.
     pub async fn fetch_token(&self, bot: &BotCredentials) -> Result<(), TeamsError> {
         let Some(cloud) = self.clouds.get(&bot.cloud) else {
-            return Err(TeamsError::ServiceUrlNotAllowed { url: String::new(), why: format!("unknown cloud {:?}", bot.cloud) });
+            return Err(TeamsError::ServiceUrlNotAllowed { url: String::new(), why: unknown_cloud(bot) });
         };
         self.tokens.get(cloud, bot, self.request_timeout).await.map(drop)
     }

@@ -194,25 +194,33 @@ pub(super) fn lane_of(body: &[u8]) -> String {
     }
     let Ok(head) = serde_json::from_slice::<Head>(body) else { return String::new() };
     let (conversation, user) = head.recipient.map_or((None, None), |r| (r.conversation_id, r.user_id));
-    let (kind, recipient) = match (&conversation, &user) {
-        (Some(c), _) => ("c:", c.as_ref()),
-        (None, Some(u)) => ("u:", u.as_ref()),
-        (None, None) => ("", ""),
-    };
-    lane(head.organization_id.as_deref().unwrap_or_default(), head.integration_id.as_deref().unwrap_or_default(), kind, recipient)
+    lane(
+        head.organization_id.as_deref().unwrap_or_default(),
+        head.integration_id.as_deref().unwrap_or_default(),
+        conversation.as_deref(),
+        user.as_deref(),
+    )
 }
 
 /// The lane of a job already decoded: the same as [`lane_of`] its body.
 pub(super) fn lane_of_job(job: &Job) -> String {
-    let (kind, recipient) = match (&job.recipient.conversation_id, &job.recipient.user_id) {
-        (Some(c), _) => ("c:", c.as_str()),
-        (None, Some(u)) => ("u:", u.as_str()),
-        (None, None) => ("", ""),
-    };
-    lane(job.organization_id.as_str(), job.integration_id.as_str(), kind, recipient)
+    let recipient = &job.recipient;
+    lane(
+        job.organization_id.as_str(),
+        job.integration_id.as_str(),
+        recipient.conversation_id.as_ref().map(|c| c.as_str()),
+        recipient.user_id.as_ref().map(|u| u.as_str()),
+    )
 }
 
-fn lane(organization: &str, integration: &str, kind: &str, recipient: &str) -> String {
+/// `organization\nintegration\nc:conversation`, or `u:user` when the job
+/// names no conversation.
+fn lane(organization: &str, integration: &str, conversation: Option<&str>, user: Option<&str>) -> String {
+    let (kind, recipient) = match (conversation, user) {
+        (Some(c), _) => ("c:", c),
+        (None, Some(u)) => ("u:", u),
+        (None, None) => ("", ""),
+    };
     let mut lane = String::with_capacity(organization.len() + integration.len() + kind.len() + recipient.len() + 2);
     for part in [organization, "\n", integration, "\n", kind, recipient] {
         lane.push_str(part);
