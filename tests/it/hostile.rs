@@ -19,7 +19,10 @@
 //! The invariant, checked on teams-sim's record and the ledger at the end:
 //! every activity was sent with the bot, tenant and conversation of its job's
 //! own organization; every (organization, job id) ends exactly once in
-//! {posted, dead-lettered, unconfirmed}; nothing is posted twice.
+//! {posted, dead-lettered, unconfirmed}; nothing is posted twice. One
+//! exception, documented: a job of the rotated organization one copy of which
+//! was refused with the old secret may be posted by a later copy with the new
+//! one (a dead-lettered job is not remembered as done).
 //!
 //! `HERALD_HOSTILE_JOBS` (default 5000) and `HERALD_HOSTILE_SEED` scale and
 //! replay it: `HERALD_HOSTILE_JOBS=20000 cargo test --test it hostile`.
@@ -253,7 +256,7 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
     }
     let ledger = env.store.list_deliveries(&Default::default(), 10 * jobs as i64).await.unwrap();
     let state: HashMap<(String, String), DeliveryState> = ledger.into_iter().map(|d| ((d.organization_id, d.job_id), d.state)).collect();
-    let (mut delivered, mut refused, mut unconfirmed, mut rotated_refused) = (0, 0, 0, 0);
+    let (mut delivered, mut refused, mut unconfirmed, mut rotated_refused, mut rotated_then_posted) = (0, 0, 0, 0, 0);
     for (key, p) in &by_key {
         let org = &orgs[p.org];
         let (posts, reasons, state) = (posts.get(key).copied().unwrap_or(0), dead.get(key).cloned().unwrap_or_default(), state.get(key));
@@ -266,16 +269,24 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
             (_, Some("delivery_unconfirmed"), Some(DeliveryState::Unconfirmed)) if reasons.len() == 1 => unconfirmed += 1,
             (0, Some("teams_unauthorized"), _) if org.fate == Fate::Refused => refused += 1,
             (0, Some("teams_unauthorized"), _) if org.fate == Fate::Rotated => rotated_refused += 1,
+            // One copy read the old secret from a cache still fresh after the rotation
+            // (refused, dead-lettered), a later copy the new one (posted once): a
+            // dead-lettered job is not remembered as done (docs/producers.md,
+            // "Idempotency"). Seen once in CI under load, 2026-12-06.
+            (1, Some("teams_unauthorized"), Some(DeliveryState::Sent)) if org.fate == Fate::Rotated && reasons.len() < p.copies => {
+                rotated_then_posted += 1
+            }
             _ => panic!("not exactly one of posted, dead-lettered, unconfirmed: {what}"),
         }
     }
     assert!(reasons_all_one_kind(&dead), "each job's dead letters share one reason");
-    assert_eq!(delivered + refused + unconfirmed + rotated_refused, by_key.len());
+    assert_eq!(delivered + refused + unconfirmed + rotated_refused + rotated_then_posted, by_key.len());
     assert!(refused > 0 && unconfirmed > 0, "the run met impostors ({refused}) and ambiguous answers ({unconfirmed})");
     let stats = client.stats().await.unwrap();
     eprintln!(
         "hostile property test: {} (org, job) pairs from {} publishes; {delivered} posted once, {refused} impostor jobs refused, \
-         {rotated_refused} refused around the rotation, {unconfirmed} unconfirmed; Teams answered {:?}",
+         {rotated_refused} refused around the rotation ({rotated_then_posted} more refused, then posted by a later copy), \
+         {unconfirmed} unconfirmed; Teams answered {:?}",
         by_key.len(),
         order.len(),
         stats.responses_by_status
