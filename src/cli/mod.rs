@@ -131,6 +131,18 @@ pub struct EnqueueArgs {
     pub rate: Option<u32>,
 }
 
+/// A progress bar for a long operation on `len` items (drawn only on a terminal).
+fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
 /// A command line that asks for something herald will not do as given (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -18,10 +18,9 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use secrecy::ExposeSecret;
 
-use super::Usage;
+use super::{Usage, progress};
 use crate::dlq::Filter;
 use crate::mongo::Store;
 use crate::outcome::Reason;
@@ -235,17 +234,6 @@ pub(super) fn parse_instant(text: &str) -> Result<DateTime<Utc>, String> {
         .ok()
         .and_then(|ago| Utc::now().checked_sub_signed(ago))
         .ok_or_else(|| format!("{text:?} is too long ago"))
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_owned());
-    bar
 }
 
 /// Ask on a terminal; a script must say `--yes`.
