@@ -18,8 +18,10 @@ use herald::job::Job;
 use herald::mongo::{BotDoc, ConversationDoc, OrgIntegrationDoc};
 use herald::producer::Producer;
 use herald::rabbitmq::{self, Topology};
+use herald::secrets::{Owner, Secrets};
 use herald::settings::Settings;
 use lapin::options::QueueDeleteOptions;
+use secrecy::SecretString;
 use serde_json::json;
 use support::{Guard, binary};
 use teams_sim::client::SimClient;
@@ -66,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
         ("HERALD_LOG__FORMAT", "json".to_owned()),
         // Any free port: the demo must not depend on 9090 being free.
         ("HERALD_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        // The key that seals the demo's bot secrets in MongoDB. A real
+        // deployment's comes from its secret store (docs/tenancy.md, "Secrets").
+        ("HERALD_SECRETS__KEYS__DEMO", "ZGVtby1vbmx5LWtleS1uZXZlci11c2UtaW4tcHJvZCE=".to_owned()),
     ];
     for (key, value) in &env {
         // SAFETY: set before any other thread of this program reads the environment.
@@ -115,6 +120,16 @@ async fn main() -> anyhow::Result<()> {
         registered_channel("globex", "19:globex-alerts@thread.tacv2"),
         registered_channel("globex", "19:globex-ops@thread.tacv2"),
     ];
+    // Sealed for their own records, as `herald seed` and `herald org-integrations` store them.
+    let secrets = Secrets::new(&settings.secrets)?;
+    let integrations = integrations
+        .into_iter()
+        .map(|mut doc| {
+            let secret = doc.bot.app_secret.take().map(SecretString::from).context("a demo secret")?;
+            doc.bot = secrets.sealed_bot(Owner::of(&doc), None, &secret)?;
+            anyhow::Ok(doc)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     store.seed(&integrations, &conversations, false).await?;
     let signer = herald::worker::signer(&settings, &store).await?;
 

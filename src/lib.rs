@@ -12,6 +12,7 @@
 //! - [`outcome`]: dead-letter reasons, the one error classifier, the retry schedule.
 //! - [`rabbitmq`]: topology, confirmed publishing, signed and bounded `x-herald-*` headers.
 //! - [`mongo`]: org_integrations, conversations, the scoped, owned deliveries ledger, the fleet's leases.
+//! - [`secrets`]: bot secrets: sealed at rest with the key ring, or referenced within the organization's own scope.
 //! - [`teams`]: tokens, the service-URL allowlist, the Connector client, cards.
 //! - [`worker`]: the step `Pipeline::process(incoming) -> Disposition`, the settler, the
 //!   fleet (router, shards, leases), lanes (one conversation in order), the consume loop.
@@ -36,6 +37,7 @@ pub mod mongo;
 pub mod outcome;
 pub mod producer;
 pub mod rabbitmq;
+pub mod secrets;
 pub mod settings;
 pub mod teams;
 pub mod telemetry;

@@ -37,6 +37,7 @@ pub struct Settings {
     pub ledger: LedgerSettings,
     pub metrics: MetricsSettings,
     pub headers: HeaderSettings,
+    pub secrets: SecretSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
 }
@@ -82,6 +83,20 @@ pub struct HeaderSettings {
     /// Any string; empty: a random key kept in MongoDB, shared by every
     /// worker and tool that uses the same database.
     pub signing_key: SecretString,
+}
+
+/// Where bot secrets may come from, and the keys that seal the stored ones
+/// (see `crate::secrets`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SecretSettings {
+    /// Key id -> base64 of a 32-byte AES-256-GCM key.
+    pub keys: BTreeMap<String, SecretString>,
+    /// The key id new seals use; empty: the only key of the ring.
+    pub seal_with: String,
+    pub accept_plaintext: bool,
+    pub env_prefix: String,
+    /// Empty: file references are refused.
+    pub directory: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +305,19 @@ impl Settings {
             if cloud.service_hosts.is_empty() {
                 return invalid(&format!("teams.clouds.{name}.service_hosts"), "needs at least one host".into());
             }
+        }
+        crate::secrets::Keyring::from_settings(&self.secrets)
+            .map_err(|err| SettingsError::Invalid { key: "secrets.keys".into(), problem: err.to_string() })?;
+        let prefix = &self.secrets.env_prefix;
+        if prefix.is_empty() || prefix.len() > 64 || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return invalid("secrets.env_prefix", format!("{prefix:?}: 1 to 64 ASCII letters, digits or '_'"));
+        }
+        if prefix.to_ascii_uppercase().starts_with("HERALD_") {
+            return invalid("secrets.env_prefix", format!("{prefix:?} is under HERALD_, the settings' own variables"));
+        }
+        let directory = &self.secrets.directory;
+        if !directory.is_empty() && (!directory.starts_with('/') || directory.split('/').any(|part| part == ".." || part == ".")) {
+            return invalid("secrets.directory", format!("{directory:?} must be an absolute path without '.' or '..' (or empty)"));
         }
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("http.listen", format!("{:?} is not host:port (or empty to disable)", self.http.listen));

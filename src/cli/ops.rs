@@ -25,11 +25,24 @@ struct SeedFile {
 /// the worker's own checks first, and nothing is written if one fails.
 pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, release_quarantined: bool, json: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let seed: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let mut seed: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let teams = crate::teams::Teams::new(&settings.teams)?;
+    let secrets = crate::secrets::Secrets::new(&settings.secrets)?;
     let mut problems = Vec::new();
-    for (i, record) in seed.org_integrations.iter().enumerate() {
-        if let Err(problem) = crate::worker::resolve::check_record(record, &teams) {
+    for (i, record) in seed.org_integrations.iter_mut().enumerate() {
+        // A plaintext secret in the file is sealed for its record before
+        // anything is written: MongoDB never holds it in the clear.
+        if let Some(plain) = record.bot.app_secret.take() {
+            let owner = crate::secrets::Owner::of(record);
+            match secrets.sealed_bot(owner, record.bot.authority.clone(), &secrecy::SecretString::from(plain)) {
+                Ok(sealed) => record.bot.app_secret_sealed = sealed.app_secret_sealed,
+                Err(err) => {
+                    problems.push(format!("org_integrations[{i}]: bot.app_secret: {err}"));
+                    continue;
+                }
+            }
+        }
+        if let Err(problem) = crate::worker::resolve::check_record(record, &teams, &secrets) {
             problems.push(format!("org_integrations[{i}]: {problem}"));
         }
     }

@@ -7,11 +7,13 @@
 use std::io::Read;
 
 use clap::{Args, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
-use super::Usage;
+use super::{Usage, progress};
 use crate::job::{Content, ConversationId, IntegrationId, Message, OrganizationId};
 use crate::mongo::{BotDoc, IntegrationStatus, OrgIntegrationDoc, Store};
+use crate::secrets::{MAX_SECRET_BYTES, Owner, Secrets};
 use crate::settings::Settings;
 use crate::teams::{Destination, Teams, card, redact};
 use crate::text::error_chain;
@@ -46,6 +48,15 @@ pub enum OrgIntegrationsCommand {
         target: Target,
         #[command(flatten)]
         secret: SecretArgs,
+    },
+    /// Seal every bot secret stored in MongoDB with the current key
+    /// (secrets.seal_with): plaintext `bot.app_secret` from before sealing,
+    /// and secrets sealed with an older key after a key rotation. Each record
+    /// is rewritten only if unchanged since it was read. Safe to re-run.
+    SealSecrets {
+        /// Count what would be sealed; write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Stop deliveries: jobs are dead-lettered `org_integration_disabled`.
     Disable {
@@ -97,13 +108,17 @@ pub struct Target {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct SecretArgs {
-    /// The worker reads the secret from this environment variable (its name is stored).
+    /// The worker reads the secret from this environment variable (its name
+    /// is stored): <secrets.env_prefix><organization>__<NAME>, e.g.
+    /// TEAMS_BOT_SECRET_acme__MAIN.
     #[arg(long)]
     secret_env: Option<String>,
-    /// The worker reads the secret from this file, e.g. a mounted Kubernetes secret (its path is stored).
+    /// The worker reads the secret from this file, e.g. a mounted Kubernetes
+    /// secret (its path is stored): <secrets.directory>/<organization>/<NAME>.
     #[arg(long)]
     secret_file: Option<String>,
-    /// Read the secret from standard input and store it in MongoDB.
+    /// Read the secret from standard input and store it in MongoDB, sealed
+    /// with the key ring (secrets.keys).
     #[arg(long)]
     secret_stdin: bool,
 }
@@ -135,16 +150,29 @@ pub struct AddArgs {
 }
 
 impl SecretArgs {
-    fn bot(&self, app_id: &str, authority: Option<String>) -> anyhow::Result<BotDoc> {
-        let mut bot = BotDoc { app_id: app_id.to_owned(), app_secret: None, app_secret_env: None, app_secret_file: None, authority };
+    /// The bot of `owner`'s record with this secret source; a secret from
+    /// standard input is sealed for exactly that record.
+    fn bot(&self, secrets: &Secrets, owner: Owner<'_>, authority: Option<String>) -> anyhow::Result<BotDoc> {
+        let app_id = owner.app_id;
+        let mut bot = BotDoc {
+            app_id: app_id.to_owned(),
+            app_secret: None,
+            app_secret_sealed: None,
+            app_secret_env: None,
+            app_secret_file: None,
+            authority,
+        };
         if self.secret_stdin {
+            if secrets.keyring().sealing_key().is_none() {
+                return Err(Usage(format!("--secret-stdin: {}", crate::secrets::SecretError::NoSealingKey)).into());
+            }
             let mut secret = String::new();
-            std::io::stdin().take(64 * 1024).read_to_string(&mut secret)?;
-            let secret = secret.trim();
-            if secret.is_empty() {
+            std::io::stdin().take(MAX_SECRET_BYTES as u64 + 1).read_to_string(&mut secret)?;
+            let secret = SecretString::from(secret.trim().to_owned());
+            if secret.expose_secret().is_empty() {
                 return Err(Usage("--secret-stdin: standard input held no secret".into()).into());
             }
-            bot.app_secret = Some(secret.to_owned());
+            bot = secrets.sealed_bot(owner, bot.authority, &secret).map_err(|err| Usage(format!("--secret-stdin: {err}")))?;
         } else {
             bot.app_secret_env = self.secret_env.clone();
             bot.app_secret_file = self.secret_file.clone();
@@ -170,11 +198,12 @@ struct Shown {
 impl From<&OrgIntegrationDoc> for Shown {
     fn from(doc: &OrgIntegrationDoc) -> Self {
         let bot = &doc.bot;
-        let secret = match (&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file) {
-            (Some(_), None, None) => "stored in MongoDB".to_owned(),
-            (None, Some(var), None) => format!("env {var}"),
-            (None, None, Some(path)) => format!("file {path}"),
-            (None, None, None) => "none (misconfigured)".to_owned(),
+        let secret = match (&bot.app_secret, &bot.app_secret_sealed, &bot.app_secret_env, &bot.app_secret_file) {
+            (Some(_), None, None, None) => "plaintext in MongoDB (run seal-secrets)".to_owned(),
+            (None, Some(sealed), None, None) => format!("sealed in MongoDB (key {})", sealed.key_id),
+            (None, None, Some(var), None) => format!("env {var}"),
+            (None, None, None, Some(path)) => format!("file {path}"),
+            (None, None, None, None) => "none (misconfigured)".to_owned(),
             _ => "several sources (misconfigured)".to_owned(),
         };
         Self {
@@ -208,8 +237,9 @@ pub async fn run(settings: &Settings, command: OrgIntegrationsCommand) -> anyhow
 
 async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCommand) -> anyhow::Result<()> {
     let ttl = settings.worker.resolution_cache_ttl_secs;
+    let secrets = Secrets::new(&settings.secrets)?;
     match command {
-        OrgIntegrationsCommand::Add(args) => add(settings, store, *args).await?,
+        OrgIntegrationsCommand::Add(args) => add(settings, &secrets, store, *args).await?,
         OrgIntegrationsCommand::List { org, limit, json } => {
             let list: Vec<Shown> = store.list_org_integrations(org.as_deref(), limit).await?.iter().map(Shown::from).collect();
             if json {
@@ -239,8 +269,8 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
         }
         OrgIntegrationsCommand::SetSecret { target, secret } => {
             let mut doc = find(store, &target).await?;
-            doc.bot = secret.bot(&doc.bot.app_id, doc.bot.authority.clone())?;
-            checked(settings, &doc)?;
+            doc.bot = secret.bot(&secrets, Owner::of(&doc), doc.bot.authority.clone())?;
+            checked(settings, &secrets, &doc)?;
             store.put_org_integration(&doc).await?;
             println!(
                 "secret of {}/{} replaced ({}); workers use it within {ttl} s",
@@ -249,6 +279,7 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
                 Shown::from(&doc).secret
             );
         }
+        OrgIntegrationsCommand::SealSecrets { dry_run } => seal_secrets(store, &secrets, dry_run).await?,
         OrgIntegrationsCommand::Disable { target } => set_status(store, &target, IntegrationStatus::Disabled, ttl).await?,
         OrgIntegrationsCommand::Enable { target } => set_status(store, &target, IntegrationStatus::Active, ttl).await?,
         OrgIntegrationsCommand::Remove { target, yes } => {
@@ -266,7 +297,7 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
                 Some(id) => Some(ConversationId::parse(id).ok_or_else(|| Usage("--conversation must not be blank".into()))?),
                 None => None,
             };
-            let steps = check(settings, store, &target, conversation).await;
+            let steps = check(settings, &secrets, store, &target, conversation).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&steps)?);
             } else {
@@ -282,14 +313,16 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
     Ok(())
 }
 
-async fn add(settings: &Settings, store: &Store, args: AddArgs) -> anyhow::Result<()> {
+async fn add(settings: &Settings, secrets: &Secrets, store: &Store, args: AddArgs) -> anyhow::Result<()> {
     let AddArgs { target, tenant, app_id, authority, cloud, service_url, secret, disabled } = args;
-    let mut doc = OrgIntegrationDoc::active(&target.org, &target.integration, &tenant, &service_url, secret.bot(&app_id, authority)?);
+    let owner = Owner { organization_id: &target.org, integration_id: &target.integration, app_id: &app_id };
+    let bot = secret.bot(secrets, owner, authority)?;
+    let mut doc = OrgIntegrationDoc::active(&target.org, &target.integration, &tenant, &service_url, bot);
     doc.cloud = cloud;
     if disabled {
         doc.status = IntegrationStatus::Disabled;
     }
-    checked(settings, &doc)?;
+    checked(settings, secrets, &doc)?;
     let existed = find(store, &target).await.is_ok();
     store.ensure_indexes().await?;
     store.put_org_integration(&doc).await?;
@@ -301,9 +334,41 @@ async fn add(settings: &Settings, store: &Store, args: AddArgs) -> anyhow::Resul
 }
 
 /// The worker's own checks of a record, as a usage error.
-fn checked(settings: &Settings, doc: &OrgIntegrationDoc) -> anyhow::Result<()> {
+fn checked(settings: &Settings, secrets: &Secrets, doc: &OrgIntegrationDoc) -> anyhow::Result<()> {
     let teams = Teams::new(&settings.teams)?;
-    resolve::check_record(doc, &teams).map_err(|problem| Usage(format!("refused, nothing written: {problem}")).into())
+    resolve::check_record(doc, &teams, secrets).map_err(|problem| Usage(format!("refused, nothing written: {problem}")).into())
+}
+
+/// `seal-secrets`: every record, one at a time, with a progress line.
+async fn seal_secrets(store: &Store, secrets: &Secrets, dry_run: bool) -> anyhow::Result<()> {
+    let Some(key) = secrets.keyring().sealing_key() else {
+        return Err(Usage("no key to seal with: set secrets.keys (and secrets.seal_with when there are several)".into()).into());
+    };
+    let records = store.all_org_integrations().await?;
+    let progress = progress(records.len() as u64, "sealing");
+    let (mut sealed, mut current, mut changed, mut failed) = (0u64, 0u64, 0u64, Vec::new());
+    for doc in &records {
+        progress.inc(1);
+        match secrets.resealed(doc) {
+            Ok(None) => current += 1,
+            Ok(Some(_)) if dry_run => sealed += 1,
+            Ok(Some(bot)) => match store.replace_bot_if_unchanged(doc, &bot).await? {
+                true => sealed += 1,
+                false => changed += 1,
+            },
+            Err(err) => failed.push(format!("{}/{}: {err}", doc.organization_id, doc.integration_id)),
+        }
+    }
+    progress.finish_and_clear();
+    let verb = if dry_run { "would seal" } else { "sealed" };
+    println!("{verb} {sealed} secret(s) with key {key}; {current} already current or not stored in MongoDB");
+    if changed > 0 {
+        println!("{changed} record(s) changed while this ran and were left as they are: run seal-secrets again");
+    }
+    if !failed.is_empty() {
+        anyhow::bail!("{} record(s) could not be sealed:\n  {}", failed.len(), failed.join("\n  "));
+    }
+    Ok(())
 }
 
 async fn find(store: &Store, target: &Target) -> anyhow::Result<OrgIntegrationDoc> {
@@ -330,7 +395,7 @@ async fn set_status(store: &Store, target: &Target, status: IntegrationStatus, t
 }
 
 /// Each step as a job would take it, stopping at the first that fails.
-async fn check(settings: &Settings, store: &Store, target: &Target, conversation: Option<ConversationId>) -> Vec<Step> {
+async fn check(settings: &Settings, secrets: &Secrets, store: &Store, target: &Target, conversation: Option<ConversationId>) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut step = |step, result: Result<String, String>| {
         let ok = result.is_ok();
@@ -356,11 +421,14 @@ async fn check(settings: &Settings, store: &Store, target: &Target, conversation
         IntegrationStatus::Disabled => Err("found, but disabled: jobs are dead-lettered org_integration_disabled".to_owned()),
     };
     if !step("record", status_ok)
-        || !step("structure", resolve::check_record(&doc, &teams).map(|()| "cloud, service URL and secret source valid".to_owned()))
+        || !step(
+            "structure",
+            resolve::check_record(&doc, &teams, secrets).map(|()| "cloud, service URL and secret source valid".to_owned()),
+        )
     {
         return steps;
     }
-    let integration = match resolve::credentials(doc, &teams) {
+    let integration = match resolve::credentials(doc, &teams, secrets).await {
         Ok(integration) => integration,
         Err(problem) => {
             step("secret", Err(problem));

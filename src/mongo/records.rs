@@ -11,12 +11,17 @@ pub enum IntegrationStatus {
 }
 
 /// How an org_integration's bot authenticates. The secret is either stored
-/// here (`app_secret`) or referenced so that it stays out of the database.
+/// here, sealed (`app_secret_sealed`), or referenced so that it stays out of
+/// the database (`crate::secrets` says which references are allowed).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BotDoc {
     pub app_id: String,
+    /// A plaintext secret: accepted only while `secrets.accept_plaintext` is
+    /// on, until `herald org-integrations seal-secrets` seals it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_secret_sealed: Option<SealedSecret>,
     /// Name of an environment variable of the worker holding the secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_secret_env: Option<String>,
@@ -29,12 +34,26 @@ pub struct BotDoc {
     pub authority: Option<String>,
 }
 
+/// A bot secret sealed with AES-256-GCM under a key of `secrets.keys`, bound
+/// to its record's organization, integration and bot app id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SealedSecret {
+    /// The id of the key in `secrets.keys` that sealed it.
+    pub key_id: String,
+    /// Base64 of the 12-byte nonce.
+    pub nonce: String,
+    /// Base64 of the ciphertext and its 16-byte tag.
+    pub ciphertext: String,
+}
+
 impl BotDoc {
-    /// A bot whose secret is stored in the record.
+    /// A bot whose secret is stored in the record in plaintext, as a record
+    /// from before sealing has it (tests and the benchmark seal or accept it).
     pub fn with_secret(app_id: &str, secret: &str) -> Self {
         Self {
             app_id: app_id.to_owned(),
             app_secret: Some(secret.to_owned()),
+            app_secret_sealed: None,
             app_secret_env: None,
             app_secret_file: None,
             authority: None,

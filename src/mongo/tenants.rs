@@ -136,6 +136,45 @@ impl Store {
             .map_err(StoreError::new("list org_integrations"))
     }
 
+    /// Every org_integration (`herald org-integrations seal-secrets`).
+    pub async fn all_org_integrations(&self) -> Result<Vec<OrgIntegrationDoc>, StoreError> {
+        self.read();
+        let operation = "read org_integrations";
+        self.org_integrations()
+            .find(doc! {})
+            .await
+            .map_err(StoreError::new(operation))?
+            .try_collect()
+            .await
+            .map_err(StoreError::new(operation))
+    }
+
+    /// Replace the record's `bot` if it is still what `doc` read: `false`
+    /// when someone changed it in between (nothing is written then).
+    pub async fn replace_bot_if_unchanged(&self, doc: &OrgIntegrationDoc, bot: &super::BotDoc) -> Result<bool, StoreError> {
+        self.write();
+        let operation = "replace org_integration bot";
+        // Field by field, not the whole sub-document: a document's equality
+        // depends on field order, which other writers need not keep.
+        let equal_or_absent = |value: &Option<String>| value.as_deref().map_or(Bson::Document(doc! { "$exists": false }), Bson::from);
+        let mut unchanged = doc! {
+            "organization_id": &doc.organization_id, "integration_id": &doc.integration_id,
+            "bot.app_id": &doc.bot.app_id,
+            "bot.authority": equal_or_absent(&doc.bot.authority),
+            "bot.app_secret": equal_or_absent(&doc.bot.app_secret),
+        };
+        match &doc.bot.app_secret_sealed {
+            Some(sealed) => unchanged.insert("bot.app_secret_sealed.ciphertext", &sealed.ciphertext),
+            None => unchanged.insert("bot.app_secret_sealed", doc! { "$exists": false }),
+        };
+        let result = self
+            .org_integrations()
+            .update_one(unchanged, doc! { "$set": { "bot": encode(bot, operation)? }, "$currentDate": { "updated_at": true } })
+            .await
+            .map_err(StoreError::new(operation))?;
+        Ok(result.modified_count == 1)
+    }
+
     /// Create or replace an org_integration (see [`org_integration_statement`]).
     pub async fn put_org_integration(&self, doc: &OrgIntegrationDoc) -> Result<(), StoreError> {
         self.seed(std::slice::from_ref(doc), &[], false).await.map(drop)

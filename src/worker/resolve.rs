@@ -5,12 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
-
 use super::cache::TtlCache;
 use crate::job::{ConversationId, IntegrationId, Job, OrganizationId, UserId};
 use crate::mongo::{ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
 use crate::outcome::DeliveryError;
+use crate::secrets::Secrets;
 use crate::settings::DEFAULT_CLOUD;
 use crate::teams::{BotCredentials, Teams};
 
@@ -49,6 +48,7 @@ enum Resolution {
 type Key = (OrganizationId, IntegrationId);
 
 pub struct Resolver {
+    secrets: Secrets,
     integrations: TtlCache<Key, Resolution>,
     // Shared, not copied, by every job that uses them.
     conversations: TtlCache<(Key, ConversationId), Option<Arc<ConversationDoc>>>,
@@ -73,8 +73,8 @@ fn cacheable(ids: &[&str]) -> bool {
 }
 
 impl Resolver {
-    pub fn new(ttl: Duration) -> Self {
-        Self { integrations: TtlCache::new(ttl), conversations: TtlCache::new(ttl), personal: TtlCache::new(ttl) }
+    pub fn new(ttl: Duration, secrets: Secrets) -> Self {
+        Self { secrets, integrations: TtlCache::new(ttl), conversations: TtlCache::new(ttl), personal: TtlCache::new(ttl) }
     }
 
     /// (hits, misses) of the org_integration cache.
@@ -100,7 +100,7 @@ impl Resolver {
             Ok::<_, DeliveryError>(match store.org_integration(&key.0, &key.1).await? {
                 None => Resolution::NotFound,
                 Some(doc) if doc.status == IntegrationStatus::Disabled => Resolution::Disabled,
-                Some(doc) => match active(doc, teams) {
+                Some(doc) => match active(doc, teams, &self.secrets).await {
                     Ok(integration) => Resolution::Active(Arc::new(integration)),
                     Err(problem) => Resolution::Misconfigured(problem),
                 },
@@ -241,14 +241,14 @@ fn usable(conversation: &ConversationDoc) -> Result<String, DeliveryError> {
 /// (`herald seed`, `herald org-integrations add`): everything [`active`]
 /// checks except reading the secret, plus the service-URL allowlist of the
 /// record's cloud.
-pub fn check_record(doc: &OrgIntegrationDoc, teams: &Teams) -> Result<(), String> {
-    let cloud = structure(doc, teams)?;
+pub fn check_record(doc: &OrgIntegrationDoc, teams: &Teams, secrets: &Secrets) -> Result<(), String> {
+    let cloud = structure(doc, teams, secrets)?;
     cloud.policy.check(&doc.service_url).map(drop).map_err(|err| format!("org_integration {}: {err}", doc.id_string()))
 }
 
 /// What every record needs: non-blank ids and tenant, a configured cloud,
-/// exactly one secret source.
-fn structure<'a>(doc: &OrgIntegrationDoc, teams: &'a Teams) -> Result<&'a crate::teams::Cloud, String> {
+/// exactly one secret source, and that one this organization's own.
+fn structure<'a>(doc: &OrgIntegrationDoc, teams: &'a Teams, secrets: &Secrets) -> Result<&'a crate::teams::Cloud, String> {
     let id = doc.id_string();
     let blank = |value: &str| value.trim().is_empty();
     if blank(&doc.organization_id) || blank(&doc.integration_id) {
@@ -261,46 +261,28 @@ fn structure<'a>(doc: &OrgIntegrationDoc, teams: &'a Teams) -> Result<&'a crate:
     let Some(cloud) = teams.cloud(cloud_name) else {
         return Err(format!("org_integration {id}: cloud {cloud_name:?} is not configured (teams.clouds)"));
     };
-    let bot = &doc.bot;
-    match [&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file].iter().filter(|s| s.is_some()).count() {
-        1 => Ok(cloud),
-        0 => Err(format!("org_integration {id}: bot has no app_secret, app_secret_env or app_secret_file")),
-        _ => Err(format!("org_integration {id}: bot must have exactly one of app_secret, app_secret_env, app_secret_file")),
-    }
+    secrets.check(doc).map_err(|err| format!("org_integration {id}: {err}"))?;
+    Ok(cloud)
 }
 
 /// A stored record as the worker would use it, its secret read (for
 /// `herald org-integrations check`): the same code path as a job's.
-pub fn credentials(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
-    active(doc, teams)
+pub async fn credentials(doc: OrgIntegrationDoc, teams: &Teams, secrets: &Secrets) -> Result<OrgIntegration, String> {
+    active(doc, teams, secrets).await
 }
 
-/// The bot's secret: stored, or referenced by environment variable or file.
-fn active(doc: OrgIntegrationDoc, teams: &Teams) -> Result<OrgIntegration, String> {
-    let cloud = structure(&doc, teams)?;
+/// The record with its bot's secret read by [`Secrets::read`]'s rules.
+async fn active(doc: OrgIntegrationDoc, teams: &Teams, secrets: &Secrets) -> Result<OrgIntegration, String> {
+    let cloud = structure(&doc, teams, secrets)?;
     let id = doc.id_string();
-    let bot = &doc.bot;
-    let secret = match (&bot.app_secret, &bot.app_secret_env, &bot.app_secret_file) {
-        (Some(secret), _, _) => secret.clone(),
-        (None, Some(var), _) => {
-            std::env::var(var).map_err(|_| format!("org_integration {id}: environment variable {var} (bot.app_secret_env) is not set"))?
-        }
-        (None, None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|err| format!("org_integration {id}: cannot read bot.app_secret_file {path}: {err}"))?
-            .trim()
-            .to_owned(),
-        (None, None, None) => return Err(format!("org_integration {id}: bot has no secret source")),
-    };
-    if secret.is_empty() {
-        return Err(format!("org_integration {id}: the bot secret is empty"));
-    }
+    let secret = secrets.read(&doc).await.map_err(|err| format!("org_integration {id}: {err}"))?;
     let (Some(organization_id), Some(integration_id)) =
         (OrganizationId::parse(doc.organization_id), IntegrationId::parse(doc.integration_id))
     else {
         return Err(format!("org_integration {id}: blank organization_id or integration_id"));
     };
     let authority = doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone());
-    let bot = BotCredentials::new(cloud.name.clone(), doc.bot.app_id, SecretString::from(secret), authority);
+    let bot = BotCredentials::new(cloud.name.clone(), doc.bot.app_id, secret, authority);
     let checked_service_url = teams.check_service_url(&bot, &doc.service_url).map_err(|refused| match refused {
         crate::teams::TeamsError::ServiceUrlNotAllowed { url, why } => (url, why),
         other => (crate::teams::redact(&doc.service_url), other.to_string()),

@@ -205,7 +205,10 @@ impl Pipeline {
         Self {
             store,
             teams,
-            resolver: Resolver::new(settings.resolution_ttl()),
+            resolver: Resolver::new(
+                settings.resolution_ttl(),
+                crate::secrets::Secrets::new(&settings.secrets).expect("secrets.* are checked with the settings"),
+            ),
             metrics,
             pacing: settings.teams.rate_limits.enabled.then(|| Pacing::new(settings)),
             slots: Semaphore::new(settings.worker.concurrency),

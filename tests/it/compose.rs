@@ -28,14 +28,14 @@ fn strings(value: &Value) -> Vec<String> {
     value.as_array().map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect()).unwrap_or_default()
 }
 
-/// A mounted file (`./demo/x:/container/path:ro`): (container path, repository path).
+/// A mounted file or folder (`./demo/x:/container/path:ro`): (container path, repository path).
 fn mounts(service: &Value) -> Vec<(String, PathBuf)> {
     strings(&service["volumes"])
         .iter()
         .map(|v| {
             let mut parts = v.split(':');
             let (host, container) = (parts.next().unwrap(), parts.next().unwrap());
-            (container.to_owned(), Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(host))
+            (container.to_owned(), Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(host.trim_start_matches("./")))
         })
         .collect()
 }
@@ -63,12 +63,20 @@ async fn the_compose_services_start_end_to_end_with_their_own_commands_and_setti
     let sim_client = teams_sim::client::SimClient::new("http://127.0.0.1:3978");
     eventually("teams-sim on 3978", Duration::from_secs(10), || async { sim_client.health().await.ok() }).await;
 
+    let all_mounts: Vec<_> = ["herald-setup", "herald-seed", "herald-worker"].iter().flat_map(|s| mounts(&services[*s])).collect();
+    // A setting that names a mounted path (secrets.directory) gets its repository path.
+    let host_path = |value: &str| match all_mounts.iter().find(|(container, _)| container == value) {
+        Some((_, host)) => host.display().to_string(),
+        None => value.to_owned(),
+    };
     let environment = |service: &Value| -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = service["environment"]
             .as_object()
             .unwrap()
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().replace("@rabbitmq:", "@127.0.0.1:").replace("//mongodb:", "//127.0.0.1:")))
+            .map(|(k, v)| {
+                (k.clone(), host_path(v.as_str().unwrap()).replace("@rabbitmq:", "@127.0.0.1:").replace("//mongodb:", "//127.0.0.1:"))
+            })
             .collect();
         env.insert("HERALD_TOPOLOGY_PREFIX".into(), format!("compose-{id}"));
         env.insert("HERALD_MONGODB_DATABASE".into(), format!("compose_{id}"));
@@ -80,7 +88,6 @@ async fn the_compose_services_start_end_to_end_with_their_own_commands_and_setti
         args.extend(extra.iter().map(|s| s.to_string()));
         // A mounted file is read at its path in the repository; a file that
         // names other mounted files gets their repository paths too.
-        let all_mounts: Vec<_> = ["herald-setup", "herald-seed", "herald-worker"].iter().flat_map(|s| mounts(&services[*s])).collect();
         for arg in args.iter_mut() {
             if let Some((_, path)) = all_mounts.iter().find(|(container, _)| container == arg) {
                 let mut text = std::fs::read_to_string(path).unwrap();

@@ -83,7 +83,7 @@ async fn four_workers_pace_and_order_as_one_while_workers_join_stop_and_die() {
     let options = teams_sim::Options { throttling: true, seed: 3, ..Default::default() };
     let env = TestEnv::with(world, options, |f| f).await;
     let (_, integrations, conversations) = fleet::fleet(burst::TENANTS, burst::PER_TENANT, &env.sim.service_url());
-    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    env.seed(&integrations, &conversations).await;
     let jobs = burst::plan(COLD, HOT, burst::TENANTS, 5);
 
     let settings: &[(&str, &str)] = &[
@@ -159,7 +159,7 @@ async fn a_shard_handed_over_mid_burst_comes_with_its_conversations_recent_reque
     let options = teams_sim::Options { throttling: true, seed: 5, ..Default::default() };
     let env = TestEnv::with(world, options, |f| f).await;
     let (_, integrations, conversations) = fleet::fleet(burst::TENANTS, burst::PER_TENANT, &env.sim.service_url());
-    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    env.seed(&integrations, &conversations).await;
     // Only the five hot conversations (two tenants, in one shard).
     let jobs = burst::plan(0, HOT, burst::TENANTS, 11);
     let settings: &[(&str, &str)] = &[

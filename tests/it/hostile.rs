@@ -7,6 +7,11 @@
 //! - impostor org_integrations that name another organization's bot app id
 //!   with a wrong or a previous secret, on the same shared integration, with a
 //!   channel whose roster would accept that bot;
+//! - impostor org_integrations that name another organization's bot app id
+//!   and that organization's *real* secret: its environment variable, its
+//!   secret file, or a copy of its sealed secret (each refused by the secret
+//!   rules: `org_integration_misconfigured`, no request to Teams);
+//! - organizations whose own secrets are sealed, in a variable or in a file;
 //! - an organization whose bot secret is rotated (in Teams and in MongoDB)
 //!   half-way through the run;
 //! - job ids reused by other organizations, and jobs published two or three
@@ -38,6 +43,12 @@ use crate::support::*;
 
 const ORGS: usize = 12;
 const IMPOSTORS: usize = 3;
+/// Organizations whose secret is their own environment variable, their own
+/// file, and sealed (every other one is sealed too): the victims of the
+/// impostors that reach for them.
+const BY_ENV: usize = 1;
+const BY_FILE: usize = 3;
+const BY_SEAL: usize = 5;
 /// The organization whose secret is rotated half-way through.
 const ROTATED: usize = 4;
 
@@ -49,6 +60,24 @@ struct Org {
     tenant: String,
     channels: Vec<String>,
     fate: Fate,
+    /// Where its record says the secret is, when not sealed from `secret_of`.
+    reference: Option<Reference>,
+}
+
+/// A secret the record names by reference, always another's for an impostor.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Reference {
+    /// The variable of organization n (`TEAMS_BOT_SECRET_org-n__MAIN`).
+    Env(usize),
+    /// The file of organization n (`<secrets.directory>/org-n/bot`).
+    File(usize),
+    /// A copy of organization n's sealed secret.
+    SealOf(usize),
+}
+
+/// The variable of organization `n`'s secret, and its value.
+fn secret_variable(n: usize) -> (String, String) {
+    (format!("TEAMS_BOT_SECRET_org-{n}__MAIN"), bot(&format!("app-{n}")).app_secret)
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -58,6 +87,8 @@ enum Fate {
     Refused,
     /// Delivered until its secret is rotated, then either.
     Rotated,
+    /// Names another organization's real secret by reference or copy.
+    Confined,
 }
 
 fn build() -> (Vec<Org>, World) {
@@ -71,7 +102,12 @@ fn build() -> (Vec<Org>, World) {
         world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
         let integration = if i % 2 == 0 { INTEGRATION.to_owned() } else { format!("int-{i}") };
         let fate = if i == ROTATED { Fate::Rotated } else { Fate::Delivered };
-        orgs.push(Org { id: format!("org-{i}"), integration, app, tenant, channels, fate });
+        let reference = match i {
+            BY_ENV => Some(Reference::Env(i)),
+            BY_FILE => Some(Reference::File(i)),
+            _ => None,
+        };
+        orgs.push(Org { id: format!("org-{i}"), integration, app, tenant, channels, fate, reference });
     }
     for k in 0..IMPOSTORS {
         // The victim's bot is in the impostor's roster: only its credential stops it.
@@ -79,7 +115,33 @@ fn build() -> (Vec<Org>, World) {
         let channels = vec![format!("19:imp{k}@thread.tacv2")];
         world.tenants.push(Tenant { id: tenant.clone(), name: None });
         world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
-        orgs.push(Org { id: format!("imp-{k}"), integration: INTEGRATION.into(), app, tenant, channels, fate: Fate::Refused });
+        orgs.push(Org {
+            id: format!("imp-{k}"),
+            integration: INTEGRATION.into(),
+            app,
+            tenant,
+            channels,
+            fate: Fate::Refused,
+            reference: None,
+        });
+    }
+    for (k, reference) in [Reference::Env(BY_ENV), Reference::File(BY_FILE), Reference::SealOf(BY_SEAL)].into_iter().enumerate() {
+        let victim = match reference {
+            Reference::Env(n) | Reference::File(n) | Reference::SealOf(n) => n,
+        };
+        let (app, tenant) = (format!("app-{victim}"), format!("tenant-conf-{k}"));
+        let channels = vec![format!("19:conf{k}@thread.tacv2")];
+        world.tenants.push(Tenant { id: tenant.clone(), name: None });
+        world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
+        orgs.push(Org {
+            id: format!("conf-{k}"),
+            integration: INTEGRATION.into(),
+            app,
+            tenant,
+            channels,
+            fate: Fate::Confined,
+            reference: Some(reference),
+        });
     }
     (orgs, world)
 }
@@ -95,18 +157,38 @@ fn secret_of(org: &Org, index: usize) -> String {
 }
 
 async fn seed(env: &TestEnv, orgs: &[Org]) {
-    let integrations: Vec<OrgIntegrationDoc> = orgs
-        .iter()
-        .enumerate()
-        .map(|(index, o)| OrgIntegrationDoc {
+    let secrets = herald::secrets::Secrets::new(&env.settings.secrets).unwrap();
+    let record = |index: usize| {
+        let o: &Org = &orgs[index];
+        OrgIntegrationDoc {
             integration_id: o.integration.clone(),
             bot: BotDoc::with_secret(&o.app, &secret_of(o, index)),
             ..env.org_integration(&o.id, &o.app, &o.tenant)
+        }
+    };
+    let integrations: Vec<OrgIntegrationDoc> = (0..orgs.len())
+        .map(|index| {
+            let mut doc = record(index);
+            let reference = BotDoc { app_secret: None, ..doc.bot.clone() };
+            match orgs[index].reference {
+                None => {}
+                Some(Reference::Env(n)) => doc.bot = BotDoc { app_secret_env: Some(secret_variable(n).0), ..reference },
+                Some(Reference::File(n)) => {
+                    let path = env.secret_file(&format!("org-{n}"), "bot", secret_variable(n).1.as_bytes());
+                    doc.bot = BotDoc { app_secret_file: Some(path), ..reference };
+                }
+                Some(Reference::SealOf(n)) => {
+                    let victim = record(n);
+                    let owner = herald::secrets::Owner::of(&victim);
+                    doc.bot = secrets.sealed_bot(owner, None, &secret_variable(n).1.into()).unwrap();
+                }
+            }
+            doc
         })
         .collect();
     let conversations: Vec<ConversationDoc> =
         orgs.iter().flat_map(|o| o.channels.iter().map(|c| ConversationDoc::channel(&o.id, &o.integration, c))).collect();
-    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    env.seed(&integrations, &conversations).await;
 }
 
 /// One (organization, job id) of the run.
@@ -196,6 +278,8 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
         ("HERALD_RETRY__MAX_IN_PROCESS_WAIT_SECS", "4"),
         ("HERALD_LOG__FILTER", "error"),
     ];
+    let (variable, value) = secret_variable(BY_ENV);
+    let tuning = [tuning.as_slice(), &[(variable.as_str(), value.as_str())]].concat();
     let workers: Vec<_> = ["-30s", "+0s", "+30s"]
         .into_iter()
         .map(|offset| env.worker_process(&[tuning.as_slice(), skewed_clock(offset).as_slice()].concat()))
@@ -241,7 +325,10 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
         let key = (org_id.to_owned(), job_id.to_owned());
         let p = by_key.get(&key).unwrap_or_else(|| panic!("an activity for no job: {text}"));
         let org = &orgs[p.org];
-        assert_ne!(org.fate, Fate::Refused, "{text}: posted for an org_integration that holds another's bot app id");
+        assert!(
+            !matches!(org.fate, Fate::Refused | Fate::Confined),
+            "{text}: posted for an org_integration that holds another's bot app id"
+        );
         assert_eq!((record.app_id.as_str(), record.tenant_id.as_str()), (org.app.as_str(), org.tenant.as_str()), "{text}");
         assert_eq!(record.conversation_id, p.conversation, "{text}");
         *posts.entry(key).or_insert(0) += 1;
@@ -257,6 +344,7 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
     let ledger = env.store.list_deliveries(&Default::default(), 10 * jobs as i64).await.unwrap();
     let state: HashMap<(String, String), DeliveryState> = ledger.into_iter().map(|d| ((d.organization_id, d.job_id), d.state)).collect();
     let (mut delivered, mut refused, mut unconfirmed, mut rotated_refused, mut rotated_then_posted) = (0, 0, 0, 0, 0);
+    let mut confined = 0;
     for (key, p) in &by_key {
         let org = &orgs[p.org];
         let (posts, reasons, state) = (posts.get(key).copied().unwrap_or(0), dead.get(key).cloned().unwrap_or_default(), state.get(key));
@@ -264,7 +352,9 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
         assert!(posts <= 1, "posted twice: {what}");
         assert!(reasons.len() <= p.copies, "more dead letters than copies: {what}");
         match (posts, reasons.first().map(String::as_str), state) {
-            (1, None, Some(DeliveryState::Sent)) if org.fate != Fate::Refused => delivered += 1,
+            (1, None, Some(DeliveryState::Sent)) if !matches!(org.fate, Fate::Refused | Fate::Confined) => delivered += 1,
+            // Another organization's variable, file or sealed secret: refused before any request.
+            (0, Some("org_integration_misconfigured"), _) if org.fate == Fate::Confined => confined += 1,
             // Posted, but the answer was lost or broken: counted, dead-lettered once, never resent.
             (_, Some("delivery_unconfirmed"), Some(DeliveryState::Unconfirmed)) if reasons.len() == 1 => unconfirmed += 1,
             (0, Some("teams_unauthorized"), _) if org.fate == Fate::Refused => refused += 1,
@@ -280,13 +370,16 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
         }
     }
     assert!(reasons_all_one_kind(&dead), "each job's dead letters share one reason");
-    assert_eq!(delivered + refused + unconfirmed + rotated_refused + rotated_then_posted, by_key.len());
+    assert_eq!(delivered + refused + confined + unconfirmed + rotated_refused + rotated_then_posted, by_key.len());
     assert!(refused > 0 && unconfirmed > 0, "the run met impostors ({refused}) and ambiguous answers ({unconfirmed})");
+    assert!(confined > 0, "the run met impostors that reach for another organization's secret");
+    let delivered_by = |n: usize| records.iter().any(|r| r.app_id == format!("app-{n}") && r.tenant_id == format!("tenant-{n}"));
+    assert!(delivered_by(BY_ENV) && delivered_by(BY_FILE) && delivered_by(BY_SEAL), "the victims' own secrets work");
     let stats = client.stats().await.unwrap();
     eprintln!(
         "hostile property test: {} (org, job) pairs from {} publishes; {delivered} posted once, {refused} impostor jobs refused, \
          {rotated_refused} refused around the rotation ({rotated_then_posted} more refused, then posted by a later copy), \
-         {unconfirmed} unconfirmed; Teams answered {:?}",
+         {confined} reaching for another's secret refused, {unconfirmed} unconfirmed; Teams answered {:?}",
         by_key.len(),
         order.len(),
         stats.responses_by_status

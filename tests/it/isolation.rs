@@ -233,7 +233,7 @@ async fn seed_replaces_what_it_owns_keeps_quarantines_and_checks_before_writing(
         serde_json::json!({
             "org_integrations": [{
                 "organization_id": org, "integration_id": INTEGRATION, "status": "active", "tenant_id": "tenant-a",
-                "service_url": service_url, "bot": { "app_id": "app-a", "app_secret_env": "ORG_A_SECRET" },
+                "service_url": service_url, "bot": { "app_id": "app-a", "app_secret_env": format!("TEAMS_BOT_SECRET_{org}__MAIN") },
             }],
             "conversations": [{
                 "organization_id": org, "integration_id": INTEGRATION, "conversation_id": CONV_A, "kind": "channel", "status": "active",
@@ -249,12 +249,12 @@ async fn seed_replaces_what_it_owns_keeps_quarantines_and_checks_before_writing(
     let org = |id: &str| herald::job::OrganizationId::parse(id).unwrap();
     let integration = herald::job::IntegrationId::parse(INTEGRATION).unwrap();
     let before = env.store.org_integration(&org("org-a"), &integration).await.unwrap().unwrap();
-    assert!(before.bot.app_secret.is_some(), "a dry run changes nothing");
+    assert!(before.bot.app_secret_sealed.is_some(), "a dry run changes nothing");
 
     env.herald_ok(&["seed", "--file", path]).await;
     let after = env.store.org_integration(&org("org-a"), &integration).await.unwrap().unwrap();
-    assert_eq!(after.bot.app_secret, None, "the stored secret the file leaves out is gone");
-    assert_eq!(after.bot.app_secret_env.as_deref(), Some("ORG_A_SECRET"));
+    assert_eq!(after.bot.app_secret_sealed, None, "the stored secret the file leaves out is gone");
+    assert_eq!(after.bot.app_secret_env.as_deref(), Some("TEAMS_BOT_SECRET_org-a__MAIN"));
     let conversation = |store: &herald::mongo::Store| {
         let store = store.clone();
         async move {

@@ -40,8 +40,12 @@ async fn an_admin_onboards_checks_rotates_disables_and_removes_an_organization()
     let again = herald_with_stdin(&env, &strs(&add(&service_url)), "secret-a").await;
     assert!(stdout(&again).contains("updated org_integration org-a"), "{}", stdout(&again));
     let shown = json(&env.herald_ok(&[&["org-integrations", "show"][..], &target, &["--json"]].concat()).await);
-    assert_eq!(shown["secret"], "stored in MongoDB");
+    assert_eq!(shown["secret"], "sealed in MongoDB (key it)");
     assert!(!shown.to_string().contains("secret-a"), "the secret is never shown: {shown}");
+    let stored = env.store.list_org_integrations(Some("org-a"), 1).await.unwrap().remove(0);
+    assert_eq!(stored.bot.app_secret, None, "never stored in the clear");
+    let sealed = stored.bot.app_secret_sealed.expect("sealed");
+    assert!(!sealed.ciphertext.contains("secret-a") && sealed.key_id == "it", "{sealed:?}");
 
     // A conversation, then a check that posts a test card through the real path.
     env.herald_ok(&[&["conversations", "add"][..], &target, &["--conversation", CONV_A]].concat()).await;
@@ -52,11 +56,32 @@ async fn an_admin_onboards_checks_rotates_disables_and_removes_an_organization()
     let record = env.activities(1).await.remove(0);
     assert_eq!((record.app_id.as_str(), record.conversation_id.as_str()), ("app-a", CONV_A));
 
-    // Rotated to an env var the worker does not have: the check names the step.
-    env.herald_ok(&[&["org-integrations", "set-secret"][..], &target, &["--secret-env", "HERALD_IT_UNSET_SECRET"]].concat()).await;
+    // A reference outside the organization's own scope is refused before
+    // anything is written: the worker's settings, another organization's
+    // variable, a device or another organization's folder.
+    let other_folder = format!("{}/org-b/bot", env.settings.secrets.directory);
+    for flags in [
+        ["--secret-env", "HERALD_MONGODB_URI"],
+        ["--secret-env", "TEAMS_BOT_SECRET_org-b__MAIN"],
+        ["--secret-file", "/dev/zero"],
+        ["--secret-file", other_folder.as_str()],
+    ] {
+        let refused = env.herald(&[&["org-integrations", "set-secret"][..], &target, &flags].concat()).await;
+        assert_eq!(refused.status.code(), Some(2), "{flags:?}: {}", stderr(&refused));
+        assert!(stderr(&refused).contains("is not this organization's"), "{flags:?}: {}", stderr(&refused));
+    }
+    let shown = json(&env.herald_ok(&[&["org-integrations", "show"][..], &target, &["--json"]].concat()).await);
+    assert_eq!(shown["secret"], "sealed in MongoDB (key it)", "nothing was written");
+
+    // Rotated to an env var of its own scope that the worker does not have: the check names the step.
+    env.herald_ok(&[&["org-integrations", "set-secret"][..], &target, &["--secret-env", "TEAMS_BOT_SECRET_org-a__UNSET"]].concat()).await;
     let failed = env.herald(&[&["org-integrations", "check"][..], &target].concat()).await;
     assert_eq!(failed.status.code(), Some(1));
-    assert!(stderr(&failed).contains("failed at `secret`") && stderr(&failed).contains("HERALD_IT_UNSET_SECRET"), "{}", stderr(&failed));
+    assert!(
+        stderr(&failed).contains("failed at `secret`") && stderr(&failed).contains("TEAMS_BOT_SECRET_org-a__UNSET"),
+        "{}",
+        stderr(&failed)
+    );
     // A wrong secret: the identity platform's own refusal, at the token step.
     let wrong = herald_with_stdin(&env, &[&["org-integrations", "set-secret"][..], &target, &["--secret-stdin"]].concat(), "nope").await;
     assert!(wrong.status.success(), "{}", stderr(&wrong));

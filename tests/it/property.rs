@@ -127,7 +127,7 @@ async fn seed_world(env: &TestEnv, orgs: &[Org]) {
             conversations.push(doc(o, c, ConversationKind::Personal, Some(user), false));
         }
     }
-    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    env.seed(&integrations, &conversations).await;
 }
 
 /// A random job and what the world predicts for it.

@@ -143,7 +143,7 @@ async fn a_router_paused_past_its_lease_never_routes_beside_the_next_one() {
     let (world, _, _) = fleet::fleet(TENANTS, burst::PER_TENANT, "");
     let env = TestEnv::with(world, sim::Options::default(), |f| f).await;
     let (_, integrations, conversations) = fleet::fleet(TENANTS, burst::PER_TENANT, &env.sim.service_url());
-    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    env.seed(&integrations, &conversations).await;
     let jobs = burst::plan(1_500, 0, TENANTS, 7);
 
     // The paused worker also holds shards: a post it has on the wire when it

@@ -26,7 +26,7 @@ async fn hostile_jobs_are_each_one_bounded_dead_letter_and_good_jobs_are_posted_
     let options = teams_sim::Options { throttling: false, seed: 7, ..Default::default() };
     let env = TestEnv::with(world, options, |f| f).await;
     let (_, integrations, conversations) = fleet::fleet(ORGS, PER_ORG, &env.sim.service_url());
-    env.store.seed(&integrations, &conversations, false).await.unwrap();
+    env.seed(&integrations, &conversations).await;
     let client = env.sim.client();
     for rule in fleet::faults(3000) {
         client.add_fault(&rule).await.unwrap();

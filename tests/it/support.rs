@@ -18,6 +18,7 @@ use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, DeliveryDoc, Deli
 use herald::producer::Producer;
 use herald::rabbitmq::headers::{self, Signer};
 use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
+use herald::secrets::{Owner, Secrets};
 use herald::settings::Settings;
 use herald::worker::Worker;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -32,6 +33,9 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const INTEGRATION: &str = "int-shared";
 pub const CONV_A: &str = "19:conv-a@thread.tacv2";
 pub const CONV_B: &str = "19:conv-b@thread.tacv2";
+/// The key ring of every test environment (`secrets.keys.it`): stored bot
+/// secrets are sealed with it, as `herald` seals them.
+pub const SEAL_KEY: &str = "dGVzdC1vbmx5LXNlYWwta2V5LTMyLWJ5dGVzLWxvbmc=";
 
 /// Wait until `check` returns `Some`, or fail after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
@@ -62,6 +66,11 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Where a test environment's `secrets.directory` is.
+pub fn secrets_directory(id: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("herald-it-{id}-secrets"))
 }
 
 /// A bot of the simulator's world whose secret is `secret-<suffix of app>`.
@@ -145,7 +154,10 @@ impl TestEnv {
             .merge(Serialized::default("http.listen", ""))
             // Tests drive many jobs into few conversations; pacing has its own test.
             .merge(Serialized::default("teams.rate_limits.enabled", false))
-            .merge(Serialized::default("log.format", "pretty"));
+            .merge(Serialized::default("log.format", "pretty"))
+            .merge(Serialized::default("secrets.keys", json!({ "it": SEAL_KEY })))
+            .merge(Serialized::default("secrets.directory", secrets_directory(&id).display().to_string()));
+        std::fs::create_dir_all(secrets_directory(&id)).expect("a secrets directory");
         let settings = Settings::from_figment(tweak(figment)).expect("test settings are valid");
         let store = Store::connect(&settings).await.expect("MongoDB answers (run `make services`)");
         let connection = Arc::new(
@@ -178,7 +190,18 @@ impl TestEnv {
             ("HERALD_LOG__FORMAT".into(), "json".into()),
             ("HERALD_HTTP__LISTEN".into(), "127.0.0.1:0".into()),
             ("HERALD_TEAMS__RATE_LIMITS__ENABLED".into(), "false".into()),
+            ("HERALD_SECRETS__KEYS__IT".into(), SEAL_KEY.into()),
+            ("HERALD_SECRETS__DIRECTORY".into(), self.settings.secrets.directory.clone()),
         ]
+    }
+
+    /// Write `secret` where `secrets.directory` lets `org`'s records read it;
+    /// the path to store in `bot.app_secret_file`.
+    pub fn secret_file(&self, org: &str, name: &str, secret: &[u8]) -> String {
+        let dir = secrets_directory(&self.id).join(org);
+        std::fs::create_dir_all(&dir).expect("an organization's secrets directory");
+        std::fs::write(dir.join(name), secret).expect("a secret file");
+        dir.join(name).display().to_string()
     }
 
     /// A `herald` process of this environment, not yet started.
@@ -243,7 +266,31 @@ impl TestEnv {
         OrgIntegrationDoc::active(org, INTEGRATION, tenant, &self.sim.service_url(), BotDoc::with_secret(app, &secret))
     }
 
+    /// Store `doc` as `herald` would: a plaintext `bot.app_secret` is sealed
+    /// for the record first.
     pub async fn insert_org_integration(&self, doc: OrgIntegrationDoc) {
+        self.seed(&[doc], &[]).await;
+    }
+
+    /// Store many records at once, as [`TestEnv::insert_org_integration`] does one.
+    pub async fn seed(&self, integrations: &[OrgIntegrationDoc], conversations: &[ConversationDoc]) {
+        let secrets = Secrets::new(&self.settings.secrets).expect("the test key ring");
+        let sealed: Vec<OrgIntegrationDoc> = integrations
+            .iter()
+            .cloned()
+            .map(|mut doc| {
+                if let Some(plain) = doc.bot.app_secret.take() {
+                    let bot = secrets.sealed_bot(Owner::of(&doc), doc.bot.authority.clone(), &plain.into()).expect("sealed");
+                    doc.bot.app_secret_sealed = bot.app_secret_sealed;
+                }
+                doc
+            })
+            .collect();
+        self.store.seed(&sealed, conversations, false).await.expect("seed");
+    }
+
+    /// Store `doc` exactly as given (a record from before sealing, an impostor's).
+    pub async fn insert_raw_org_integration(&self, doc: OrgIntegrationDoc) {
         self.store.put_org_integration(&doc).await.expect("insert org_integration");
     }
 
@@ -391,6 +438,7 @@ impl Drop for TestEnv {
     /// Delete this test's queues, exchanges and database, on a thread of its
     /// own (Drop cannot wait on the test's runtime, which may be unwinding).
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(secrets_directory(&self.id));
         let topology = self.topology.clone();
         let settings = self.settings.clone();
         let cleanup = std::thread::spawn(move || {
