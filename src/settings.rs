@@ -27,6 +27,8 @@ pub struct Settings {
     pub amqp_url: SecretString,
     pub mongodb_uri: SecretString,
     pub mongodb_database: String,
+    /// The longest a command on a job's or the fleet's path may take.
+    pub mongodb_command_timeout_ms: u64,
     pub topology_prefix: String,
     pub worker: WorkerSettings,
     pub fleet: FleetSettings,
@@ -272,6 +274,9 @@ impl Settings {
         if self.fleet.heartbeat_ms < 100 || self.fleet.heartbeat_ms * 2 > self.fleet.lease_secs * 1000 {
             return invalid("fleet.heartbeat_ms", "must be at least 100 and at most half of fleet.lease_secs".into());
         }
+        if !(100..=600_000).contains(&self.mongodb_command_timeout_ms) {
+            return invalid("mongodb_command_timeout_ms", "must be between 100 and 600000".into());
+        }
         if self.retry.quick_attempts == 0 {
             return invalid("retry.quick_attempts", "must be at least 1 (the first try)".into());
         }
@@ -344,6 +349,10 @@ impl Settings {
 
     pub fn retry_tiers(&self) -> Vec<Duration> {
         self.retry.tiers_secs.iter().map(|s| Duration::from_secs(*s)).collect()
+    }
+
+    pub fn mongodb_command_timeout(&self) -> Duration {
+        Duration::from_millis(self.mongodb_command_timeout_ms)
     }
 
     pub fn resolution_ttl(&self) -> Duration {

@@ -110,44 +110,53 @@ impl Store {
     /// Say this worker is alive for `lease` more (with its recent requests,
     /// when it paces), and count the live workers (this one included).
     pub async fn fleet_heartbeat(&self, worker: &str, lease: Duration, paced: Option<&Paced>) -> Result<u64, StoreError> {
-        let fleet = self.fleet();
-        let mut set = doc! { "kind": "worker", "expires_at": expires(lease) };
-        if let Some(paced) = paced {
-            paced_fields(&mut set, paced);
-        }
-        self.write();
-        fleet
-            .update_one(doc! { "_id": format!("worker/{worker}") }, vec![doc! { "$set": set }])
-            .upsert(true)
-            .await
-            .map_err(StoreError::new("fleet heartbeat"))?;
-        self.read();
-        let mut filter = live();
-        filter.insert("kind", "worker");
-        fleet.count_documents(filter).await.map_err(StoreError::new("count the fleet")).map(|n| n.max(1))
+        self.bounded("fleet heartbeat", async {
+            let fleet = self.fleet();
+            let mut set = doc! { "kind": "worker", "expires_at": expires(lease) };
+            if let Some(paced) = paced {
+                paced_fields(&mut set, paced);
+            }
+            self.write();
+            fleet
+                .update_one(doc! { "_id": format!("worker/{worker}") }, vec![doc! { "$set": set }])
+                .upsert(true)
+                .await
+                .map_err(StoreError::new("fleet heartbeat"))?;
+            self.read();
+            let mut filter = live();
+            filter.insert("kind", "worker");
+            fleet.count_documents(filter).await.map_err(StoreError::new("count the fleet")).map(|n| n.max(1))
+        })
+        .await
     }
 
     /// Extend every unit this worker still holds; returns them. A unit whose
     /// lease ran out (and may have been taken) is not extended.
     pub async fn fleet_renew(&self, worker: &str, lease: Duration) -> Result<Vec<String>, StoreError> {
-        let fleet = self.fleet();
-        let mut mine = live();
-        mine.insert("owner", worker);
-        self.write();
-        fleet
-            .update_many(mine.clone(), vec![doc! { "$set": { "expires_at": expires(lease) } }])
-            .await
-            .map_err(StoreError::new("renew the fleet's leases"))?;
-        let held = self.fleet_find(mine, "read the fleet's leases").await?;
-        Ok(held.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
+        self.bounded("fleet renew", async {
+            let fleet = self.fleet();
+            let mut mine = live();
+            mine.insert("owner", worker);
+            self.write();
+            fleet
+                .update_many(mine.clone(), vec![doc! { "$set": { "expires_at": expires(lease) } }])
+                .await
+                .map_err(StoreError::new("renew the fleet's leases"))?;
+            let held = self.fleet_find(mine, "read the fleet's leases").await?;
+            Ok(held.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
+        })
+        .await
     }
 
     /// The units held right now, by owner.
     pub async fn fleet_holders(&self) -> Result<HashMap<String, String>, StoreError> {
-        let mut filter = live();
-        filter.insert("kind", "unit");
-        let held = self.fleet_find(filter, "read the fleet").await?;
-        Ok(held.iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_str("owner").ok()?.to_owned()))).collect())
+        self.bounded("fleet holders", async {
+            let mut filter = live();
+            filter.insert("kind", "unit");
+            let held = self.fleet_find(filter, "read the fleet").await?;
+            Ok(held.iter().filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_str("owner").ok()?.to_owned()))).collect())
+        })
+        .await
     }
 
     /// The `fleet` records matching `filter` (a handful: workers and units).
@@ -158,111 +167,130 @@ impl Store {
 
     /// Take `unit` for `lease` if nobody holds it; `false` if somebody does.
     pub async fn fleet_claim(&self, unit: &str, worker: &str, lease: Duration) -> Result<bool, StoreError> {
-        let fleet = self.fleet();
-        // MongoDB refuses `$expr` in an upsert's filter: the unit's record is
-        // made (unheld) first, once, then taken by a plain update.
-        for first in [true, false] {
-            let free = doc! { "_id": unit, "$expr": { "$not": [{ "$gt": ["$expires_at", "$$NOW"] }] } };
-            self.write();
-            let taken = fleet
-                .update_one(free, vec![doc! { "$set": { "kind": "unit", "owner": worker, "expires_at": expires(lease) } }])
-                .await
-                .map_err(StoreError::new("claim a fleet unit"))?;
-            if taken.matched_count == 1 {
-                return Ok(true);
+        self.bounded("fleet claim", async {
+            let fleet = self.fleet();
+            // MongoDB refuses `$expr` in an upsert's filter: the unit's record is
+            // made (unheld) first, once, then taken by a plain update.
+            for first in [true, false] {
+                let free = doc! { "_id": unit, "$expr": { "$not": [{ "$gt": ["$expires_at", "$$NOW"] }] } };
+                self.write();
+                let taken = fleet
+                    .update_one(free, vec![doc! { "$set": { "kind": "unit", "owner": worker, "expires_at": expires(lease) } }])
+                    .await
+                    .map_err(StoreError::new("claim a fleet unit"))?;
+                if taken.matched_count == 1 {
+                    return Ok(true);
+                }
+                if !first {
+                    break;
+                }
+                self.write();
+                match fleet.insert_one(doc! { "_id": unit, "kind": "unit", "expires_at": mongodb::bson::DateTime::MIN }).await {
+                    Ok(_) => {}
+                    Err(err) if is_duplicate_key(&err) => return Ok(false),
+                    Err(err) => return Err(StoreError { operation: "create a fleet unit", source: err }),
+                }
             }
-            if !first {
-                break;
-            }
-            self.write();
-            match fleet.insert_one(doc! { "_id": unit, "kind": "unit", "expires_at": mongodb::bson::DateTime::MIN }).await {
-                Ok(_) => {}
-                Err(err) if is_duplicate_key(&err) => return Ok(false),
-                Err(err) => return Err(StoreError { operation: "create a fleet unit", source: err }),
-            }
-        }
-        Ok(false)
+            Ok(false)
+        })
+        .await
     }
 
     /// Give `unit` up (only if this worker holds it).
     pub async fn fleet_release(&self, unit: &str, worker: &str) -> Result<(), StoreError> {
-        self.write();
-        self.fleet()
-            .update_one(doc! { "_id": unit, "owner": worker }, doc! { "$unset": { "owner": "", "expires_at": "" } })
-            .await
-            .map(drop)
-            .map_err(StoreError::new("release a fleet unit"))
+        self.bounded("fleet release", async {
+            self.write();
+            self.fleet()
+                .update_one(doc! { "_id": unit, "owner": worker }, doc! { "$unset": { "owner": "", "expires_at": "" } })
+                .await
+                .map(drop)
+                .map_err(StoreError::new("release a fleet unit"))
+        })
+        .await
     }
 
     /// Write this worker's recent requests now (before it gives conversations
     /// up).
     pub async fn fleet_pace(&self, worker: &str, paced: &Paced) -> Result<(), StoreError> {
-        let mut set = Document::new();
-        paced_fields(&mut set, paced);
-        self.write();
-        self.fleet()
-            .update_one(doc! { "_id": format!("worker/{worker}") }, vec![doc! { "$set": set }])
-            .await
-            .map(drop)
-            .map_err(StoreError::new("write the fleet's pacing"))
+        self.bounded("fleet pace", async {
+            let mut set = Document::new();
+            paced_fields(&mut set, paced);
+            self.write();
+            self.fleet()
+                .update_one(doc! { "_id": format!("worker/{worker}") }, vec![doc! { "$set": set }])
+                .await
+                .map(drop)
+                .map_err(StoreError::new("write the fleet's pacing"))
+        })
+        .await
     }
 
     /// This worker leaves the fleet: the others rebalance at once. Its record
     /// stays, with its last requests (`paced`), until they are of no use.
     pub async fn fleet_leave(&self, worker: &str, paced: Option<&Paced>) -> Result<(), StoreError> {
-        let id = format!("worker/{worker}");
-        self.write();
-        let Some(paced) = paced else {
-            return self.fleet().delete_one(doc! { "_id": id }).await.map(drop).map_err(StoreError::new("leave the fleet"));
-        };
-        let mut set = doc! { "left": true, "expires_at": "$$NOW" };
-        paced_fields(&mut set, paced);
-        self.fleet().update_one(doc! { "_id": id }, vec![doc! { "$set": set }]).await.map(drop).map_err(StoreError::new("leave the fleet"))
+        self.bounded("fleet leave", async {
+            let id = format!("worker/{worker}");
+            self.write();
+            let Some(paced) = paced else {
+                return self.fleet().delete_one(doc! { "_id": id }).await.map(drop).map_err(StoreError::new("leave the fleet"));
+            };
+            let mut set = doc! { "left": true, "expires_at": "$$NOW" };
+            paced_fields(&mut set, paced);
+            self.fleet()
+                .update_one(doc! { "_id": id }, vec![doc! { "$set": set }])
+                .await
+                .map(drop)
+                .map_err(StoreError::new("leave the fleet"))
+        })
+        .await
     }
 
     /// The recent requests the other workers (live, left or dead) wrote and
     /// that are still of use; the records of workers gone and of no more use
     /// are deleted.
     pub async fn fleet_paced(&self, worker: &str) -> Result<Vec<PacedBy>, StoreError> {
-        let fleet = self.fleet();
-        let me = format!("worker/{worker}");
-        // The server's clock now (every time below is the server's), read
-        // back from this worker's own record.
-        self.write();
-        let now = fleet
-            .find_one_and_update(doc! { "_id": me.as_str() }, vec![doc! { "$set": { "read_at": "$$NOW" } }])
-            .return_document(mongodb::options::ReturnDocument::After)
-            .projection(doc! { "read_at": 1 })
-            .await
-            .map_err(StoreError::new("read the server's clock"))?
-            .and_then(|record| record.get_datetime("read_at").ok().copied())
-            .ok_or_else(|| StoreError {
-                operation: "read the server's clock",
-                source: mongodb::error::Error::custom("no worker record"),
-            })?;
-        let filter = doc! { "kind": "worker", "_id": { "$ne": me.as_str() }, "paced_until": { "$gt": now } };
-        let records = self.fleet_find(filter, "read the fleet's pacing").await?;
-        self.write();
-        fleet
-            .delete_many(doc! { "kind": "worker", "expires_at": { "$lte": now }, "$or": [
-                { "paced_until": { "$exists": false } },
-                { "paced_until": { "$lte": now } },
-            ] })
-            .await
-            .map_err(StoreError::new("forget workers gone"))?;
-        let since = |field: &str, record: &Document| {
-            record
-                .get_datetime(field)
-                .ok()
-                .map(|at| Duration::from_millis(u64::try_from(now.timestamp_millis() - at.timestamp_millis()).unwrap_or(0)))
-        };
-        Ok(records
-            .iter()
-            .filter_map(|record| {
-                let worker = record.get_str("_id").ok()?.strip_prefix("worker/")?.to_owned();
-                let died = !record.get_bool("left").unwrap_or(false) && record.get_datetime("expires_at").is_ok_and(|at| *at <= now);
-                Some(PacedBy { worker, behind: since("paced_at", record)?, died, carried: decode(record.get_array("paced").ok()?) })
-            })
-            .collect())
+        self.bounded("fleet paced", async {
+            let fleet = self.fleet();
+            let me = format!("worker/{worker}");
+            // The server's clock now (every time below is the server's), read
+            // back from this worker's own record.
+            self.write();
+            let now = fleet
+                .find_one_and_update(doc! { "_id": me.as_str() }, vec![doc! { "$set": { "read_at": "$$NOW" } }])
+                .return_document(mongodb::options::ReturnDocument::After)
+                .projection(doc! { "read_at": 1 })
+                .await
+                .map_err(StoreError::new("read the server's clock"))?
+                .and_then(|record| record.get_datetime("read_at").ok().copied())
+                .ok_or_else(|| StoreError {
+                    operation: "read the server's clock",
+                    source: mongodb::error::Error::custom("no worker record"),
+                })?;
+            let filter = doc! { "kind": "worker", "_id": { "$ne": me.as_str() }, "paced_until": { "$gt": now } };
+            let records = self.fleet_find(filter, "read the fleet's pacing").await?;
+            self.write();
+            fleet
+                .delete_many(doc! { "kind": "worker", "expires_at": { "$lte": now }, "$or": [
+                    { "paced_until": { "$exists": false } },
+                    { "paced_until": { "$lte": now } },
+                ] })
+                .await
+                .map_err(StoreError::new("forget workers gone"))?;
+            let since = |field: &str, record: &Document| {
+                record
+                    .get_datetime(field)
+                    .ok()
+                    .map(|at| Duration::from_millis(u64::try_from(now.timestamp_millis() - at.timestamp_millis()).unwrap_or(0)))
+            };
+            Ok(records
+                .iter()
+                .filter_map(|record| {
+                    let worker = record.get_str("_id").ok()?.strip_prefix("worker/")?.to_owned();
+                    let died = !record.get_bool("left").unwrap_or(false) && record.get_datetime("expires_at").is_ok_and(|at| *at <= now);
+                    Some(PacedBy { worker, behind: since("paced_at", record)?, died, carried: decode(record.get_array("paced").ok()?) })
+                })
+                .collect())
+        })
+        .await
     }
 }

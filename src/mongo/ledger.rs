@@ -22,17 +22,19 @@
 //!   README "Benchmark" has the figures against four at a time).
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use futures_util::{FutureExt, TryStreamExt};
 use mongodb::Database;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc, rawdoc};
-use mongodb::error::Error as MongoError;
+use mongodb::error::{Error as MongoError, ErrorKind, WriteConcernError, WriteError, WriteFailure};
 use tokio::sync::{mpsc, oneshot};
 
 use super::writer::Writer;
-use super::{DELIVERIES, OpCounts, StoreError};
+use super::{DELIVERIES, OpCounts, StoreError, bounded};
 
 /// Statements per command; MongoDB allows far more, this bounds latency.
 const MAX_BATCH: usize = 256;
@@ -104,10 +106,11 @@ pub(super) struct Ledger {
 }
 
 impl Ledger {
-    /// Start the flusher; every statement and read it sends is counted in `counts`.
-    pub fn start(db: Database, counts: Arc<OpCounts>) -> Self {
+    /// Start the flusher; every statement and read it sends is counted in
+    /// `counts`, and each command it sends fails after `timeout`.
+    pub fn start(db: Database, counts: Arc<OpCounts>, timeout: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Request>(4 * MAX_BATCH);
-        tokio::spawn(flusher(db, rx, counts));
+        tokio::spawn(flusher(db, rx, counts, timeout));
         Self { tx }
     }
 
@@ -127,7 +130,11 @@ impl Ledger {
 /// is mostly per command: one at a time cut the worker's CPU per job by
 /// about a tenth and the MongoDB server's by about a fifth, at the same
 /// publish-to-Teams latency (README "Benchmark").
-async fn flusher(db: Database, mut rx: mpsc::Receiver<Request>, counts: Arc<OpCounts>) {
+///
+/// A batch that panics (a bug) fails its own requests, not the flusher: the
+/// next batch goes out as usual, so one bad statement cannot stop every
+/// ledger write of the worker.
+async fn flusher(db: Database, mut rx: mpsc::Receiver<Request>, counts: Arc<OpCounts>, timeout: Duration) {
     loop {
         let Some(first) = rx.recv().await else { return };
         let mut batch = vec![first];
@@ -138,7 +145,16 @@ async fn flusher(db: Database, mut rx: mpsc::Receiver<Request>, counts: Arc<OpCo
             }
         }
         let (requests, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        let results = flush(&db, &requests, &counts).await;
+        let results = match AssertUnwindSafe(flush(&db, &requests, &counts, timeout)).catch_unwind().await {
+            Ok(results) => results,
+            Err(_) => {
+                tracing::error!(
+                    statements = requests.len(),
+                    "the ledger's batch panicked (a bug); its writes failed, the next batch goes on"
+                );
+                requests.iter().map(|_| Err(MongoError::custom("the ledger's batch failed unexpectedly"))).collect()
+            }
+        };
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }
@@ -324,7 +340,7 @@ fn key_of(op: &Op) -> &str {
 }
 
 /// What a batch's statements came to, in order.
-async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done, MongoError>> {
+async fn flush(db: &Database, ops: &[Op], counts: &OpCounts, timeout: Duration) -> Vec<Result<Done, MongoError>> {
     // Each claim is a statement; the marks, if any, are one statement
     // together, the last. `statement_of[i]`: the statement that carries `ops[i]`.
     let claims = ops.iter().filter(|op| matches!(op, Op::Claim { .. })).count();
@@ -341,13 +357,12 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done,
     }
     let marked = claims < ops.len();
     counts.writes.fetch_add((claims + usize::from(marked)) as u64, Ordering::Relaxed);
-    let answer = match db.run_raw_command(update_command(ops)).await {
+    let answer = match bounded(timeout, db.run_raw_command(update_command(ops))).await {
         Ok(answer) => answer,
         Err(err) => return ops.iter().map(|_| Err(err.clone())).collect(),
     };
-    if let Ok(concern) = answer.get_document("writeConcernError") {
-        let message = format!("write concern: {}", concern.get_str("errmsg").unwrap_or("write concern error"));
-        return ops.iter().map(|_| Err(MongoError::custom(message.clone()))).collect();
+    if let Some(err) = write_concern_error(&answer) {
+        return ops.iter().map(|_| Err(err.clone())).collect();
     }
     // Errors and upserts are reported by statement; each applies to the ops it carries.
     let by_statement = |name: &str| -> Vec<(usize, &mongodb::bson::Document)> {
@@ -359,11 +374,11 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done,
             .filter_map(|entry| Some((usize::try_from(entry.get_i32("index").ok()?).ok()?, entry)))
             .collect()
     };
-    let mut errors: Vec<Option<String>> = vec![None; ops.len()];
+    let mut errors: Vec<Option<MongoError>> = vec![None; ops.len()];
     for (index, entry) in by_statement("writeErrors") {
-        let message = format!("write error {}: {}", entry.get_i32("code").unwrap_or_default(), entry.get_str("errmsg").unwrap_or_default());
+        let err = write_error(entry);
         for (slot, _) in errors.iter_mut().zip(&statement_of).filter(|(_, s)| **s == index) {
-            *slot = Some(message.clone());
+            *slot = Some(err.clone());
         }
     }
     let mut upserted = vec![false; ops.len()];
@@ -388,7 +403,7 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done,
     if !unknown.is_empty() {
         counts.reads.fetch_add(1, Ordering::Relaxed);
     }
-    let records = match read_back(db, &unknown).await {
+    let records = match bounded(timeout, read_back(db, &unknown)).await {
         Ok(records) => records,
         Err(err) => return ops.iter().map(|_| Err(err.clone())).collect(),
     };
@@ -396,8 +411,8 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done,
         .zip(errors)
         .zip(upserted)
         .map(|((op, error), upserted)| {
-            if let Some(message) = error {
-                return Err(MongoError::custom(message));
+            if let Some(err) = error {
+                return Err(err);
             }
             let record = records.get(key_of(op));
             let field = |name: &str| record.and_then(|r| r.get_str(name).ok());
@@ -425,6 +440,29 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts) -> Vec<Result<Done,
         .collect()
 }
 
+/// A statement's entry of `writeErrors` as the driver's own error, its code
+/// kept, so that `is_transient` can tell a stepped-down primary from a bad
+/// statement.
+fn write_error(entry: &Document) -> MongoError {
+    match mongodb::bson::from_document::<WriteError>(entry.clone()) {
+        Ok(write) => ErrorKind::Write(WriteFailure::WriteError(write)).into(),
+        Err(_) => MongoError::custom(format!("an unreadable write error: {entry}")),
+    }
+}
+
+/// The answer's `writeConcernError`, with its code and labels (servers put
+/// the labels beside it, at the top of the answer), as the driver's own error.
+fn write_concern_error(answer: &Document) -> Option<MongoError> {
+    let mut concern = answer.get_document("writeConcernError").ok()?.clone();
+    if let (false, Ok(labels)) = (concern.contains_key("errorLabels"), answer.get_array("errorLabels")) {
+        concern.insert("errorLabels", labels.clone());
+    }
+    Some(match mongodb::bson::from_document::<WriteConcernError>(concern.clone()) {
+        Ok(concern) => ErrorKind::Write(WriteFailure::WriteConcernError(concern)).into(),
+        Err(_) => MongoError::custom(format!("an unreadable write concern error: {concern}")),
+    })
+}
+
 /// The state, owner and activity of `keys`, one read for the whole batch.
 async fn read_back(db: &Database, keys: &[&str]) -> Result<HashMap<String, Document>, MongoError> {
     if keys.is_empty() {
@@ -448,7 +486,44 @@ mod tests {
 
     use mongodb::bson::{RawArrayBuf, RawDocumentBuf};
 
-    use super::{CLAIMABLE, DELIVERIES, Op, Owners, update_command};
+    use super::{CLAIMABLE, DELIVERIES, Op, Owners, update_command, write_concern_error, write_error};
+    use crate::mongo::is_transient;
+
+    /// A primary that steps down answers a batch `ok: 1` with the failure in
+    /// `writeErrors` or `writeConcernError`: the error keeps its code (and
+    /// labels), so the ledger's callers retry it instead of giving up on a
+    /// posted job's "sent" mark.
+    #[test]
+    fn a_batchs_write_and_write_concern_errors_keep_their_kind() {
+        use mongodb::bson::doc;
+        let stepped_down = doc! { "index": 0, "code": 10107, "errmsg": "not primary" };
+        assert!(is_transient(&write_error(&stepped_down)));
+        let duplicate = doc! { "index": 0, "code": 11000, "errmsg": "E11000 duplicate key" };
+        assert!(!is_transient(&write_error(&duplicate)), "a bad statement is not retried");
+
+        let election =
+            doc! { "ok": 1, "n": 1, "writeConcernError": { "code": 189, "codeName": "PrimarySteppedDown", "errmsg": "stepped down" } };
+        assert!(is_transient(&write_concern_error(&election).expect("a write concern error")));
+        let labelled = doc! {
+            "ok": 1, "n": 1, "errorLabels": ["RetryableWriteError"],
+            "writeConcernError": { "code": 64, "codeName": "WriteConcernFailed", "errmsg": "waiting for replication timed out" },
+        };
+        let err = write_concern_error(&labelled).expect("a write concern error");
+        assert!(err.contains_label("RetryableWriteError") && is_transient(&err), "{err:?}");
+        let unlabelled = doc! { "ok": 1, "writeConcernError": { "code": 100, "errmsg": "unsatisfiable" } };
+        assert!(!is_transient(&write_concern_error(&unlabelled).unwrap()));
+        assert!(write_concern_error(&doc! { "ok": 1, "n": 3 }).is_none());
+    }
+
+    /// A command that does not answer within the timeout fails as a lost
+    /// connection does (and is retried like one), instead of holding the
+    /// batch's claims for as long as the socket lives.
+    #[tokio::test(start_paused = true)]
+    async fn a_command_that_never_answers_fails_as_transient_after_the_timeout() {
+        let stalled = std::future::pending::<Result<(), mongodb::error::Error>>();
+        let err = crate::mongo::bounded(std::time::Duration::from_secs(10), stalled).await.unwrap_err();
+        assert!(is_transient(&err), "{err:?}");
+    }
 
     /// The documented claim statement, built the slow, plain way (`rawdoc!`).
     fn claim_as_rawdoc(op: &Op) -> RawDocumentBuf {

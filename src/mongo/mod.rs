@@ -64,6 +64,25 @@ impl StoreError {
     }
 }
 
+/// `command`, or a timeout after `timeout`: an I/O error (`TimedOut`), so
+/// that it is retried as a lost connection is. The command itself may still
+/// apply; every command herald bounds this way is safe to apply again (a
+/// claim finds its own owner token, a mark, an outcome or a lease matches
+/// only its owner, a read is a read).
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    command: impl std::future::IntoFuture<Output = Result<T, MongoError>>,
+) -> Result<T, MongoError> {
+    match tokio::time::timeout(timeout, command.into_future()).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out(timeout)),
+    }
+}
+
+fn timed_out(timeout: Duration) -> MongoError {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")).into()
+}
+
 /// Classified by the driver's error kinds and labels, never by message text.
 pub fn is_transient(err: &MongoError) -> bool {
     const RETRYABLE_CODES: [i32; 12] = [6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
@@ -76,6 +95,10 @@ pub fn is_transient(err: &MongoError) -> bool {
     match err.kind.as_ref() {
         ErrorKind::Io(_) | ErrorKind::ServerSelection { .. } | ErrorKind::ConnectionPoolCleared { .. } => true,
         ErrorKind::Command(command) => RETRYABLE_CODES.contains(&command.code),
+        // A statement's error or the write concern's, in an answer that was
+        // itself ok (the ledger's batches): a primary stepping down shows here.
+        ErrorKind::Write(WriteFailure::WriteError(write)) => RETRYABLE_CODES.contains(&write.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(concern)) => RETRYABLE_CODES.contains(&concern.code),
         _ => false,
     }
 }
@@ -112,6 +135,9 @@ pub struct Store {
     /// How long ledger records are kept after their last change (0: forever).
     retention: Duration,
     ops: Arc<OpCounts>,
+    /// The longest a command on a job's or the fleet's path may take
+    /// (`mongodb_command_timeout_ms`; see [`bounded`]).
+    command_timeout: Duration,
     ledger: ledger::Ledger,
     owners: Arc<ledger::Owners>,
 }
@@ -137,7 +163,8 @@ impl Store {
         let db = client.database(&settings.mongodb_database);
         let ops = Arc::new(OpCounts::default());
         Ok(Self {
-            ledger: ledger::Ledger::start(db.clone(), ops.clone()),
+            ledger: ledger::Ledger::start(db.clone(), ops.clone(), settings.mongodb_command_timeout()),
+            command_timeout: settings.mongodb_command_timeout(),
             owners: Default::default(),
             client,
             db,
@@ -151,6 +178,15 @@ impl Store {
     /// driver's background tasks failing under it).
     pub async fn shutdown(self) {
         self.client.shutdown().await;
+    }
+
+    /// `op`, failing as a lost connection does after
+    /// `mongodb_command_timeout_ms` (see [`bounded`]).
+    async fn bounded<T>(&self, operation: &'static str, op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.command_timeout, op).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError { operation, source: timed_out(self.command_timeout) }),
+        }
     }
 
     fn read(&self) {
@@ -334,20 +370,18 @@ impl Store {
         self.write();
         let entries: Vec<Document> = attempts.iter().map(attempt_document).collect::<Result<_, _>>()?;
         let reason = attempts.last().and_then(|a| a.reason.as_deref());
-        let result = self
-            .deliveries()
-            .update_one(
-                doc! { "_id": &lease.key, "owner": &lease.owner },
-                doc! {
-                    "$set": { "state": state.as_str(), "reason": reason, "last_error": error },
-                    "$inc": { "attempts": attempts.iter().map(|a| a.sends).sum::<i64>() },
-                    "$push": { "history": { "$each": entries, "$slice": -MAX_HISTORY } },
-                    "$unset": { "lease_until": "", "owner": "", "claimed_from": "" },
-                    "$currentDate": { "updated_at": true },
-                },
-            )
-            .await
-            .map_err(StoreError::new("record delivery outcome"))?;
+        let deliveries = self.deliveries();
+        let update = deliveries.update_one(
+            doc! { "_id": &lease.key, "owner": &lease.owner },
+            doc! {
+                "$set": { "state": state.as_str(), "reason": reason, "last_error": error },
+                "$inc": { "attempts": attempts.iter().map(|a| a.sends).sum::<i64>() },
+                "$push": { "history": { "$each": entries, "$slice": -MAX_HISTORY } },
+                "$unset": { "lease_until": "", "owner": "", "claimed_from": "" },
+                "$currentDate": { "updated_at": true },
+            },
+        );
+        let result = bounded(self.command_timeout, update).await.map_err(StoreError::new("record delivery outcome"))?;
         Ok(result.matched_count > 0)
     }
 

@@ -115,10 +115,9 @@ impl Store {
         integration: &IntegrationId,
     ) -> Result<Option<OrgIntegrationDoc>, StoreError> {
         self.read();
-        self.org_integrations()
-            .find_one(doc! { "organization_id": org.as_str(), "integration_id": integration.as_str() })
-            .await
-            .map_err(StoreError::new("find org_integration"))
+        let collection = self.org_integrations();
+        let find = collection.find_one(doc! { "organization_id": org.as_str(), "integration_id": integration.as_str() });
+        super::bounded(self.command_timeout, find).await.map_err(StoreError::new("find org_integration"))
     }
 
     /// org_integrations, optionally of one organization, sorted.
@@ -256,12 +255,11 @@ impl Store {
         conversation: &ConversationId,
     ) -> Result<Option<ConversationDoc>, StoreError> {
         self.read();
-        self.conversations()
-            .find_one(doc! {
-                "organization_id": org.as_str(), "integration_id": integration.as_str(), "conversation_id": conversation.as_str(),
-            })
-            .await
-            .map_err(StoreError::new("find conversation"))
+        let collection = self.conversations();
+        let find = collection.find_one(doc! {
+            "organization_id": org.as_str(), "integration_id": integration.as_str(), "conversation_id": conversation.as_str(),
+        });
+        super::bounded(self.command_timeout, find).await.map_err(StoreError::new("find conversation"))
     }
 
     /// The user's personal conversations in this org_integration (normally one).
@@ -272,16 +270,19 @@ impl Store {
         user: &UserId,
     ) -> Result<Vec<ConversationDoc>, StoreError> {
         self.read();
-        self.conversations()
-            .find(doc! {
-                "organization_id": org.as_str(), "integration_id": integration.as_str(), "user_id": user.as_str(), "kind": "personal",
-            })
-            .limit(2)
-            .await
-            .map_err(StoreError::new("find personal conversation"))?
-            .try_collect()
-            .await
-            .map_err(StoreError::new("find personal conversation"))
+        self.bounded("find personal conversation", async {
+            self.conversations()
+                .find(doc! {
+                    "organization_id": org.as_str(), "integration_id": integration.as_str(), "user_id": user.as_str(), "kind": "personal",
+                })
+                .limit(2)
+                .await
+                .map_err(StoreError::new("find personal conversation"))?
+                .try_collect()
+                .await
+                .map_err(StoreError::new("find personal conversation"))
+        })
+        .await
     }
 
     /// Registered conversations matching `filter`, at most `limit`.

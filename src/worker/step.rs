@@ -611,17 +611,35 @@ impl Pipeline {
         }
     }
 
-    /// Best effort, and only by the holder of the claim: the dead-letter
-    /// queue, not the ledger, is the record of a failed job, and a ledger
-    /// outage must not block settling. A delivery without a claim (invalid,
-    /// expired, or another copy in progress) writes nothing.
+    /// Only by the holder of the claim, and retried while MongoDB fails
+    /// transiently until the claim runs out (after that another copy may
+    /// take the job, and the record is its to write): an `unconfirmed` that
+    /// is not recorded would let a later copy post the job again. Then the
+    /// delivery settles anyway: the dead-letter queue, not the ledger, is the
+    /// record of a failed job. A delivery without a claim (invalid, expired,
+    /// or another copy in progress) writes nothing.
     async fn record_outcome(&self, attempt: &Attempt, state: DeliveryState, failure: &Failure) {
         let Some(lease) = &attempt.lease else { return };
         let record = attempt.record(state.as_str(), Some(failure));
-        match self.store.release_claim(lease, state, &failure.error, &record).await {
-            Ok(true) => {}
-            Ok(false) => warn!("another delivery had taken over this job's claim; its record is left to it"),
-            Err(err) => warn!(error = %error_chain(&err), "could not record the outcome in the ledger"),
+        let claim_ends = attempt.started.map_or_else(Instant::now, |claimed| claimed + self.store.claim_lease());
+        let mut backoff = self.policy.quick.build();
+        loop {
+            let err = match self.store.release_claim(lease, state, &failure.error, &record).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    warn!("another delivery had taken over this job's claim; its record is left to it");
+                    return;
+                }
+                Err(err) => err,
+            };
+            let wait = backoff.next().unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1));
+            if !err.is_transient() || self.shutdown.is_cancelled() || Instant::now() + wait >= claim_ends {
+                self.metrics.ledger_write_failed();
+                warn!(error = %error_chain(&err), state = state.as_str(), "could not record the outcome in the ledger");
+                return;
+            }
+            warn!(error = %error_chain(&err), state = state.as_str(), "the ledger cannot record the outcome yet; retrying");
+            tokio::time::sleep(wait).await;
         }
     }
 }

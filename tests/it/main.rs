@@ -9,6 +9,7 @@ mod fleetwide;
 mod fuzz;
 mod hostile;
 mod isolation;
+mod ledger;
 mod observe;
 mod operate;
 mod pacing;

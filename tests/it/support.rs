@@ -639,3 +639,82 @@ impl Drop for TestWorker {
         self.shutdown.cancel();
     }
 }
+
+/// A TCP proxy in front of a server whose connections can be stalled: bytes
+/// stop flowing both ways, as on a half-open socket or a stuck middlebox.
+/// A stall takes every connection open at the time, and every connection
+/// opened during the window that follows; later ones pass.
+pub struct StallProxy {
+    pub port: u16,
+    /// Connections numbered below this are stalled.
+    stalled_below: Arc<std::sync::atomic::AtomicU64>,
+    opened: Arc<std::sync::atomic::AtomicU64>,
+    /// New connections stall until then.
+    window_end: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl StallProxy {
+    pub async fn start(target: &'static str) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let (stalled_below, opened) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let window_end = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+        let (below, count, window) = (stalled_below.clone(), opened.clone(), window_end.clone());
+        let accept = tokio::spawn(async move {
+            // Dropped with the accept loop: every connection task ends with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let in_window = window.lock().unwrap().is_some_and(|end| std::time::Instant::now() < end);
+                let born_stalled = Arc::new(AtomicBool::new(in_window));
+                let below = below.clone();
+                connections.spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let pass = |mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf| {
+                        let (below, born_stalled) = (below.clone(), born_stalled.clone());
+                        async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buffer = vec![0u8; 64 * 1024];
+                            loop {
+                                let Ok(n) = from.read(&mut buffer).await else { return };
+                                if n == 0 {
+                                    return;
+                                }
+                                if number < below.load(Ordering::SeqCst) || born_stalled.load(Ordering::SeqCst) {
+                                    std::future::pending::<()>().await;
+                                }
+                                if to.write_all(&buffer[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    tokio::join!(pass(client_read, server_write), pass(server_read, client_write));
+                });
+            }
+        });
+        Self { port, stalled_below, opened, window_end, accept }
+    }
+
+    /// A MongoDB URI through the proxy.
+    pub fn mongodb_uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// Stall every connection open now, and those opened within `window`.
+    pub fn stall(&self, window: Duration) {
+        use std::sync::atomic::Ordering;
+        *self.window_end.lock().unwrap() = Some(std::time::Instant::now() + window);
+        self.stalled_below.store(self.opened.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

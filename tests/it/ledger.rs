@@ -1,0 +1,47 @@
+//! The ledger against a MongoDB that misbehaves: a connection that stops
+//! answering mid-batch must not leave a posted job recorded `sending` (a
+//! later copy would post it again once the claim ran out).
+
+use std::time::Duration;
+
+use herald::mongo::DeliveryState;
+
+use crate::support::*;
+
+/// The worker reaches MongoDB through a proxy; while a job's post is on its
+/// way to Teams, every connection the worker has open, and every one it
+/// opens for the next 4 s, stalls (no answer, no error). The "sent" mark's
+/// command times out (`mongodb_command_timeout_ms`), is retried as a lost
+/// connection is, lands on a connection made after the stall, and a copy of
+/// the job published afterwards is acked without a second post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_mongodb_connection_never_leaves_a_posted_job_unrecorded() {
+    let env = TestEnv::two_orgs().await;
+    let proxy = StallProxy::start("127.0.0.1:27017").await;
+    let uri = proxy.mongodb_uri();
+    // Slow enough to stall the proxy while the post is on its way.
+    env.sim.client().set_latency(teams_sim::Latency::Fixed { ms: 1200 }).await.unwrap();
+    let worker = env.observed_worker(&[("HERALD_MONGODB_URI", uri.as_str()), ("HERALD_MONGODB_COMMAND_TIMEOUT_MS", "1000")]);
+
+    let job = job("org-a", CONV_A, "posted while MongoDB stalls");
+    let id = job.id.to_string();
+    env.publish(&job).await;
+    eventually("the job's claim", Duration::from_secs(15), || async {
+        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Sending)
+    })
+    .await;
+    proxy.stall(Duration::from_secs(4));
+
+    let record = eventually("the ledger to say sent after the stall", Duration::from_secs(60), || async {
+        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
+    })
+    .await;
+    assert_eq!(env.activities(1).await.len(), 1);
+    assert!(record.activity_id.is_some(), "{record:?}");
+
+    env.sim.client().set_latency(teams_sim::Latency::None).await.unwrap();
+    env.publish(&job).await;
+    env.drained().await;
+    worker.stop().await;
+    assert_eq!(env.activities(1).await.len(), 1, "the copy was acked as already sent, not posted again");
+}
