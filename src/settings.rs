@@ -79,12 +79,14 @@ pub struct LedgerSettings {
     pub retention_days: u32,
 }
 
-/// The key that signs herald's `x-herald-*` headers (see `rabbitmq::headers`).
+/// The keys of herald's `x-herald-*` headers (see `rabbitmq::headers`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct HeaderSettings {
     /// Any string; empty: a random key kept in MongoDB, shared by every
     /// worker and tool that uses the same database.
     pub signing_key: SecretString,
+    /// Keys that signed before a rotation: accepted, never used to sign.
+    pub previous_keys: Vec<SecretString>,
 }
 
 /// Where bot secrets may come from, and the keys that seal the stored ones
@@ -310,6 +312,9 @@ impl Settings {
             if cloud.service_hosts.is_empty() {
                 return invalid(&format!("teams.clouds.{name}.service_hosts"), "needs at least one host".into());
             }
+        }
+        if self.headers.previous_keys.iter().any(|key| key.expose_secret().is_empty()) {
+            return invalid("headers.previous_keys", "an empty key: remove it".into());
         }
         crate::secrets::Keyring::from_settings(&self.secrets)
             .map_err(|err| SettingsError::Invalid { key: "secrets.keys".into(), problem: err.to_string() })?;

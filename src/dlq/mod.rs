@@ -173,6 +173,8 @@ pub struct Pass {
     queue: String,
     remaining: Option<u32>,
     signer: Signer,
+    /// Letters whose x-herald-* headers verified with no key of the ring.
+    unverified: usize,
 }
 
 /// A message taken by a pass; left in the queue unless acked.
@@ -186,7 +188,7 @@ pub struct Taken {
 impl Pass {
     pub async fn open(connection: &Connection, queue: &str, signer: &Signer) -> Result<Self, BrokerError> {
         let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
-        Ok(Self { channel, queue: queue.to_owned(), remaining: None, signer: signer.clone() })
+        Ok(Self { channel, queue: queue.to_owned(), remaining: None, signer: signer.clone(), unverified: 0 })
     }
 
     /// The next message, or `None` once every message that was in the queue
@@ -208,16 +210,26 @@ impl Pass {
             Some(n) => n - 1,
         });
         let delivery = message.delivery;
-        Ok(Some(Taken {
-            letter: DeadLetter::from_message(&delivery.properties, &delivery.data, &self.signer),
-            properties: delivery.properties,
-            data: delivery.data,
-            acker: delivery.acker,
-        }))
+        let letter = DeadLetter::from_message(&delivery.properties, &delivery.data, &self.signer);
+        self.unverified += usize::from(letter.unverified_headers);
+        Ok(Some(Taken { letter, properties: delivery.properties, data: delivery.data, acker: delivery.acker }))
     }
 
-    /// Hand every unacked message back to the queue.
+    /// Hand every unacked message back to the queue. Says so, loudly, when
+    /// letters carried herald headers that no key of this process verifies:
+    /// their counters and reasons were ignored, which is right for a
+    /// producer's forgery and wrong when this process's keys are not the
+    /// workers' (the replay guards would then be off).
     pub async fn close(self) -> Result<(), BrokerError> {
+        if self.unverified > 0 {
+            tracing::warn!(
+                letters = self.unverified,
+                queue = %self.queue,
+                "dead letters carry x-herald-* headers that verify with no key of headers.signing_key, headers.previous_keys \
+                 or the key kept in MongoDB: their replay counts and reasons are ignored. If herald wrote them, this \
+                 tool's keys are not the workers'"
+            );
+        }
         self.channel.close(200, "pass done".into()).await.map_err(amqp("close pass channel"))
     }
 }
@@ -325,12 +337,16 @@ pub struct Stats {
     pub by_teams_code: BTreeMap<String, usize>,
     pub oldest: Option<DateTime<Utc>>,
     pub newest: Option<DateTime<Utc>>,
+    /// Letters whose x-herald-* headers verify with no key (forged, or
+    /// signed with a key this process does not hold).
+    pub unverified_headers: usize,
 }
 
 impl Stats {
     pub fn add(&mut self, letter: &DeadLetter) {
         let key = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
         self.total += 1;
+        self.unverified_headers += usize::from(letter.unverified_headers);
         *self.by_reason.entry(key(&letter.reason)).or_default() += 1;
         *self.by_organization.entry(key(&letter.organization_id)).or_default() += 1;
         *self.by_teams_code.entry(key(&letter.teams_code)).or_default() += 1;

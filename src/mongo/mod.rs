@@ -83,6 +83,16 @@ fn timed_out(timeout: Duration) -> MongoError {
     std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")).into()
 }
 
+/// The kept header key's 64 hex digits as bytes.
+fn decode_key(stored: &Document) -> Result<[u8; 32], StoreError> {
+    let text = stored.get_str("key").unwrap_or_default();
+    let bytes: Option<Vec<u8>> = (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect();
+    bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| StoreError {
+        operation: "read the header signing key",
+        source: MongoError::custom(format!("{KEYS}.header_signing_key is not 64 hex digits")),
+    })
+}
+
 /// Classified by the driver's error kinds and labels, never by message text.
 pub fn is_transient(err: &MongoError) -> bool {
     const RETRYABLE_CODES: [i32; 12] = [6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436];
@@ -229,10 +239,18 @@ impl Store {
     }
 
     /// The key that signs herald's headers when the settings give none:
-    /// created once, at random, and shared through the database by every
-    /// worker and tool of a deployment.
-    pub async fn header_key(&self) -> Result<[u8; 32], StoreError> {
+    /// created once (when `create`), at random, and shared through the
+    /// database by every worker and tool of a deployment. `None`: there is
+    /// none and `create` is false.
+    pub async fn header_key(&self, create: bool) -> Result<Option<[u8; 32]>, StoreError> {
         let operation = "read the header signing key";
+        if !create {
+            let stored = self.db.collection::<Document>(KEYS).find_one(doc! { "_id": "header_signing_key" }).await;
+            return match stored.map_err(StoreError::new(operation))? {
+                Some(stored) => decode_key(&stored).map(Some),
+                None => Ok(None),
+            };
+        }
         let mut fresh = [0_u8; 32];
         fresh[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         fresh[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
@@ -249,11 +267,7 @@ impl Store {
             other => other,
         }
         .map_err(StoreError::new(operation))?;
-        let text = stored.as_ref().and_then(|d| d.get_str("key").ok()).unwrap_or_default();
-        let bytes: Option<Vec<u8>> = (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect();
-        bytes
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| StoreError { operation, source: MongoError::custom(format!("{KEYS}.header_signing_key is not 64 hex digits")) })
+        decode_key(&stored.unwrap_or_default()).map(Some)
     }
 
     /// Create the indexes herald relies on; idempotent.

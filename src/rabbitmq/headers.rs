@@ -70,11 +70,13 @@ pub struct History {
     pub forged: bool,
 }
 
-/// Signs and verifies herald's headers with a key every worker and tool of
-/// a deployment shares (`headers.signing_key`, or one kept in MongoDB).
+/// Signs and verifies herald's headers with keys every worker and tool of a
+/// deployment shares (`headers.signing_key` and `headers.previous_keys`, or
+/// one kept in MongoDB): signs with the first, verifies with any, so that
+/// the key can rotate while letters signed with the old one wait in a queue.
 #[derive(Clone)]
 pub struct Signer {
-    key: [u8; 32],
+    keys: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -85,11 +87,18 @@ impl std::fmt::Debug for Signer {
 
 impl Signer {
     pub fn new(key: [u8; 32]) -> Self {
-        Self { key }
+        Self { keys: vec![key] }
     }
 
-    fn mac(&self, message_id: Option<&str>, body: &[u8], table: &FieldTable) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes a key of any length");
+    /// Sign with `signing`; accept what any of `also` signed as well.
+    pub fn ring(signing: [u8; 32], also: impl IntoIterator<Item = [u8; 32]>) -> Self {
+        let mut keys = vec![signing];
+        keys.extend(also.into_iter().filter(|key| *key != signing));
+        Self { keys }
+    }
+
+    fn mac(key: &[u8; 32], message_id: Option<&str>, body: &[u8], table: &FieldTable) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
         mac.update(b"herald-headers-v1\n");
         mac.update(message_id.unwrap_or_default().as_bytes());
         mac.update(b"\n");
@@ -108,16 +117,17 @@ impl Signer {
 
     /// Add `x-herald-signature` over `table`'s herald headers.
     pub fn sign(&self, message_id: Option<&str>, body: &[u8], table: &mut FieldTable) {
-        let tag = self.mac(message_id, body, table).finalize().into_bytes();
+        let tag = Self::mac(&self.keys[0], message_id, body, table).finalize().into_bytes();
         let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
         set_str(table, SIGNATURE, &hex);
     }
 
-    /// Whether `table`'s herald headers are exactly the ones herald signed.
+    /// Whether `table`'s herald headers are exactly the ones herald signed,
+    /// with any key of the ring.
     pub fn verify(&self, message_id: Option<&str>, body: &[u8], table: &FieldTable) -> bool {
         let Some(hex) = get_str(Some(table), SIGNATURE) else { return false };
         let Some(tag) = decode_hex(&hex) else { return false };
-        self.mac(message_id, body, table).verify_slice(&tag).is_ok()
+        self.keys.iter().any(|key| Self::mac(key, message_id, body, table).verify_slice(&tag).is_ok())
     }
 
     /// The herald headers of `table` if they verify, else none of them: what

@@ -107,12 +107,45 @@ pub enum Disposition {
     GiveBack,
 }
 
-/// The key that signs herald's headers: `headers.signing_key` if set, else
-/// the one kept in MongoDB for the deployment.
+/// The keys of herald's headers for a worker (and `herald setup`): as
+/// [`tool_signer`], but the key kept in MongoDB is created if the settings
+/// name none and the database holds none yet.
 pub async fn signer(settings: &Settings, store: &Store) -> Result<Signer, StoreError> {
-    let configured = settings.headers.signing_key.expose_secret();
-    if !configured.is_empty() {
-        return Ok(Signer::new(Sha256::digest(configured.as_bytes()).into()));
+    Ok(match configured_key(settings) {
+        Some(key) => Signer::ring(key, previous_keys(settings).chain(store.header_key(false).await?)),
+        None => Signer::ring(store.header_key(true).await?.expect("created if missing"), previous_keys(settings)),
+    })
+}
+
+/// The keys of herald's headers for a tool (`herald dlq`): signs with
+/// `headers.signing_key` if set, else with the key kept in MongoDB;
+/// verifies with those, `headers.previous_keys` and the kept key. Never
+/// creates a key: a tool pointed at the wrong database would otherwise read
+/// every letter's headers as forged, silently disabling the replay guards.
+pub async fn tool_signer(settings: &Settings, store: &Store) -> Result<Signer, NoHeaderKey> {
+    let stored = store.header_key(false).await?;
+    match (configured_key(settings), stored) {
+        (Some(key), stored) => Ok(Signer::ring(key, previous_keys(settings).chain(stored))),
+        (None, Some(stored)) => Ok(Signer::ring(stored, previous_keys(settings))),
+        (None, None) => Err(NoHeaderKey::Missing { database: settings.mongodb_database.clone() }),
     }
-    Ok(Signer::new(store.header_key().await?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NoHeaderKey {
+    #[error(
+        "no header signing key: headers.signing_key is empty and database {database:?} holds none (herald setup or a worker creates it). Point this tool at the workers' database, or give it their headers.signing_key"
+    )]
+    Missing { database: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn configured_key(settings: &Settings) -> Option<[u8; 32]> {
+    let configured = settings.headers.signing_key.expose_secret();
+    (!configured.is_empty()).then(|| Sha256::digest(configured.as_bytes()).into())
+}
+
+fn previous_keys(settings: &Settings) -> impl Iterator<Item = [u8; 32]> + '_ {
+    settings.headers.previous_keys.iter().map(|key| Sha256::digest(key.expose_secret().as_bytes()).into())
 }

@@ -367,3 +367,55 @@ async fn absurd_durations_and_over_long_import_lines_are_refused_with_the_line_n
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The header key rotates: after the workers and tools move to a configured
+/// key, a letter signed with the key kept in MongoDB, or with a key listed in
+/// `headers.previous_keys`, keeps its replay count (the replay limit still
+/// holds); a key the tool does not hold makes its headers unverified, and the
+/// tool says so. A tool pointed at a database without a key refuses to run
+/// and creates none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_header_key_still_believes_old_letters_and_a_tool_never_invents_one() {
+    use sha2::{Digest, Sha256};
+    let env = TestEnv::two_orgs().await;
+    // Signed with the key kept in MongoDB (the test environment's), replayed twice already.
+    let kept = job("org-a", CONV_A, "signed with the kept key");
+    dead_letter(&env, &kept, "teams_forbidden", None, "2026-01-01T00:00:00Z", 2).await;
+    // Signed with an old configured key.
+    let old = job("org-a", CONV_A, "signed with the old key");
+    let mut table = dead_letter_headers(&old, "teams_forbidden", None, "2026-01-01T00:00:00Z", 2);
+    let old_signer = herald::rabbitmq::headers::Signer::new(Sha256::digest(b"old-key").into());
+    let body = wire(&old);
+    old_signer.sign(Some(&old.id.to_string()), &body, &mut table);
+    let properties = BasicProperties::default().with_message_id(old.id.to_string().as_str().into()).with_headers(table);
+    env.publish_with(&env.topology.dead_exchange(), &body, properties).await;
+    env.settles_at(&env.topology.dead_queue(), 2).await;
+
+    let with = |extra: &[(&str, &str)], args: &[&str]| {
+        let mut command = env.herald_command(args);
+        command.envs(extra.iter().copied()).env("HERALD_DLQ__MAX_REPLAYS", "2");
+        command
+    };
+    let rotated = [("HERALD_HEADERS__SIGNING_KEY", "new-key"), ("HERALD_HEADERS__PREVIOUS_KEYS", "[\"old-key\"]")];
+    let replay = with(&rotated, &["dlq", "replay", "--all", "--yes"]).output().await.unwrap();
+    let text = stdout(&replay);
+    assert!(text.contains("replayed 0") && text.contains("already replayed 2 times"), "both letters are still believed: {text}");
+    env.settles_at(&env.topology.dead_queue(), 2).await;
+
+    // Without the old key, its letter's headers verify with nothing: counted and said.
+    let stats = with(&[("HERALD_HEADERS__SIGNING_KEY", "new-key")], &["dlq", "stats", "--json"]).output().await.unwrap();
+    assert!(stats.status.success(), "{}", stderr(&stats));
+    assert_eq!(json(&stats)["unverified_headers"], 1, "the kept key's letter verifies, the old key's does not");
+    assert!(stderr(&stats).contains("verify with no key"), "the tool says so: {}", stderr(&stats));
+    env.settles_at(&env.topology.dead_queue(), 2).await;
+
+    // A database without a key: refused, and none created.
+    let empty = format!("{}_empty", env.settings.mongodb_database);
+    let refused = env.herald_command(&["dlq", "stats"]).env("HERALD_MONGODB_DATABASE", &empty).output().await.unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("no header signing key"), "{}", stderr(&refused));
+    let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true").await.unwrap();
+    let collections = client.database(&empty).list_collection_names().await.unwrap();
+    assert!(collections.is_empty(), "the tool created nothing: {collections:?}");
+    let _ = client.database(&empty).drop().await;
+}

@@ -271,7 +271,7 @@ impl Session {
     async fn open(settings: &Settings) -> anyhow::Result<Self> {
         let connection = Arc::new(rabbitmq::connect(settings.amqp_url.expose_secret(), "herald dlq").await?);
         let store = Store::connect(settings).await?;
-        let signer = crate::worker::signer(settings, &store).await?;
+        let signer = crate::worker::tool_signer(settings, &store).await?;
         Ok(Self { connection, topology: Topology::from(settings), store, signer, max_replays: settings.dlq.max_replays })
     }
 

@@ -93,6 +93,12 @@ fn print_stats(queue: &str, stats: &Stats) {
     println!("{queue}: {} dead letter(s)", stats.total);
     let at = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)).unwrap_or_else(|| "-".into());
     println!("oldest {}   newest {}", at(stats.oldest), at(stats.newest));
+    if stats.unverified_headers > 0 {
+        println!(
+            "{} with x-herald-* headers that no key of this tool verifies (forged, or signed with a key it does not hold)",
+            stats.unverified_headers
+        );
+    }
     for (title, counts) in
         [("by reason", &stats.by_reason), ("by organization", &stats.by_organization), ("by Teams code", &stats.by_teams_code)]
     {
