@@ -62,15 +62,24 @@ impl DeadLetter {
         let stamped = headers::get_str(table, headers::DEAD_LETTERED_AT)
             .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
             .map(|t| t.with_timezone(&Utc));
+        let reason = headers::get_str(table, headers::REASON).or_else(|| broker_reason(table));
+        let mut shown_headers: BTreeMap<String, String> = shown.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect();
+        if headers::get_str(table, headers::REASON).is_none() && data.len() > crate::job::MAX_BODY_BYTES {
+            // The router refused it unread (`broker_reason`): say why, as herald would have.
+            shown_headers.insert(
+                headers::ERROR.to_owned(),
+                format!("body of {} bytes exceeds the limit of {} bytes; refused by the router", data.len(), crate::job::MAX_BODY_BYTES),
+            );
+        }
         DeadLetter {
             message_id,
-            reason: headers::get_str(table, headers::REASON).or_else(|| broker_reason(table)),
+            reason,
             // A letter the broker dead-lettered carries no herald verdict:
             // its organization is the one its body names.
             organization_id: headers::get_str(table, headers::ORGANIZATION_ID)
                 .or_else(|| crate::job::Job::peek_organization(data).map(|o| crate::text::clip(&o, 256))),
             teams_code: headers::get_str(table, headers::TEAMS_CODE),
-            headers: shown.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect(),
+            headers: shown_headers,
             unverified_headers,
             dead_lettered_at: stamped.or_else(|| broker_time(table)),
             body: String::from_utf8_lossy(data).into_owned(),
@@ -96,16 +105,25 @@ impl DeadLetter {
     }
 }
 
-/// A message the broker itself dead-lettered (delivery limit) has no
-/// `x-herald-reason`; its `x-death` says why.
+/// A message the broker itself dead-lettered has no `x-herald-reason`; its
+/// `x-death` says why: the delivery limit (a job that crashed workers), or
+/// `rejected`, which herald does only to a body over the job limit (the
+/// router refuses it without copying it: `invalid_job`).
 fn broker_reason(table: Option<&FieldTable>) -> Option<String> {
     let deaths = table?.inner().get("x-death")?.as_array()?;
-    let limit = deaths
-        .as_slice()
-        .iter()
-        .filter_map(|death| death.as_field_table())
-        .any(|death| matches!(death.inner().get("reason"), Some(AMQPValue::LongString(r)) if r.as_bytes() == b"delivery_limit"));
-    limit.then(|| crate::outcome::Reason::DeliveryLimitExceeded.as_str().to_owned())
+    let died_of = |reason: &[u8]| {
+        deaths
+            .as_slice()
+            .iter()
+            .filter_map(|death| death.as_field_table())
+            .any(|death| matches!(death.inner().get("reason"), Some(AMQPValue::LongString(r)) if r.as_bytes() == reason))
+    };
+    let reason = match () {
+        () if died_of(b"delivery_limit") => crate::outcome::Reason::DeliveryLimitExceeded,
+        () if died_of(b"rejected") => crate::outcome::Reason::InvalidJob,
+        () => return None,
+    };
+    Some(reason.as_str().to_owned())
 }
 
 /// When the broker dead-lettered the message (the newest `x-death` entry).

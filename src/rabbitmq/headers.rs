@@ -252,6 +252,35 @@ pub fn table_size(table: &FieldTable) -> usize {
     4 + table.inner().iter().map(|(k, v)| 1 + k.as_str().len() + encoded_size(v)).sum::<usize>()
 }
 
+/// What the router forwards of headers over its `budget`: herald's own if
+/// they verify (herald wrote them within budget), the broker's bookkeeping
+/// while it fits, and `traceparent` if it is short. A producer's other
+/// headers, and herald headers that do not verify, are dropped.
+pub fn routable(table: &FieldTable, message_id: Option<&str>, body: &[u8], signer: &Signer, budget: usize) -> FieldTable {
+    let herald = signer.verify(message_id, body, table);
+    let keep = |with_bookkeeping: bool| {
+        let mut out = FieldTable::default();
+        for (key, value) in table.inner() {
+            let key = key.as_str();
+            if (herald && key.starts_with(PREFIX)) || (with_bookkeeping && BROKER_BOOKKEEPING.contains(&key)) {
+                out.insert(key.into(), value.clone());
+            }
+        }
+        if let Some(trace) = short_traceparent(table) {
+            set_str(&mut out, TRACEPARENT, &trace);
+        }
+        out
+    };
+    // The bookkeeping is the broker's, but a producer can set it too.
+    let out = keep(true);
+    if table_size(&out) <= budget { out } else { keep(false) }
+}
+
+/// `traceparent`, if it is short enough to be one.
+fn short_traceparent(table: &FieldTable) -> Option<String> {
+    get_str(Some(table), TRACEPARENT).filter(|t| t.len() <= 128)
+}
+
 /// The producer's own headers to carry into something herald publishes:
 /// without herald's headers and the broker's bookkeeping, and, when they
 /// exceed `budget` bytes, only `traceparent` (if it is short) plus a note of
@@ -263,7 +292,7 @@ pub fn carried(table: Option<&FieldTable>, budget: usize) -> FieldTable {
         return own;
     }
     let mut out = FieldTable::default();
-    if let Some(traceparent) = get_str(Some(&own), TRACEPARENT).filter(|t| t.len() <= 128) {
+    if let Some(traceparent) = short_traceparent(&own) {
         set_str(&mut out, TRACEPARENT, &traceparent);
     }
     set_str(&mut out, DROPPED_HEADERS, &format!("{} header(s), {size} bytes, over the {budget}-byte budget", own.inner().len()));
@@ -276,6 +305,30 @@ mod tests {
 
     fn signer() -> Signer {
         Signer::new([7; 32])
+    }
+
+    /// Over the router's budget, a job keeps herald's own headers when they
+    /// verify, a short traceparent and the broker's bookkeeping, and fits.
+    #[test]
+    fn the_router_cuts_a_producers_headers_to_what_herald_needs() {
+        let body = b"{}";
+        let mut table = FieldTable::default();
+        for i in 0..100 {
+            table.insert(format!("x-producer-{i}").as_str().into(), AMQPValue::LongString("y".repeat(1000).into()));
+        }
+        set_str(&mut table, TRACEPARENT, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        set_u32(&mut table, ATTEMPTS, 4);
+        table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        signer().sign(Some("id-1"), body, &mut table);
+        let routed = routable(&table, Some("id-1"), body, &signer(), MAX_CARRIED_BYTES);
+        assert!(table_size(&routed) <= MAX_CARRIED_BYTES, "{}", table_size(&routed));
+        assert!(signer().verify(Some("id-1"), body, &routed), "herald's headers still verify");
+        assert_eq!(signer().history(Some("id-1"), body, Some(&routed)).attempts, 4);
+        assert!(get_str(Some(&routed), TRACEPARENT).is_some() && routed.inner().contains_key("x-death"));
+        assert!(!routed.inner().keys().any(|k| k.as_str().starts_with("x-producer")));
+        // Headers that do not verify are a producer's: dropped with the rest.
+        let forged = routable(&table, Some("id-1"), body, &Signer::new([8; 32]), MAX_CARRIED_BYTES);
+        assert!(get_str(Some(&forged), ATTEMPTS).is_none() && get_str(Some(&forged), TRACEPARENT).is_some());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use secrecy::ExposeSecret;
@@ -41,9 +41,9 @@ use tracing::{info, warn};
 
 use super::lanes::{Lanes, lane_of, lane_of_job};
 use super::settle::Settler;
-use crate::job::Job;
+use crate::job::{Job, MAX_BODY_BYTES};
 use crate::mongo::{Paced, Store};
-use crate::rabbitmq::headers::ROUTED_SEQ;
+use crate::rabbitmq::headers::{self, ROUTED_SEQ, Signer};
 use crate::rabbitmq::{self, BrokerError, Publisher, Topology};
 use crate::settings::Settings;
 use crate::text::error_chain;
@@ -416,13 +416,41 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
 }
 
 /// The job's properties with its place in the routing order: microseconds
-/// since the epoch, strictly increasing within one router.
-fn stamped(properties: lapin::BasicProperties, last: &mut i64) -> lapin::BasicProperties {
+/// since the epoch, strictly increasing within one router. Headers over
+/// `budget` (a producer's, which herald never checked) are cut to what herald
+/// needs, so that the routed copy always fits a frame: herald's own headers
+/// if they verify (a forged set is ignored downstream anyway), the broker's
+/// bookkeeping and a short `traceparent`.
+fn stamped(properties: lapin::BasicProperties, body: &[u8], signer: &Signer, budget: usize, last: &mut i64) -> lapin::BasicProperties {
     let now = chrono::Utc::now().timestamp_micros();
     *last = now.max(*last + 1);
     let mut headers = properties.headers().clone().unwrap_or_default();
+    if headers::table_size(&headers) + ROUTED_SEQ.len() + 16 > budget {
+        let message_id = properties.message_id().as_ref().map(|id| id.to_string());
+        headers = headers::routable(&headers, message_id.as_deref(), body, signer, budget);
+        warn!(
+            message_id = message_id.as_deref(),
+            budget, "a job's headers were over the budget: only herald's own and traceparent were routed"
+        );
+    }
     headers.insert(ROUTED_SEQ.into(), lapin::types::AMQPValue::LongLongInt(*last));
     properties.with_headers(headers)
+}
+
+/// A job whose body is over [`MAX_BODY_BYTES`] never reaches a shard: it is
+/// rejected without requeue, so the broker dead-letters it itself (its
+/// `x-death` says `rejected`; `herald dlq` reads that as `invalid_job`)
+/// without the worker copying the body into a publish.
+async fn refuse_oversized(consumers: &Consumers, delivery: Delivery) -> Result<(), BrokerError> {
+    let message_id = delivery.properties.message_id().as_ref().map(|id| id.to_string());
+    warn!(
+        message_id = message_id.as_deref(),
+        bytes = delivery.data.len(),
+        limit = MAX_BODY_BYTES,
+        "job body over the limit: dead-lettered at the router"
+    );
+    consumers.settler.pipeline.metrics.job_dead_lettered(crate::outcome::Reason::InvalidJob);
+    delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(drop).map_err(rabbitmq::amqp("reject an oversized job"))
 }
 
 fn routed_seq(delivery: &Delivery) -> i64 {
@@ -431,6 +459,10 @@ fn routed_seq(delivery: &Delivery) -> i64 {
         _ => 0,
     }
 }
+
+/// Room the router keeps in a frame for the job's other properties and the
+/// header it adds (`stamped`).
+const ROUTED_HEADROOM: usize = 1024;
 
 /// Bodies up to this size are decoded when they arrive (`start`).
 const PREDECODE_MAX_BYTES: usize = 4096;
@@ -539,9 +571,26 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                     }
                     next = consumer.next().now_or_never();
                 };
+                // A body over the job limit is refused here, before it is
+                // copied into a publish, and dropped at once.
+                let (oversized, mut batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.data.len() > MAX_BODY_BYTES);
+                let mut refused = Ok(());
+                for delivery in oversized {
+                    if refused.is_ok() {
+                        refused = refuse_oversized(&consumers, delivery).await;
+                    }
+                }
+                if let Err(err) = refused {
+                    break Err(err);
+                }
                 // The properties move to the publish (the deliveries are
                 // kept only for their tags).
-                let properties: Vec<_> = batch.iter_mut().map(|d| stamped(std::mem::take(&mut d.properties), &mut last)).collect();
+                // A producer's headers fit its own publish; the routed copy
+                // adds one header, so only a table at the frame's edge is cut.
+                let budget = publisher.frame_max().saturating_sub(ROUTED_HEADROOM);
+                let signer = &consumers.settler.signer;
+                let properties: Vec<_> =
+                    batch.iter_mut().map(|d| stamped(std::mem::take(&mut d.properties), &d.data, signer, budget, &mut last)).collect();
                 let routed: Vec<_> = batch
                     .iter()
                     .zip(properties)

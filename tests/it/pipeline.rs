@@ -209,9 +209,11 @@ async fn malformed_wrong_version_and_oversized_bodies_are_dead_lettered_with_the
     let v2 = by_id("version-2");
     assert_eq!(v2.headers["x-herald-reason"], "invalid_job");
     assert!(v2.headers["x-herald-error"].contains("unsupported version 2"));
+    // Refused by the router before it reached a shard: the broker dead-lettered it.
     let oversized = by_id("oversized");
-    assert_eq!(oversized.headers["x-herald-reason"], "invalid_job");
+    assert_eq!(oversized.reason.as_deref(), Some("invalid_job"));
     assert!(oversized.headers["x-herald-error"].contains("exceeds the limit"));
+    assert_eq!(oversized.headers.get("x-first-death-reason").map(String::as_str), Some("rejected"), "{:?}", oversized.headers);
     assert_eq!(oversized.body.len(), big.len(), "the body is kept whole");
     assert_eq!(env.sim.client().stats().await.unwrap().requests_total, 0);
     worker.stop().await;

@@ -274,3 +274,47 @@ async fn credentials_in_urls_never_reach_a_log_a_dead_letter_or_a_metric() {
     assert!(letter.headers["x-herald-error"].contains("***"), "the URL is shown redacted: {:?}", letter.headers);
     assert!(haystacks[4].1.contains("***"), "doctor shows the URLs redacted");
 }
+
+/// A careless producer's 12 MiB messages amid good jobs: the router refuses
+/// each unread (the broker dead-letters it: `invalid_job`, body kept), no
+/// shard ever holds one, the connection stays up and every good job of
+/// every tenant is posted once. (What they cost in memory is the bench's
+/// figure, not a test's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_many_megabytes_are_refused_at_the_router_and_other_tenants_go_on() {
+    const HUGE: usize = 12 << 20;
+    const COUNT: usize = 6;
+    let env = TestEnv::two_orgs().await;
+    let worker = env.observed_worker(&[]);
+    good_jobs(&env, 10, "before").await;
+    let mut huge = job_value("org-a", CONV_A, "huge");
+    huge["message"]["text"] = json!("x".repeat(HUGE));
+    let huge = serde_json::to_vec(&huge).unwrap();
+    for i in 0..COUNT {
+        env.publish_raw(&huge, &format!("huge-{i}")).await;
+    }
+    good_jobs(&env, 10, "after").await;
+
+    env.activities(20).await;
+    let letters = env.dead_letters(COUNT).await;
+    let refused: Vec<_> = letters.iter().filter(|l| l.message_id.as_deref().is_some_and(|id| id.starts_with("huge-"))).collect();
+    assert_eq!(refused.len(), COUNT, "one dead letter each");
+    for letter in refused {
+        assert_eq!(letter.reason.as_deref(), Some("invalid_job"));
+        assert!(letter.headers["x-herald-error"].contains("refused by the router"), "{:?}", letter.headers.get("x-herald-error"));
+        assert!(!letter.headers.contains_key("x-herald-reason"), "the broker dead-lettered it: herald never copied the body");
+        assert_eq!(letter.body.len(), huge.len(), "the body is kept whole");
+    }
+    assert_eq!(worker.metric("herald_broker_reconnects_total").await, 0.0, "the connection stayed up");
+    let invalid = worker
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("herald_dead_letters_total") && l.contains("invalid_job"))
+        .map(|l| l.to_owned())
+        .collect::<Vec<_>>();
+    assert!(invalid.iter().any(|l| l.ends_with(&format!(" {COUNT}"))), "counted: {invalid:?}");
+    env.drained().await;
+    worker.stop().await;
+    assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 20, "every good job posted once");
+}
