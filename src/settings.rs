@@ -273,7 +273,7 @@ impl Settings {
         if self.fleet.lease_secs < 2 || self.fleet.lease_secs > 600 {
             return invalid("fleet.lease_secs", "must be between 2 and 600".into());
         }
-        if self.fleet.heartbeat_ms < 100 || self.fleet.heartbeat_ms * 2 > self.fleet.lease_secs * 1000 {
+        if self.fleet.heartbeat_ms < 100 || self.fleet.heartbeat_ms.saturating_mul(2) > self.fleet.lease_secs * 1000 {
             return invalid("fleet.heartbeat_ms", "must be at least 100 and at most half of fleet.lease_secs".into());
         }
         if !(100..=600_000).contains(&self.mongodb_command_timeout_ms) {
@@ -427,6 +427,8 @@ mod tests {
         assert!(err.contains("retry.tiers_secs") && err.contains("ascending"), "{err}");
         let err = with("teams.insecure_loopback_hosts", ["example.com"]).unwrap_err().to_string();
         assert!(err.contains("insecure_loopback_hosts"), "{err}");
+        let err = with("fleet.heartbeat_ms", u64::MAX).unwrap_err().to_string();
+        assert!(err.contains("fleet.heartbeat_ms"), "refused, not overflowed: {err}");
         let err = with("worker.threads", 5000).unwrap_err().to_string();
         assert!(err.contains("worker.threads"), "{err}");
         let err = with("worker.concurrency", "many").unwrap_err().to_string();

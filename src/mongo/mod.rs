@@ -400,19 +400,17 @@ impl Store {
     }
 
     /// Let an operator resend a job whose delivery is `unconfirmed` (after
-    /// checking that it did not reach the conversation): the record becomes
-    /// `retrying`, so the next delivery of the job may claim it. Returns the
-    /// number of records changed.
-    pub async fn allow_resend(&self, job_id: &str, organization_id: Option<&str>) -> Result<u64, StoreError> {
+    /// checking that it did not reach the conversation): the record of exactly
+    /// this job of this org_integration becomes `retrying`, so the next
+    /// delivery of the job may claim it; another organization's or
+    /// integration's record of the same job id is never touched. Returns the
+    /// number of records changed (0 or 1).
+    pub async fn allow_resend(&self, job_id: &str, organization_id: &str, integration_id: &str) -> Result<u64, StoreError> {
         self.write();
-        let (low, high) = delivery_key_range(job_id);
-        let mut filter = doc! { "_id": { "$gte": low, "$lt": high }, "state": "unconfirmed" };
-        if let Some(org) = organization_id {
-            filter.insert("organization_id", org);
-        }
+        let filter = doc! { "_id": delivery_key(job_id, organization_id, integration_id), "state": "unconfirmed" };
         let result = self
             .deliveries()
-            .update_many(filter, doc! { "$set": { "state": "retrying" }, "$currentDate": { "updated_at": true } })
+            .update_one(filter, doc! { "$set": { "state": "retrying" }, "$currentDate": { "updated_at": true } })
             .await
             .map_err(StoreError::new("allow resend"))?;
         Ok(result.modified_count)

@@ -357,3 +357,29 @@ async fn the_marks_of_concurrent_jobs_are_one_statement_and_each_record_keeps_it
     }
     other.shutdown().await;
 }
+
+/// `dlq replay --resend-unconfirmed` reopens the ledger record of exactly the
+/// letter's job, organization and integration: the same job id unconfirmed
+/// for another integration of the organization, or for another
+/// organization, stays unconfirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowing_a_resend_reopens_only_that_org_integrations_record() {
+    use herald::job::{IntegrationId, JobId, OrganizationId};
+    use herald::mongo::Claim;
+    let env = TestEnv::two_orgs().await;
+    let job_id = JobId(uuid::Uuid::new_v4());
+    let id = job_id.to_string();
+    let scopes = [("org-a", INTEGRATION), ("org-a", "int-other"), ("org-b", INTEGRATION)];
+    for (org, integration) in scopes {
+        let (org, integration) = (OrganizationId::parse(org).unwrap(), IntegrationId::parse(integration).unwrap());
+        let Claim::Fresh(lease) = env.store.claim(job_id, &org, &integration).await.unwrap() else { panic!("a fresh claim") };
+        assert!(env.store.release_claim(&lease, DeliveryState::Unconfirmed, "answer lost", &[]).await.unwrap());
+    }
+    assert_eq!(env.store.allow_resend(&id, "org-a", INTEGRATION).await.unwrap(), 1);
+    let states: std::collections::BTreeMap<(String, String), DeliveryState> =
+        env.store.deliveries_of(&id).await.unwrap().into_iter().map(|d| ((d.organization_id, d.integration_id), d.state)).collect();
+    let state = |org: &str, integration: &str| states[&(org.to_owned(), integration.to_owned())];
+    assert_eq!(state("org-a", INTEGRATION), DeliveryState::Retrying);
+    assert_eq!(state("org-a", "int-other"), DeliveryState::Unconfirmed, "another integration's record is untouched");
+    assert_eq!(state("org-b", INTEGRATION), DeliveryState::Unconfirmed, "another organization's record is untouched");
+}

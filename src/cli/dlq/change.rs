@@ -60,7 +60,11 @@ pub(super) async fn replay(session: &Session, selection: &Selection, options: Re
                 done.kept += 1;
             } else if taken.letter.replays() >= session.max_replays && !options.force {
                 done.refused.push(id);
-            } else if unconfirmed && !options.resend_unconfirmed {
+            } else if unconfirmed
+                && (!options.resend_unconfirmed || taken.letter.organization_id.is_none() || taken.letter.integration_id().is_none())
+            {
+                // Without its organization and integration the record to
+                // reopen is not known exactly: left for the operator.
                 done.unconfirmed.push(id);
             } else if options.dry_run {
                 if !options.json {
@@ -70,7 +74,9 @@ pub(super) async fn replay(session: &Session, selection: &Selection, options: Re
             } else {
                 if unconfirmed {
                     // The operator checked Teams: let the next delivery claim it.
-                    session.store.allow_resend(&id, taken.letter.organization_id.as_deref()).await?;
+                    let org = taken.letter.organization_id.clone().unwrap_or_default();
+                    let integration = taken.letter.integration_id().unwrap_or_default();
+                    session.store.allow_resend(&id, &org, &integration).await?;
                 }
                 batch.push(taken);
             }
