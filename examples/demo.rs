@@ -18,10 +18,9 @@ use herald::job::Job;
 use herald::mongo::{BotDoc, ConversationDoc, OrgIntegrationDoc};
 use herald::producer::Producer;
 use herald::rabbitmq::{self, Topology};
-use herald::secrets::{Owner, Secrets};
+use herald::secrets::Secrets;
 use herald::settings::Settings;
 use lapin::options::QueueDeleteOptions;
-use secrecy::SecretString;
 use serde_json::json;
 use support::{Guard, binary};
 use teams_sim::client::SimClient;
@@ -122,14 +121,10 @@ async fn main() -> anyhow::Result<()> {
     ];
     // Sealed for their own records, as `herald seed` and `herald org-integrations` store them.
     let secrets = Secrets::new(&settings.secrets)?;
-    let integrations = integrations
-        .into_iter()
-        .map(|mut doc| {
-            let secret = doc.bot.app_secret.take().map(SecretString::from).context("a demo secret")?;
-            doc.bot = secrets.sealed_bot(Owner::of(&doc), None, &secret)?;
-            anyhow::Ok(doc)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut integrations = integrations;
+    for doc in &mut integrations {
+        secrets.seal_plaintext(doc)?;
+    }
     store.seed(&integrations, &conversations, false).await?;
     let signer = herald::worker::signer(&settings, &store).await?;
 

@@ -296,6 +296,15 @@ impl Secrets {
         })
     }
 
+    /// Seal the record's plaintext `bot.app_secret`, if it has one, in place
+    /// (`herald seed`, and tools that store records as herald does).
+    pub fn seal_plaintext(&self, doc: &mut OrgIntegrationDoc) -> Result<(), SecretError> {
+        let Some(plain) = doc.bot.app_secret.take() else { return Ok(()) };
+        let sealed = self.sealed_bot(Owner::of(doc), doc.bot.authority.clone(), &SecretString::from(plain))?;
+        doc.bot.app_secret_sealed = sealed.app_secret_sealed;
+        Ok(())
+    }
+
     /// What `seal-secrets` would write for this record: its secret sealed with
     /// the current key, when it is plaintext or sealed with another key;
     /// `None` when there is nothing to do.

@@ -32,15 +32,9 @@ pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, re
     for (i, record) in seed.org_integrations.iter_mut().enumerate() {
         // A plaintext secret in the file is sealed for its record before
         // anything is written: MongoDB never holds it in the clear.
-        if let Some(plain) = record.bot.app_secret.take() {
-            let owner = crate::secrets::Owner::of(record);
-            match secrets.sealed_bot(owner, record.bot.authority.clone(), &secrecy::SecretString::from(plain)) {
-                Ok(sealed) => record.bot.app_secret_sealed = sealed.app_secret_sealed,
-                Err(err) => {
-                    problems.push(format!("org_integrations[{i}]: bot.app_secret: {err}"));
-                    continue;
-                }
-            }
+        if let Err(err) = secrets.seal_plaintext(record) {
+            problems.push(format!("org_integrations[{i}]: bot.app_secret: {err}"));
+            continue;
         }
         if let Err(problem) = crate::worker::resolve::check_record(record, &teams, &secrets) {
             problems.push(format!("org_integrations[{i}]: {problem}"));

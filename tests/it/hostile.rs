@@ -110,40 +110,26 @@ fn build() -> (Vec<Org>, World) {
         orgs.push(Org { id: format!("org-{i}"), integration, app, tenant, channels, fate, reference });
     }
     for k in 0..IMPOSTORS {
-        // The victim's bot is in the impostor's roster: only its credential stops it.
-        let (app, tenant) = (format!("app-{k}"), format!("tenant-imp-{k}"));
-        let channels = vec![format!("19:imp{k}@thread.tacv2")];
-        world.tenants.push(Tenant { id: tenant.clone(), name: None });
-        world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
-        orgs.push(Org {
-            id: format!("imp-{k}"),
-            integration: INTEGRATION.into(),
-            app,
-            tenant,
-            channels,
-            fate: Fate::Refused,
-            reference: None,
-        });
+        impostor(&mut world, &mut orgs, format!("imp-{k}"), format!("app-{k}"), Fate::Refused, None);
     }
     for (k, reference) in [Reference::Env(BY_ENV), Reference::File(BY_FILE), Reference::SealOf(BY_SEAL)].into_iter().enumerate() {
         let victim = match reference {
             Reference::Env(n) | Reference::File(n) | Reference::SealOf(n) => n,
         };
-        let (app, tenant) = (format!("app-{victim}"), format!("tenant-conf-{k}"));
-        let channels = vec![format!("19:conf{k}@thread.tacv2")];
-        world.tenants.push(Tenant { id: tenant.clone(), name: None });
-        world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
-        orgs.push(Org {
-            id: format!("conf-{k}"),
-            integration: INTEGRATION.into(),
-            app,
-            tenant,
-            channels,
-            fate: Fate::Confined,
-            reference: Some(reference),
-        });
+        impostor(&mut world, &mut orgs, format!("conf-{k}"), format!("app-{victim}"), Fate::Confined, Some(reference));
     }
     (orgs, world)
+}
+
+/// An organization on the shared integration that holds the victim's bot
+/// app id, in its own tenant, with a channel whose roster accepts that bot:
+/// only its credential stops it.
+fn impostor(world: &mut World, orgs: &mut Vec<Org>, id: String, app: String, fate: Fate, reference: Option<Reference>) {
+    let tenant = format!("tenant-{id}");
+    let channels = vec![format!("19:{id}@thread.tacv2")];
+    world.tenants.push(Tenant { id: tenant.clone(), name: None });
+    world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
+    orgs.push(Org { id, integration: INTEGRATION.into(), app, tenant, channels, fate, reference });
 }
 
 /// The secret an organization's org_integration holds.

@@ -256,6 +256,19 @@ async fn plaintext_is_refused_until_seal_secrets_seals_it() {
     assert!(!old_only.status.success());
     assert!(stderr(&old_only).contains("sealed with key \"k2\", which is not in secrets.keys"), "{}", stderr(&old_only));
 
+    // A seed file's plaintext secret is sealed before it is written.
+    let seed = std::env::temp_dir().join(format!("herald-seed-{}.json", env.id));
+    let record = serde_json::json!({ "org_integrations": [{
+        "organization_id": "org-b", "integration_id": INTEGRATION, "status": "active", "tenant_id": "tenant-b",
+        "service_url": env.sim.service_url(), "bot": { "app_id": "app-b", "app_secret": "secret-b" },
+    }] });
+    std::fs::write(&seed, record.to_string()).unwrap();
+    env.herald_command(&["seed", "--file", seed.to_str().unwrap()]).envs(both).output().await.unwrap();
+    let seeded = env.store.list_org_integrations(Some("org-b"), 1).await.unwrap().remove(0).bot;
+    assert_eq!(seeded.app_secret, None, "never stored in the clear");
+    assert_eq!(seeded.app_secret_sealed.map(|s| s.key_id), Some("k2".to_owned()));
+    std::fs::remove_file(&seed).unwrap();
+
     // No key at all: nothing can be sealed, and herald says why.
     let mut no_key =
         env.herald_command(&["org-integrations", "set-secret", "--org", "org-a", "--integration", INTEGRATION, "--secret-stdin"]);

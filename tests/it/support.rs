@@ -18,7 +18,7 @@ use herald::mongo::{BotDoc, ConversationDoc, ConversationKind, DeliveryDoc, Deli
 use herald::producer::Producer;
 use herald::rabbitmq::headers::{self, Signer};
 use herald::rabbitmq::{self, Publisher, ROUTING_KEY, Topology};
-use herald::secrets::{Owner, Secrets};
+use herald::secrets::Secrets;
 use herald::settings::Settings;
 use herald::worker::Worker;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -279,10 +279,7 @@ impl TestEnv {
             .iter()
             .cloned()
             .map(|mut doc| {
-                if let Some(plain) = doc.bot.app_secret.take() {
-                    let bot = secrets.sealed_bot(Owner::of(&doc), doc.bot.authority.clone(), &plain.into()).expect("sealed");
-                    doc.bot.app_secret_sealed = bot.app_secret_sealed;
-                }
+                secrets.seal_plaintext(&mut doc).expect("sealed");
                 doc
             })
             .collect();
