@@ -124,6 +124,10 @@ rules = os.path.join(HERE, "prometheus", "herald-rules.yaml")
 result = subprocess.run(["promtool", "check", "rules", rules], capture_output=True, text=True)
 check(result.returncode == 0, "promtool check rules prometheus/herald-rules.yaml" + ("" if result.returncode == 0 else "\n" + result.stdout + result.stderr))
 
+tests = os.path.join(HERE, "prometheus", "herald-rules.test.yaml")
+result = subprocess.run(["promtool", "test", "rules", tests], capture_output=True, text=True)
+check(result.returncode == 0, "promtool test rules prometheus/herald-rules.test.yaml" + ("" if result.returncode == 0 else "\n" + result.stdout + result.stderr))
+
 compose = yaml.safe_load(open(os.path.join(HERE, "docker-compose.yml")))
 services = compose.get("services", {})
 check({"rabbitmq", "mongodb", "teams-sim", "herald-worker"} <= set(services), "docker-compose.yml has rabbitmq, mongodb, teams-sim and herald-worker")
