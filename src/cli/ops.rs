@@ -135,6 +135,13 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
                         Err(err) => Err(crate::text::error_chain(&err)),
                     };
                     check("indexes", indexes);
+                    check("bot secrets", bot_secrets(settings, &store).await);
+                    let header_key = match crate::worker::tool_signer(settings, &store).await {
+                        Ok(_) if settings.headers.signing_key.expose_secret().is_empty() => Ok("kept in MongoDB".to_owned()),
+                        Ok(_) => Ok(format!("headers.signing_key, {} previous key(s)", settings.headers.previous_keys.len())),
+                        Err(err) => Err(crate::text::error_chain(&err)),
+                    };
+                    check("header signing key", header_key);
                 }
                 Err(err) => check("mongodb", Err(format!("{mongo}: {}", crate::text::error_chain(&err)))),
             }
@@ -159,6 +166,35 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
         println!("{}", serde_json::to_string_pretty(&checks)?);
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Where the org_integrations' bot secrets are, and whether the worker would
+/// accept each (its scope, its key, plaintext), without reading any.
+async fn bot_secrets(settings: &Settings, store: &Store) -> Result<String, String> {
+    let secrets = crate::secrets::Secrets::new(&settings.secrets).map_err(|err| err.to_string())?;
+    let records = store.all_org_integrations().await.map_err(|err| crate::text::error_chain(&err))?;
+    let current = secrets.keyring().sealing_key();
+    let (mut sealed, mut older, mut referenced, mut plaintext, mut refused) = (0, 0, 0, 0, Vec::new());
+    for doc in &records {
+        if let Err(err) = secrets.check(doc) {
+            refused.push(format!("{}/{}: {err}", doc.organization_id, doc.integration_id));
+        }
+        match (&doc.bot.app_secret, &doc.bot.app_secret_sealed) {
+            (Some(_), _) => plaintext += 1,
+            (None, Some(seal)) if Some(seal.key_id.as_str()) == current => sealed += 1,
+            (None, Some(_)) => older += 1,
+            (None, None) => referenced += 1,
+        }
+    }
+    let summary = format!(
+        "{} org_integration(s): {sealed} sealed with the current key, {older} with another, {referenced} by reference, {plaintext} in plaintext",
+        records.len()
+    );
+    match refused.first() {
+        Some(first) => Err(format!("{summary}; {} refused by the worker, e.g. {first}", refused.len())),
+        None if plaintext + older > 0 => Ok(format!("{summary} (herald org-integrations seal-secrets)")),
+        None => Ok(summary),
+    }
 }
 
 /// Whether the broker keeps every dead letter however often a tool looks at

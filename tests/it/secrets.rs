@@ -226,6 +226,14 @@ async fn plaintext_is_refused_until_seal_secrets_seals_it() {
     assert_eq!(letter.reason.as_deref(), Some("org_integration_misconfigured"));
     assert!(letter.headers["x-herald-error"].contains("plaintext"), "{}", letter.headers["x-herald-error"]);
 
+    let doctor = |output: std::process::Output| {
+        let checks = json(&output);
+        checks.as_array().unwrap().iter().find(|c| c["check"] == "bot secrets").cloned().expect("a bot secrets check")
+    };
+    let before = doctor(env.herald(&["doctor", "--json"]).await);
+    assert_eq!(before["ok"], false, "{before}");
+    assert!(before["detail"].as_str().unwrap().contains("1 in plaintext"), "{before}");
+
     let dry = stdout(&env.herald_ok(&["org-integrations", "seal-secrets", "--dry-run"]).await);
     assert!(dry.contains("would seal 1 secret(s) with key it"), "{dry}");
     assert_eq!(stored().await.app_secret.as_deref(), Some("secret-a"), "a dry run writes nothing");
@@ -234,6 +242,9 @@ async fn plaintext_is_refused_until_seal_secrets_seals_it() {
     let bot = stored().await;
     assert_eq!(bot.app_secret, None);
     assert_eq!(bot.app_secret_sealed.as_ref().map(|s| s.key_id.as_str()), Some("it"));
+    let after = doctor(env.herald(&["doctor", "--json"]).await);
+    assert_eq!(after["ok"], true, "{after}");
+    assert!(after["detail"].as_str().unwrap().contains("1 sealed with the current key"), "{after}");
     let again = stdout(&env.herald_ok(&["org-integrations", "seal-secrets"]).await);
     assert!(again.contains("sealed 0 secret(s)") && again.contains("1 already current"), "re-running is safe: {again}");
 
