@@ -112,7 +112,8 @@ impl Store {
     pub async fn fleet_heartbeat(&self, worker: &str, lease: Duration, paced: Option<&Paced>) -> Result<u64, StoreError> {
         self.bounded("fleet heartbeat", async {
             let fleet = self.fleet();
-            let mut set = doc! { "kind": "worker", "expires_at": expires(lease) };
+            // `left` is cleared: a worker back after a reconnect is alive again.
+            let mut set = doc! { "kind": "worker", "expires_at": expires(lease), "left": false };
             if let Some(paced) = paced {
                 paced_fields(&mut set, paced);
             }

@@ -111,6 +111,7 @@ pub(super) async fn run(
     consumers: Arc<Consumers>,
     store: Store,
     settings: &Settings,
+    id: &str,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
     if settings.fleet.shards == 0 {
@@ -118,7 +119,7 @@ pub(super) async fn run(
         return consume(consumers, queue, shutdown.clone()).await;
     }
     let fleet = Fleet {
-        id: format!("{}-{}-{}", hostname(), std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        id: id.to_owned(),
         store,
         shards: settings.fleet.shards,
         lease: settings.fleet.lease(),
@@ -129,6 +130,12 @@ pub(super) async fn run(
         seen: false,
     };
     fleet.run(shutdown).await
+}
+
+/// A worker's name in the fleet: host, process and a random part (several
+/// workers may run in one process, as the tests do).
+pub(super) fn worker_id() -> String {
+    format!("{}-{}-{}", hostname(), std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
 fn hostname() -> String {
@@ -214,6 +221,14 @@ impl Fleet {
             if let Some(running) = self.running.get_mut(&unit) {
                 running.stop.cancel();
             }
+        }
+        // Held under this worker's name but consumed by none of its tasks: a
+        // lease from a session that ended without releasing it (the broker
+        // went away while MongoDB did not answer). Free it, or nobody would
+        // consume that unit while this worker renews it.
+        for unit in held.iter().filter(|u| !self.running.contains_key(*u)) {
+            info!(unit = %unit, "releasing a lease left from this worker's last session");
+            self.store.fleet_release(unit, &self.id).await?;
         }
         if !std::mem::replace(&mut self.seen, true) {
             // Workers started together see each other only once each has

@@ -48,6 +48,10 @@ pub struct Worker {
     settings: Settings,
     /// Order per conversation across sessions (reconnects).
     lanes: Arc<Lanes>,
+    /// This worker's name in the fleet, the same across sessions: its own
+    /// record (and the requests it wrote there) stays its own after a
+    /// reconnect, never another worker's to count.
+    fleet_id: String,
 }
 
 impl Worker {
@@ -58,7 +62,7 @@ impl Worker {
         let metrics = Arc::new(Metrics::with_organizations(&settings.metrics.organizations));
         let pipeline = Arc::new(Pipeline::new(&settings, store, teams, metrics, shutdown));
         let lanes = Lanes::new(settings.worker.max_lane);
-        Ok(Self { pipeline, topology: Topology::from(&settings), signer, settings, lanes })
+        Ok(Self { pipeline, topology: Topology::from(&settings), signer, settings, lanes, fleet_id: fleet::worker_id() })
     }
 
     /// Declare the topology and indexes (what `herald setup` does).
@@ -152,7 +156,7 @@ impl Worker {
         });
         // Stops consuming on shutdown, hands back what has not started and
         // gives the jobs started the deadline to finish.
-        let result = fleet::run(consumers, self.pipeline.store.clone(), &self.settings, shutdown).await;
+        let result = fleet::run(consumers, self.pipeline.store.clone(), &self.settings, &self.fleet_id, shutdown).await;
         self.pipeline.metrics.consumer_active(false);
         publisher.close().await;
         let _ = connection.close(200, "shutdown".into()).await;

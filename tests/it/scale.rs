@@ -276,3 +276,32 @@ async fn a_batch_is_published_in_order_and_each_message_confirmed_on_its_own() {
     let _ = channel.close(200, "".into()).await;
     assert_eq!(got, bodies, "in the order given");
 }
+
+/// A lease held under a worker's name that none of its tasks consumes (left
+/// from a session that ended without releasing it) is released at the next
+/// heartbeat instead of renewed: otherwise nobody would consume that unit
+/// while the worker lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_from_a_workers_last_session_is_released_not_renewed() {
+    use mongodb::bson::{Document, doc};
+    let env = TestEnv::two_orgs().await;
+    let worker = env.spawn_worker();
+    let fleet = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true")
+        .await
+        .unwrap()
+        .database(&env.settings.mongodb_database)
+        .collection::<Document>("fleet");
+    let name = eventually("the worker in the fleet", Duration::from_secs(15), || async {
+        let record = fleet.find_one(doc! { "kind": "worker" }).await.unwrap()?;
+        Some(record.get_str("_id").unwrap().trim_start_matches("worker/").to_owned())
+    })
+    .await;
+    let in_an_hour = mongodb::bson::DateTime::from_millis(mongodb::bson::DateTime::now().timestamp_millis() + 3_600_000);
+    fleet.insert_one(doc! { "_id": "shard/99", "kind": "unit", "owner": &name, "expires_at": in_an_hour }).await.unwrap();
+    eventually("the stale lease released", Duration::from_secs(15), || async {
+        let unit = fleet.find_one(doc! { "_id": "shard/99" }).await.unwrap()?;
+        (!unit.contains_key("owner")).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}

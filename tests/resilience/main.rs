@@ -28,6 +28,18 @@ async fn the_worker_reconnects_after_a_broker_restart_without_a_process_restart(
         env.publish(&job("org-a", CONV_A, &format!("before-{i}"))).await;
     }
     env.activities(10).await;
+    let fleet = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true")
+        .await
+        .unwrap()
+        .database(&env.settings.mongodb_database)
+        .collection::<mongodb::bson::Document>("fleet");
+    let workers = || async {
+        let found: Vec<mongodb::bson::Document> =
+            futures_util::TryStreamExt::try_collect(fleet.find(mongodb::bson::doc! { "kind": "worker" }).await.unwrap()).await.unwrap();
+        found.iter().map(|d| d.get_str("_id").unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    let before = workers().await;
+    assert_eq!(before.len(), 1, "{before:?}");
 
     rabbitmqctl(&["stop_app"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -40,6 +52,9 @@ async fn the_worker_reconnects_after_a_broker_restart_without_a_process_restart(
     }
     let records = env.activities(20).await;
     assert_eq!(records.len(), 20, "the same worker delivered the jobs published after the restart");
+    // The same name in the fleet after the reconnect: its own earlier record
+    // (and the requests it wrote there) is never counted as another worker's.
+    assert_eq!(workers().await, before, "one fleet record, under the same name");
     env.drained().await;
     worker.stop().await;
 }
