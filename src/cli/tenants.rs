@@ -342,7 +342,7 @@ fn checked(settings: &Settings, secrets: &Secrets, doc: &OrgIntegrationDoc) -> a
 /// `seal-secrets`: every record, one at a time, with a progress line.
 async fn seal_secrets(store: &Store, secrets: &Secrets, dry_run: bool) -> anyhow::Result<()> {
     let Some(key) = secrets.keyring().sealing_key() else {
-        return Err(Usage("no key to seal with: set secrets.keys (and secrets.seal_with when there are several)".into()).into());
+        return Err(Usage(crate::secrets::SecretError::NoSealingKey.to_string()).into());
     };
     let records = store.all_org_integrations().await?;
     let progress = progress(records.len() as u64, "sealing");
