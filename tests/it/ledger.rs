@@ -45,3 +45,41 @@ async fn a_stalled_mongodb_connection_never_leaves_a_posted_job_unrecorded() {
     worker.stop().await;
     assert_eq!(env.activities(1).await.len(), 1, "the copy was acked as already sent, not posted again");
 }
+
+/// A post whose answer is lost is recorded `unconfirmed` even when MongoDB
+/// stalls as the outcome is written: the outcome is retried while the claim
+/// lasts, instead of written once and lost (the record would stay `sending`,
+/// and a copy would take it over after the lease and post again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_outcome_is_recorded_through_a_stalled_mongodb() {
+    let env = TestEnv::two_orgs().await;
+    let proxy = StallProxy::start("127.0.0.1:27017").await;
+    let uri = proxy.mongodb_uri();
+    // The post is accepted, its answer lost past the request timeout (2 s).
+    let lose =
+        teams_sim::Rule { route: teams_sim::Route::Send, sequence: vec![teams_sim::Action::Lose { ms: 2500 }], ..Default::default() };
+    env.sim.client().add_fault(&lose).await.unwrap();
+    let worker = env.observed_worker(&[
+        ("HERALD_MONGODB_URI", uri.as_str()),
+        ("HERALD_MONGODB_COMMAND_TIMEOUT_MS", "1000"),
+        ("HERALD_WORKER__CLAIM_LEASE_SECS", "60"),
+    ]);
+
+    let job = job("org-a", CONV_A, "answer lost while MongoDB stalls");
+    let id = job.id.to_string();
+    env.publish(&job).await;
+    eventually("the job's claim", Duration::from_secs(15), || async {
+        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Sending)
+    })
+    .await;
+    proxy.stall(Duration::from_secs(4));
+
+    eventually("the ledger to say unconfirmed after the stall", Duration::from_secs(60), || async {
+        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Unconfirmed)
+    })
+    .await;
+    let letter = env.dead_letters(1).await.remove(0);
+    assert_eq!(letter.reason.as_deref(), Some("delivery_unconfirmed"));
+    worker.stop().await;
+    assert_eq!(env.activities(1).await.len(), 1, "posted once, never resent");
+}
