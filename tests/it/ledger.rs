@@ -4,9 +4,29 @@
 
 use std::time::Duration;
 
-use herald::mongo::DeliveryState;
+use herald::job::Job;
+use herald::mongo::{DeliveryDoc, DeliveryState};
 
 use crate::support::*;
+
+/// Publish `job`; once its claim is in the ledger (the delivery is on its
+/// way), stall every connection of the worker to MongoDB, and those it
+/// opens in the next 4 s. The job's id.
+async fn publish_and_stall_once_claimed(env: &TestEnv, proxy: &StallProxy, job: &Job) -> String {
+    let id = job.id.to_string();
+    env.publish(job).await;
+    recorded(env, &id, DeliveryState::Sending).await;
+    proxy.stall(Duration::from_secs(4));
+    id
+}
+
+/// The job's ledger record once it is in `state`.
+async fn recorded(env: &TestEnv, id: &str, state: DeliveryState) -> DeliveryDoc {
+    eventually(&format!("the ledger to say {state:?}"), Duration::from_secs(60), || async {
+        env.store.delivery(id).await.unwrap().filter(|d| d.state == state)
+    })
+    .await
+}
 
 /// The worker reaches MongoDB through a proxy; while a job's post is on its
 /// way to Teams, every connection the worker has open, and every one it
@@ -24,18 +44,9 @@ async fn a_stalled_mongodb_connection_never_leaves_a_posted_job_unrecorded() {
     let worker = env.observed_worker(&[("HERALD_MONGODB_URI", uri.as_str()), ("HERALD_MONGODB_COMMAND_TIMEOUT_MS", "1000")]);
 
     let job = job("org-a", CONV_A, "posted while MongoDB stalls");
-    let id = job.id.to_string();
-    env.publish(&job).await;
-    eventually("the job's claim", Duration::from_secs(15), || async {
-        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Sending)
-    })
-    .await;
-    proxy.stall(Duration::from_secs(4));
+    let id = publish_and_stall_once_claimed(&env, &proxy, &job).await;
 
-    let record = eventually("the ledger to say sent after the stall", Duration::from_secs(60), || async {
-        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Sent)
-    })
-    .await;
+    let record = recorded(&env, &id, DeliveryState::Sent).await;
     assert_eq!(env.activities(1).await.len(), 1);
     assert!(record.activity_id.is_some(), "{record:?}");
 
@@ -66,18 +77,9 @@ async fn an_unconfirmed_outcome_is_recorded_through_a_stalled_mongodb() {
     ]);
 
     let job = job("org-a", CONV_A, "answer lost while MongoDB stalls");
-    let id = job.id.to_string();
-    env.publish(&job).await;
-    eventually("the job's claim", Duration::from_secs(15), || async {
-        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Sending)
-    })
-    .await;
-    proxy.stall(Duration::from_secs(4));
+    let id = publish_and_stall_once_claimed(&env, &proxy, &job).await;
 
-    eventually("the ledger to say unconfirmed after the stall", Duration::from_secs(60), || async {
-        env.store.delivery(&id).await.unwrap().filter(|d| d.state == DeliveryState::Unconfirmed)
-    })
-    .await;
+    recorded(&env, &id, DeliveryState::Unconfirmed).await;
     let letter = env.dead_letters(1).await.remove(0);
     assert_eq!(letter.reason.as_deref(), Some("delivery_unconfirmed"));
     worker.stop().await;
