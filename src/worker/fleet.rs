@@ -588,7 +588,10 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
                 };
                 // A body over the job limit is refused here, before it is
                 // copied into a publish, and dropped at once.
-                let (oversized, mut batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|d| d.data.len() > MAX_BODY_BYTES);
+                // (Split only when there is one: the common batch is kept as it is.)
+                let too_large = |d: &Delivery| d.data.len() > MAX_BODY_BYTES;
+                let (oversized, mut batch): (Vec<_>, Vec<_>) =
+                    if batch.iter().any(too_large) { batch.into_iter().partition(too_large) } else { (Vec::new(), batch) };
                 let mut refused = Ok(());
                 for delivery in oversized {
                     if refused.is_ok() {
