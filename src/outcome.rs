@@ -120,6 +120,8 @@ pub enum DeliveryError {
     Internal(String),
     #[error("the delivery's claim ran out during {0}")]
     OutOfTime(&'static str),
+    #[error("{0} attempts at this job ended without an outcome (their worker died or lost MongoDB mid-send)")]
+    CrashedTooOften(u32),
     #[error(transparent)]
     Teams(#[from] TeamsError),
     #[error(transparent)]
@@ -151,6 +153,7 @@ pub fn classify(err: &DeliveryError, max_in_process_wait: Duration) -> Verdict {
         DeliveryError::RecipientNotInOrganization(_) => DeadLetter(Reason::RecipientNotInOrganization),
         DeliveryError::ConversationQuarantined { .. } => DeadLetter(Reason::ConversationQuarantined),
         DeliveryError::Internal(_) => DeadLetter(Reason::InternalError),
+        DeliveryError::CrashedTooOften(_) => DeadLetter(Reason::DeliveryLimitExceeded),
         DeliveryError::RateLimited(wait) => Retry { reason: Reason::RateLimited, quick: false, after: Some(*wait) },
         DeliveryError::InProgress => Retry { reason: Reason::InProgress, quick: false, after: None },
         DeliveryError::OutOfTime(_) => Retry { reason: Reason::DeadlinePassed, quick: false, after: None },

@@ -68,6 +68,10 @@ pub struct Lease {
     /// The record was `sending` under another owner whose lease ran out (a
     /// worker died, or lost MongoDB, mid-send): this send may be a second post.
     pub taken_over: bool,
+    /// How many claims on this record ended that way, this one's included:
+    /// the job's attempts that crashed or lost their worker. A job returned
+    /// to its queue unstarted (a handover) never claimed, and is not counted.
+    pub takeovers: u32,
 }
 
 /// What the ledger says about a job about to be sent.
@@ -186,6 +190,7 @@ static CLAIMABLE: LazyLock<RawDocumentBuf> = LazyLock::new(|| {
 ///           job_id: { $literal: job_id }, organization_id: { $literal: .. }, integration_id: { $literal: .. } },
 ///         { $cond: [CLAIMABLE,
 ///                   { claimed_from: { $ifNull: ["$state", "new"] }, state: "sending", updated_at: "$$NOW",
+///                     takeovers: { $add: [{ $ifNull: ["$takeovers", 0] }, { $cond: [{ $eq: ["$state", "sending"] }, 1, 0] }] },
 ///                     owner: { $literal: owner },
 ///                     lease_until: { $dateAdd: { startDate: "$$NOW", unit: "millisecond", amount: lease_ms } } },
 ///                   {}] } ] } }],
@@ -206,7 +211,12 @@ fn claim_statement(w: &mut Writer, key: &str, job_id: &str, organization_id: &st
     w.end();
     w.doc("").array("$cond").raw("", &CLAIMABLE).doc("");
     w.doc("claimed_from").array("$ifNull").str("", "$state").str("", "new").end().end();
-    w.str("state", "sending").str("updated_at", "$$NOW").literal("owner", owner);
+    w.str("state", "sending").str("updated_at", "$$NOW");
+    w.doc("takeovers").array("$add");
+    w.doc("").array("$ifNull").str("", "$takeovers").i64("", 0).end().end();
+    w.doc("").array("$cond").doc("").array("$eq").str("", "$state").str("", "sending").end().end().i64("", 1).i64("", 0).end().end();
+    w.end().end();
+    w.literal("owner", owner);
     w.doc("lease_until").doc("$dateAdd").str("startDate", "$$NOW").str("unit", "millisecond").i64("amount", lease_ms).end().end();
     w.end().doc("").end().end().end();
     w.end().end().end().end();
@@ -418,12 +428,13 @@ async fn flush(db: &Database, ops: &[Op], counts: &OpCounts, timeout: Duration) 
             let field = |name: &str| record.and_then(|r| r.get_str(name).ok());
             Ok(match op {
                 Op::Claim { key, owner, .. } if upserted => {
-                    Done::Claimed(Claim::Fresh(Lease { key: key.clone(), owner: owner.clone(), taken_over: false }))
+                    Done::Claimed(Claim::Fresh(Lease { key: key.clone(), owner: owner.clone(), taken_over: false, takeovers: 0 }))
                 }
                 Op::Claim { key, owner, .. } if field("owner") == Some(owner.as_str()) => Done::Claimed(Claim::Fresh(Lease {
                     key: key.clone(),
                     owner: owner.clone(),
                     taken_over: field("claimed_from") == Some("sending"),
+                    takeovers: record.map_or(0, takeovers),
                 })),
                 Op::Claim { .. } => Done::Claimed(match field("state") {
                     Some("sent") => Claim::AlreadySent,
@@ -463,6 +474,17 @@ fn write_concern_error(answer: &Document) -> Option<MongoError> {
     })
 }
 
+/// A record's `takeovers`, however MongoDB stored the number.
+fn takeovers(record: &Document) -> u32 {
+    let n = match record.get("takeovers") {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Double(n)) => *n as i64,
+        _ => 0,
+    };
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
 /// The state, owner and activity of `keys`, one read for the whole batch.
 async fn read_back(db: &Database, keys: &[&str]) -> Result<HashMap<String, Document>, MongoError> {
     if keys.is_empty() {
@@ -471,7 +493,7 @@ async fn read_back(db: &Database, keys: &[&str]) -> Result<HashMap<String, Docum
     let found: Vec<Document> = db
         .collection::<Document>(DELIVERIES)
         .find(doc! { "_id": { "$in": keys } })
-        .projection(doc! { "state": 1, "owner": 1, "claimed_from": 1, "activity_id": 1 })
+        .projection(doc! { "state": 1, "owner": 1, "claimed_from": 1, "activity_id": 1, "takeovers": 1 })
         .await?
         .try_collect()
         .await?;
@@ -545,6 +567,7 @@ mod tests {
                     "claimed_from": { "$ifNull": ["$state", "new"] },
                     "state": "sending",
                     "updated_at": "$$NOW",
+                    "takeovers": { "$add": [{ "$ifNull": ["$takeovers", 0_i64] }, { "$cond": [{ "$eq": ["$state", "sending"] }, 1_i64, 0_i64] }] },
                     "owner": { "$literal": owner },
                     "lease_until": { "$dateAdd": { "startDate": "$$NOW", "unit": "millisecond", "amount": *lease_ms } },
                 }, {}] },

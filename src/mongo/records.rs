@@ -212,6 +212,10 @@ pub struct DeliveryDoc {
     pub state: DeliveryState,
     #[serde(default)]
     pub attempts: i64,
+    /// Claims that took the record over from a delivery that ended without
+    /// an outcome (its worker died or lost MongoDB mid-send).
+    #[serde(default)]
+    pub takeovers: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

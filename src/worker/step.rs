@@ -37,6 +37,10 @@ pub struct RetryPolicy {
     pub max_in_process_wait: Duration,
     pub tiers: Vec<Duration>,
     pub max_hops: u32,
+    /// Attempts that ended without an outcome (the worker died or lost
+    /// MongoDB mid-send) before the job is dead-lettered
+    /// `delivery_limit_exceeded` (`worker.delivery_limit`).
+    pub crash_limit: u32,
 }
 
 impl RetryPolicy {
@@ -52,6 +56,7 @@ impl RetryPolicy {
             max_in_process_wait: Duration::from_secs(retry.max_in_process_wait_secs),
             tiers: settings.retry_tiers(),
             max_hops: retry.max_hops,
+            crash_limit: settings.worker.delivery_limit,
         }
     }
 }
@@ -351,11 +356,17 @@ impl Pipeline {
             Claim::Unconfirmed => return Ok(Done::AlreadyUnconfirmed),
             Claim::InProgress => return Err(DeliveryError::InProgress),
         };
-        if lease.taken_over {
-            self.metrics.lease_taken_over();
-            warn!(job_id = %job.id, "another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
-        }
+        let crashed = lease.taken_over.then_some(lease.takeovers);
         attempt.lease = Some(lease);
+        if let Some(takeovers) = crashed {
+            self.metrics.lease_taken_over();
+            // herald counts the attempts that crashed, not the broker: on
+            // RabbitMQ before 4.3 every return counts, handovers included.
+            if takeovers >= self.policy.crash_limit {
+                return Err(DeliveryError::CrashedTooOften(takeovers));
+            }
+            warn!(job_id = %job.id, takeovers, "another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
+        }
         attempt.started = Some(claimed_at);
         let until = claimed_at + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
         let Ready { integration, service_url, conversation_id, .. } = ready?;
@@ -674,6 +685,7 @@ mod tests {
             max_in_process_wait: Duration::from_secs(5),
             tiers: [5, 30, 120].map(Duration::from_secs).to_vec(),
             max_hops: 2,
+            crash_limit: 20,
         }
     }
 

@@ -308,6 +308,7 @@ async fn the_marks_of_concurrent_jobs_are_one_statement_and_each_record_keeps_it
         panic!("a claim whose lease ran out can be taken over")
     };
     assert!(taken.taken_over);
+    assert_eq!(taken.takeovers, 1, "the take-over is counted");
 
     let attempt = |i: usize| AttemptRecord {
         at: mongodb::bson::DateTime::now(),
