@@ -120,7 +120,14 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     pub concurrency: usize,
     pub shutdown_deadline_secs: u64,
+    /// Attempts at a job that end without an outcome (the worker died or
+    /// lost MongoDB mid-send, counted in its ledger record) before it is
+    /// dead-lettered `delivery_limit_exceeded`.
     pub delivery_limit: u32,
+    /// `x-delivery-limit` of the work queue and the shards: the broker's
+    /// backstop for a job that kills workers before its claim. RabbitMQ
+    /// before 4.3 counts every return, handovers between workers included.
+    pub broker_delivery_limit: u32,
     pub resolution_cache_ttl_secs: u64,
     pub claim_lease_secs: u64,
     pub max_lane: usize,

@@ -11,12 +11,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
-use crate::worker::{self, Worker};
-use crate::{rabbitmq, telemetry};
+use crate::{telemetry, worker};
 
 /// herald: delivers notification jobs from RabbitMQ to Microsoft Teams, each
 /// with its own organization's credentials, and dead-letters what cannot be
@@ -42,7 +40,17 @@ pub enum Command {
     /// Stops on SIGTERM/SIGINT after finishing in-flight jobs.
     Worker,
     /// Declare the RabbitMQ topology and the MongoDB indexes; safe to repeat.
-    Setup,
+    /// RabbitMQ fixes a queue's arguments when it is first declared: a queue
+    /// declared by an earlier version or other settings (the delivery limit,
+    /// say) is reported and used as it is until --migrate rebuilds it.
+    Setup {
+        /// Rebuild each queue whose arguments differ, keeping its messages in
+        /// order; producers may go on publishing. Stop the workers first: a
+        /// queue with consumers is refused. Safe to re-run after an
+        /// interruption (it finishes the rebuild).
+        #[arg(long)]
+        migrate: bool,
+    },
     /// Publish jobs with publisher confirms: one from flags, one from --file,
     /// or many from --stdin as JSON lines. Every job is validated first.
     Enqueue(Box<EnqueueArgs>),
@@ -185,12 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             spawn_signal_handler(shutdown.clone());
             worker::run(settings, shutdown).await?;
         }
-        Command::Setup => {
-            let connection = rabbitmq::connect(settings.amqp_url.expose_secret(), "herald setup").await?;
-            let worker = Worker::build(settings, CancellationToken::new()).await?;
-            worker.setup(&connection).await?;
-            println!("topology {} declared, MongoDB indexes ensured", worker.topology.prefix);
-        }
+        Command::Setup { migrate } => return ops::setup(settings, migrate).await,
         Command::Enqueue(args) => enqueue::enqueue(&settings, *args).await?,
         Command::Dlq(command) => return dlq::run(&settings, command).await,
         Command::OrgIntegrations(command) => tenants::run(&settings, command).await?,

@@ -91,6 +91,43 @@ pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, re
     Ok(())
 }
 
+/// `herald setup`: declare the topology and indexes; with `migrate`, rebuild
+/// the queues whose arguments changed (and finish a rebuild that was
+/// interrupted), keeping their messages. Without it, a queue with other
+/// arguments is reported and left as it is (the workers use it as declared),
+/// so that an init container running `herald setup` does not stop a rolling
+/// upgrade; `herald doctor` fails until it is rebuilt.
+pub async fn setup(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> {
+    let connection = std::sync::Arc::new(rabbitmq::connect(settings.amqp_url.expose_secret(), "herald setup").await?);
+    let worker = crate::worker::Worker::build(settings, tokio_util::sync::CancellationToken::new()).await?;
+    let declared = worker.setup(&connection).await?;
+    let mut differing = Vec::new();
+    for spec in worker.topology.specs() {
+        if declared.kept.contains(&spec.name) || (migrate && rabbitmq::interrupted(&connection, &spec).await?) {
+            differing.push(spec);
+        }
+    }
+    if !migrate && !differing.is_empty() {
+        for spec in &differing {
+            eprintln!("queue {} exists with other arguments than these settings give it (it works as it was declared)", spec.name);
+        }
+        eprintln!("stop the workers, then run `herald setup --migrate`: it rebuilds them and keeps their messages (docs/upgrading.md)");
+    }
+    for spec in differing.into_iter().filter(|_| migrate) {
+        let messages = rabbitmq::queue_status(&connection, &spec.name).await?.map_or(0, |(m, _)| m);
+        let bar = super::progress(2 * u64::from(messages), &format!("rebuilding {}", spec.name));
+        let rebuilt = rabbitmq::rebuild(connection.clone(), &spec, &|moved| bar.set_position(moved)).await?;
+        bar.finish_and_clear();
+        println!(
+            "queue {} rebuilt with the settings' arguments: {} message(s) kept in order, {} published meanwhile moved in after them",
+            spec.name, rebuilt.held, rebuilt.arrived
+        );
+    }
+    println!("topology {} declared, MongoDB indexes ensured", worker.topology.prefix);
+    let _ = connection.close(200, "done".into()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str>) -> anyhow::Result<ExitCode> {
     let mut checks: Vec<serde_json::Value> = Vec::new();
     let mut check = |name: &str, result: Result<String, String>| {
@@ -109,16 +146,26 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
         Ok(connection) => {
             check("rabbitmq", Ok(format!("connected to {amqp}")));
             let topology = crate::rabbitmq::Topology::from(settings);
-            for queue in topology.queues() {
-                let channel = connection.create_channel().await?;
-                let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-                let result = channel.queue_declare(queue.as_str().into(), passive, Default::default()).await;
-                check(
-                    &format!("queue {queue}"),
-                    result
-                        .map(|q| format!("{} message(s), {} consumer(s)", q.message_count(), q.consumer_count()))
-                        .map_err(|_| "missing: run `herald setup`".into()),
-                );
+            for spec in topology.specs() {
+                let queue = &spec.name;
+                let result = match crate::rabbitmq::queue_status(&connection, queue).await {
+                    Ok(None) => Err("missing: run `herald setup`".to_owned()),
+                    Ok(Some((messages, consumers))) => {
+                        // It exists, so declaring it creates nothing: the
+                        // broker only compares the arguments.
+                        let mut channel = connection.create_channel().await?;
+                        match spec.declare(&connection, &mut channel).await {
+                            Ok(true) => Ok(format!("{messages} message(s), {consumers} consumer(s)")),
+                            Ok(false) => Err(format!(
+                                "{messages} message(s), {consumers} consumer(s); declared with other arguments than these \
+                                 settings give it: stop the workers and run `herald setup --migrate` (docs/upgrading.md)"
+                            )),
+                            Err(err) => Err(crate::text::error_chain(&err)),
+                        }
+                    }
+                    Err(err) => Err(crate::text::error_chain(&err)),
+                };
+                check(&format!("queue {queue}"), result);
             }
         }
         Err(err) => check("rabbitmq", Err(format!("{amqp}: {}", crate::text::error_chain(&err)))),

@@ -2,6 +2,7 @@
 //! (`headers`), and confirmed publishing on a channel that heals.
 
 pub mod headers;
+mod migrate;
 mod topology;
 
 use std::sync::Arc;
@@ -10,7 +11,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-pub use topology::{Topology, tier_label};
+pub use migrate::{Rebuilt, interrupted, queue_status, rebuild};
+pub use topology::{Declared, QueueSpec, Topology, tier_label};
 
 /// The routing key of Microsoft Teams jobs on the work exchange.
 pub const ROUTING_KEY: &str = "msteams";
@@ -31,6 +33,12 @@ pub enum BrokerError {
     Unroutable { exchange: String, routing_key: String },
     #[error("not published to {exchange:?}: an earlier message of its batch could not be")]
     NotSent { exchange: String },
+    #[error("queue {queue} has {consumers} consumer(s): stop the workers before rebuilding it")]
+    InUse { queue: String, consumers: u32 },
+    #[error("queue {queue} still holds {messages} message(s) and {consumers} consumer(s) after it was drained; run the rebuild again")]
+    NotDrained { queue: String, messages: u32, consumers: u32 },
+    #[error("queue {queue} was declared again by someone else, with other arguments, during its rebuild")]
+    Redeclared { queue: String },
 }
 
 /// Ack `delivery_tag` (with `multiple`, every delivery up to it) on
@@ -50,6 +58,13 @@ pub fn ack_queued(channel: &Channel, delivery_tag: u64, multiple: bool) -> Resul
         Some(Err(err)) => Err(err),
         Some(Ok(())) | None => Ok(()),
     }
+}
+
+/// The broker refused a declaration because the queue exists with other
+/// arguments (406 PRECONDITION_FAILED).
+pub(crate) fn precondition_failed(err: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
 pub(crate) fn amqp(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {

@@ -25,7 +25,7 @@ impl From<&Settings> for Topology {
         Self {
             prefix: settings.topology_prefix.clone(),
             tiers: settings.retry_tiers(),
-            delivery_limit: settings.worker.delivery_limit,
+            delivery_limit: settings.worker.broker_delivery_limit,
             shards: settings.fleet.shards,
         }
     }
@@ -93,27 +93,20 @@ impl Topology {
         exchanges
     }
 
-    /// Declare everything; idempotent as long as the arguments are unchanged
-    /// (RabbitMQ refuses to redeclare a queue with other arguments).
-    pub async fn declare(&self, connection: &Connection) -> Result<(), BrokerError> {
-        let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        for exchange in self.exchanges() {
-            channel
-                .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
-                .await
-                .map_err(amqp(format!("declare exchange {exchange}")))?;
-        }
-        let queue = QueueDeclareOptions { durable: true, ..Default::default() };
-
+    /// Every queue with its arguments and its binding, in declaration order.
+    pub fn specs(&self) -> Vec<QueueSpec> {
+        let mut specs = Vec::new();
         // The work queue: quorum for replication and delivery counting; the
-        // delivery limit turns a job that crashes workers into a dead letter,
-        // and at-least-once dead-lettering (which needs reject-publish
-        // overflow) makes sure that dead letter is not lost on the way.
+        // broker's delivery limit is a backstop for a job that kills workers
+        // before herald claims it (herald counts the attempts that crash
+        // after their claim itself, `worker.delivery_limit`: RabbitMQ before
+        // 4.3 also counts every handover between workers). At-least-once
+        // dead-lettering (which needs reject-publish overflow) makes sure
+        // that dead letter is not lost on the way.
         let mut work = quorum_args();
         work.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(self.delivery_limit)));
         dead_letter_to(&mut work, &self.dead_exchange());
-        self.declare_queue(&channel, &self.work_queue(), queue, work.clone(), &self.jobs_exchange(), ROUTING_KEY).await?;
+        specs.push(QueueSpec::new(self.work_queue(), work.clone(), self.jobs_exchange(), ROUTING_KEY));
 
         // Shard queues: the same arguments, plus a single active consumer, so
         // that even a worker that outlived its lease cannot consume a shard
@@ -121,7 +114,7 @@ impl Topology {
         let mut shard = work;
         shard.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         for n in 0..self.shards {
-            self.declare_queue(&channel, &self.shard_queue(n), queue, shard.clone(), &self.shard_exchange(), &n.to_string()).await?;
+            specs.push(QueueSpec::new(self.shard_queue(n), shard.clone(), self.shard_exchange(), &n.to_string()));
         }
 
         // Retry tiers: a fixed TTL each, then back to the work exchange.
@@ -129,8 +122,7 @@ impl Topology {
             let mut args = quorum_args();
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
             dead_letter_to(&mut args, &self.jobs_exchange());
-            let name = self.retry_queue(*tier);
-            self.declare_queue(&channel, &name, queue, args, &self.retry_exchange(), &tier_label(*tier)).await?;
+            specs.push(QueueSpec::new(self.retry_queue(*tier), args, self.retry_exchange(), &tier_label(*tier)));
         }
 
         // The dead-letter queue: operators list and replay from here. No
@@ -139,26 +131,92 @@ impl Topology {
         // -1 there would drop a message at its first return (seen on 3.10).
         // Browsing returns messages by closing the channel, which RabbitMQ 4
         // does not count against its default limit (docs/operations.md).
-        self.declare_queue(&channel, &self.dead_queue(), queue, quorum_args(), &self.dead_exchange(), ROUTING_KEY).await?;
-        let _ = channel.close(200, "topology declared".into()).await;
-        Ok(())
+        specs.push(QueueSpec::new(self.dead_queue(), quorum_args(), self.dead_exchange(), ROUTING_KEY));
+        specs
     }
 
-    async fn declare_queue(
-        &self,
-        channel: &Channel,
-        name: &str,
-        options: QueueDeclareOptions,
-        args: FieldTable,
-        exchange: &str,
-        routing_key: &str,
-    ) -> Result<(), BrokerError> {
-        channel.queue_declare(name.into(), options, args).await.map_err(amqp(format!("declare queue {name}")))?;
+    /// Declare everything; idempotent. A queue that exists with other
+    /// arguments (RabbitMQ fixes them at the first declare) is used as it is,
+    /// with a warning, and named in the result: `herald setup --migrate`
+    /// rebuilds it (docs/upgrading.md).
+    pub async fn declare(&self, connection: &Connection) -> Result<Declared, BrokerError> {
+        let mut channel = connection.create_channel().await.map_err(amqp("open channel"))?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for exchange in self.exchanges() {
+            channel
+                .exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+                .await
+                .map_err(amqp(format!("declare exchange {exchange}")))?;
+        }
+        let mut declared = Declared::default();
+        for spec in self.specs() {
+            if !spec.declare(connection, &mut channel).await? {
+                tracing::warn!(
+                    queue = %spec.name,
+                    "the queue exists with other arguments than these settings give it; it is used as it is \
+                     (stop the workers and run `herald setup --migrate` to rebuild it: docs/upgrading.md)"
+                );
+                declared.kept.push(spec.name.clone());
+            }
+            spec.bind(&channel).await?;
+        }
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(declared)
+    }
+}
+
+/// What [`Topology::declare`] found.
+#[derive(Debug, Default)]
+pub struct Declared {
+    /// Queues that exist with other arguments than the settings give them.
+    pub kept: Vec<String>,
+}
+
+/// One queue: its name, its arguments and where it is bound.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub name: String,
+    pub args: FieldTable,
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+impl QueueSpec {
+    fn new(name: String, args: FieldTable, exchange: String, routing_key: &str) -> Self {
+        Self { name, args, exchange, routing_key: routing_key.to_owned() }
+    }
+
+    /// Declare the queue; `false` if it exists with other arguments (the
+    /// broker then closed `channel`, which is replaced by a new one after
+    /// checking that the queue exists).
+    pub async fn declare(&self, connection: &Connection, channel: &mut Channel) -> Result<bool, BrokerError> {
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        match channel.queue_declare(self.name.as_str().into(), options, self.args.clone()).await {
+            Ok(_) => Ok(true),
+            Err(err) if super::precondition_failed(&err) => {
+                *channel = connection.create_channel().await.map_err(amqp("open channel"))?;
+                let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                channel
+                    .queue_declare(self.name.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .map_err(amqp(format!("find queue {}", self.name)))?;
+                Ok(false)
+            }
+            Err(err) => Err(amqp(format!("declare queue {}", self.name))(err)),
+        }
+    }
+
+    pub async fn bind(&self, channel: &Channel) -> Result<(), BrokerError> {
         channel
-            .queue_bind(name.into(), exchange.into(), routing_key.into(), QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                self.name.as_str().into(),
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await
-            .map_err(amqp(format!("bind queue {name}")))?;
-        Ok(())
+            .map_err(amqp(format!("bind queue {}", self.name)))
     }
 }
 

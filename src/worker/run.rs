@@ -66,10 +66,10 @@ impl Worker {
     }
 
     /// Declare the topology and indexes (what `herald setup` does).
-    pub async fn setup(&self, connection: &Connection) -> Result<(), WorkerError> {
-        self.topology.declare(connection).await?;
+    pub async fn setup(&self, connection: &Connection) -> Result<crate::rabbitmq::Declared, WorkerError> {
+        let declared = self.topology.declare(connection).await?;
         self.pipeline.store.ensure_indexes().await?;
-        Ok(())
+        Ok(declared)
     }
 
     /// What `/readyz` and `/metrics` read.

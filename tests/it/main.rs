@@ -7,6 +7,7 @@ mod docs;
 mod fleet;
 mod fleetwide;
 mod fuzz;
+mod handover;
 mod hostile;
 mod isolation;
 mod ledger;
