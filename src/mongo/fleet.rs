@@ -107,13 +107,22 @@ impl Store {
         self.db.collection(FLEET)
     }
 
-    /// Say this worker is alive for `lease` more (with its recent requests,
-    /// when it paces), and count the live workers (this one included).
-    pub async fn fleet_heartbeat(&self, worker: &str, lease: Duration, paced: Option<&Paced>) -> Result<u64, StoreError> {
+    /// Say this worker is alive for `lease` more, and how many more shards
+    /// it would take (`wants`; with its recent requests, when it paces).
+    /// The live workers (this one included) with what each wants: a record
+    /// that never says it wants a shard (a stale or foreign one) never makes
+    /// another worker give one up.
+    pub async fn fleet_heartbeat(
+        &self,
+        worker: &str,
+        lease: Duration,
+        wants: u32,
+        paced: Option<&Paced>,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
         self.bounded("fleet heartbeat", async {
             let fleet = self.fleet();
             // `left` is cleared: a worker back after a reconnect is alive again.
-            let mut set = doc! { "kind": "worker", "expires_at": expires(lease), "left": false };
+            let mut set = doc! { "kind": "worker", "expires_at": expires(lease), "left": false, "wants": i64::from(wants) };
             if let Some(paced) = paced {
                 paced_fields(&mut set, paced);
             }
@@ -123,10 +132,21 @@ impl Store {
                 .upsert(true)
                 .await
                 .map_err(StoreError::new("fleet heartbeat"))?;
-            self.read();
             let mut filter = live();
             filter.insert("kind", "worker");
-            fleet.count_documents(filter).await.map_err(StoreError::new("count the fleet")).map(|n| n.max(1))
+            let live = self.fleet_find(filter, "read the fleet").await?;
+            Ok(live
+                .iter()
+                .filter_map(|d| {
+                    let id = d.get_str("_id").ok()?.strip_prefix("worker/")?.to_owned();
+                    let wants = match d.get("wants") {
+                        Some(Bson::Int64(n)) => u32::try_from(*n).unwrap_or(0),
+                        Some(Bson::Int32(n)) => u32::try_from(*n).unwrap_or(0),
+                        _ => 0,
+                    };
+                    Some((id, wants))
+                })
+                .collect())
         })
         .await
     }
@@ -166,8 +186,10 @@ impl Store {
         self.fleet().find(filter).await.map_err(StoreError::new(operation))?.try_collect().await.map_err(StoreError::new(operation))
     }
 
-    /// Take `unit` for `lease` if nobody holds it; `false` if somebody does.
-    pub async fn fleet_claim(&self, unit: &str, worker: &str, lease: Duration) -> Result<bool, StoreError> {
+    /// Take `unit` for `lease` if nobody holds it: how many times it was
+    /// taken, this time included (a number no earlier holder had); `None` if
+    /// somebody holds it.
+    pub async fn fleet_claim(&self, unit: &str, worker: &str, lease: Duration) -> Result<Option<i64>, StoreError> {
         self.bounded("fleet claim", async {
             let fleet = self.fleet();
             // MongoDB refuses `$expr` in an upsert's filter: the unit's record is
@@ -175,12 +197,22 @@ impl Store {
             for first in [true, false] {
                 let free = doc! { "_id": unit, "$expr": { "$not": [{ "$gt": ["$expires_at", "$$NOW"] }] } };
                 self.write();
+                let claims = doc! { "$add": [{ "$ifNull": ["$claims", 0_i64] }, 1_i64] };
                 let taken = fleet
-                    .update_one(free, vec![doc! { "$set": { "kind": "unit", "owner": worker, "expires_at": expires(lease) } }])
+                    .find_one_and_update(
+                        free,
+                        vec![doc! { "$set": { "kind": "unit", "owner": worker, "expires_at": expires(lease), "claims": claims } }],
+                    )
+                    .return_document(mongodb::options::ReturnDocument::After)
+                    .projection(doc! { "claims": 1 })
                     .await
                     .map_err(StoreError::new("claim a fleet unit"))?;
-                if taken.matched_count == 1 {
-                    return Ok(true);
+                if let Some(taken) = taken {
+                    return Ok(Some(match taken.get("claims") {
+                        Some(Bson::Int64(n)) => *n,
+                        Some(Bson::Int32(n)) => i64::from(*n),
+                        _ => 1,
+                    }));
                 }
                 if !first {
                     break;
@@ -188,11 +220,11 @@ impl Store {
                 self.write();
                 match fleet.insert_one(doc! { "_id": unit, "kind": "unit", "expires_at": mongodb::bson::DateTime::MIN }).await {
                     Ok(_) => {}
-                    Err(err) if is_duplicate_key(&err) => return Ok(false),
+                    Err(err) if is_duplicate_key(&err) => return Ok(None),
                     Err(err) => return Err(StoreError { operation: "create a fleet unit", source: err }),
                 }
             }
-            Ok(false)
+            Ok(None)
         })
         .await
     }

@@ -128,6 +128,8 @@ pub(super) async fn run(
         running: HashMap::new(),
         validity: tokio::sync::watch::Sender::new(Instant::now()),
         seen: false,
+        wants: 0,
+        unheld: Default::default(),
     };
     fleet.run(shutdown).await
 }
@@ -158,6 +160,10 @@ struct Fleet {
     validity: tokio::sync::watch::Sender<Instant>,
     /// A heartbeat has gone out (and the fleet seen) once.
     seen: bool,
+    /// Shards this worker would take beyond what it holds (its heartbeat says so).
+    wants: u32,
+    /// Shards nobody held at the last rebalance.
+    unheld: std::collections::HashSet<String>,
 }
 
 impl Fleet {
@@ -210,7 +216,8 @@ impl Fleet {
 
     async fn rebalance(&mut self) -> Result<(), crate::mongo::StoreError> {
         let sent = Instant::now();
-        let live = self.store.fleet_heartbeat(&self.id, self.lease, paced(&self.consumers).as_ref()).await?;
+        let workers = self.store.fleet_heartbeat(&self.id, self.lease, self.wants, paced(&self.consumers).as_ref()).await?;
+        let live = workers.len().max(1);
         let held = self.store.fleet_renew(&self.id, self.lease).await?;
         self.validity.send_replace(sent + self.lease.saturating_sub(Duration::from_secs(1)));
         // Lost (the lease ran out while MongoDB was unreachable, say): stop
@@ -235,48 +242,65 @@ impl Fleet {
             // said it is alive: take nothing before the next heartbeat.
             return Ok(());
         }
-        let share = usize::from(self.shards).div_ceil(usize::try_from(live).unwrap_or(usize::MAX).max(1));
+        let share = usize::from(self.shards).div_ceil(live);
         let mine: Vec<String> =
             self.running.iter().filter(|(u, r)| u.starts_with("shard/") && !r.leaving()).map(|(u, _)| u.clone()).collect();
-        if mine.len() > share {
+        // More than a fair share: give the rest up, but only to a worker that
+        // said it wants one. The count of live workers comes from records
+        // anyone can write; one that never asks for a shard (stale, foreign)
+        // must not leave shards unheld.
+        let someone_wants = workers.iter().any(|(worker, wants)| *worker != self.id && *wants > 0);
+        if mine.len() > share && someone_wants {
             for unit in mine.iter().rev().take(mine.len() - share) {
                 info!(unit = %unit, share, live, "giving up a shard to rebalance");
                 let running = &self.running[unit];
                 running.leaving.store(true, Ordering::Relaxed);
                 running.stop.cancel();
             }
+            self.wants = 0;
             return Ok(());
         }
         let holders = self.store.fleet_holders().await?;
         let mut wanted = share.saturating_sub(mine.len());
         let mut carried_over = false;
+        let mut unheld = std::collections::HashSet::new();
         // Start at a place of this worker's own, so that workers joining
         // together do not all reach for the same shards.
         let offset = u16::from_be_bytes(Sha256::digest(self.id.as_bytes())[..2].try_into().expect("2 bytes")) % self.shards;
         for i in 0..self.shards {
-            if wanted == 0 {
-                break;
-            }
             let unit = shard_unit((offset + i) % self.shards);
             if holders.contains_key(&unit) || self.running.contains_key(&unit) {
                 continue;
             }
-            if self.store.fleet_claim(&unit, &self.id, self.lease).await? {
-                info!(unit = %unit, share, live, "took a shard");
+            // Beyond the share, a shard is taken only once it stayed unheld
+            // from one heartbeat to the next: nobody else is taking it.
+            let overflow = wanted == 0;
+            if overflow && !self.unheld.contains(&unit) {
+                unheld.insert(unit);
+                continue;
+            }
+            if self.store.fleet_claim(&unit, &self.id, self.lease).await?.is_some() {
+                if overflow {
+                    warn!(unit = %unit, share, live, "took a shard beyond this worker's share: it stayed unheld (do the other live workers consume?)");
+                } else {
+                    info!(unit = %unit, share, live, "took a shard");
+                }
                 if !std::mem::replace(&mut carried_over, true) {
                     self.carry_over().await;
                 }
                 let queue = self.consumers.topology.shard_queue((offset + i) % self.shards);
                 self.start(unit, |consumers, stop| consume(consumers, queue, stop));
-                wanted -= 1;
+                wanted = wanted.saturating_sub(1);
             }
         }
+        self.unheld = unheld;
+        self.wants = u32::try_from(wanted).unwrap_or(u32::MAX);
         if !self.running.contains_key(ROUTER)
             && !holders.contains_key(ROUTER)
-            && self.store.fleet_claim(ROUTER, &self.id, self.lease).await?
+            && let Some(claims) = self.store.fleet_claim(ROUTER, &self.id, self.lease).await?
         {
-            info!("routing the work queue into the shards");
-            self.start(ROUTER.into(), route);
+            info!(claims, "routing the work queue into the shards");
+            self.start(ROUTER.into(), move |consumers, stop| route(consumers, stop, claims));
         }
         Ok(())
     }
@@ -430,15 +454,24 @@ async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationTok
     result
 }
 
-/// The job's properties with its place in the routing order: microseconds
-/// since the epoch, strictly increasing within one router. Headers over
+/// The first place in the routing order of the router that took the router
+/// unit for the `claims`-th time: every later router's places are above
+/// every earlier router's, whatever their clocks say (up to 2^40 jobs per
+/// router). The base keeps them above the microseconds since 1970 that
+/// routers before this scheme stamped (until 2041).
+pub(crate) fn first_routed_seq(claims: i64) -> i64 {
+    const BASE: i64 = 1 << 11;
+    (BASE + claims.clamp(0, (1 << 22) - 1)) << 40
+}
+
+/// The job's properties with its place in the routing order (`last` + 1,
+/// from [`first_routed_seq`]). Headers over
 /// `budget` (a producer's, which herald never checked) are cut to what herald
 /// needs, so that the routed copy always fits a frame: herald's own headers
 /// if they verify (a forged set is ignored downstream anyway), the broker's
 /// bookkeeping and a short `traceparent`.
 fn stamped(properties: lapin::BasicProperties, body: &[u8], signer: &Signer, budget: usize, last: &mut i64) -> lapin::BasicProperties {
-    let now = chrono::Utc::now().timestamp_micros();
-    *last = now.max(*last + 1);
+    *last += 1;
     let mut headers = properties.headers().clone().unwrap_or_default();
     if headers::table_size(&headers) + ROUTED_SEQ.len() + 16 > budget {
         let message_id = properties.message_id().as_ref().map(|id| id.to_string());
@@ -469,7 +502,11 @@ async fn refuse_oversized(consumers: &Consumers, delivery: Delivery) -> Result<(
 }
 
 fn routed_seq(delivery: &Delivery) -> i64 {
-    match delivery.properties.headers().as_ref().and_then(|h| h.inner().get(ROUTED_SEQ)) {
+    routed_seq_of(&delivery.properties)
+}
+
+fn routed_seq_of(properties: &lapin::BasicProperties) -> i64 {
+    match properties.headers().as_ref().and_then(|h| h.inner().get(ROUTED_SEQ)) {
         Some(lapin::types::AMQPValue::LongLongInt(seq)) => *seq,
         _ => 0,
     }
@@ -539,7 +576,7 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
 /// Route the work queue into the shards, in order, until `stop`: each job is
 /// published unchanged (body, properties, headers) to its shard and acked
 /// once the broker confirmed it.
-async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(), BrokerError> {
+async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) -> Result<(), BrokerError> {
     let topology = &consumers.topology;
     let queue = topology.work_queue();
     let exchange = topology.shard_exchange();
@@ -559,7 +596,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken) -> Result<(),
         .await
         .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
     info!(queue = %queue, exchange = %exchange, shards = topology.shards, "routing");
-    let mut last = 0_i64;
+    let mut last = first_routed_seq(claims);
     // The shards' routing keys, made once.
     let keys: Vec<Arc<str>> = (0..topology.shards.max(1)).map(|n| Arc::from(n.to_string())).collect();
     let mut confirms: Confirms = FuturesOrdered::new();
@@ -716,6 +753,25 @@ fn ack_confirmed(channel: &Channel, first: (u64, Result<(), BrokerError>), confi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Routers used to stamp their wall clock: a router that took over with
+    /// a clock behind its predecessor's placed its jobs before the
+    /// predecessor's, and a shard that got both back (a handover) started
+    /// them out of order. Places now come from the router unit's claim count.
+    #[test]
+    fn a_later_router_places_its_jobs_after_every_earlier_routers_whatever_the_clocks() {
+        let signer = Signer::new([7; 32]);
+        let place = |last: &mut i64| routed_seq_of(&stamped(lapin::BasicProperties::default(), b"{}", &signer, 4096, last));
+        let mut first = first_routed_seq(41);
+        let earlier: Vec<i64> = (0..1000).map(|_| place(&mut first)).collect();
+        let mut second = first_routed_seq(42);
+        let later: Vec<i64> = (0..3).map(|_| place(&mut second)).collect();
+        assert!(earlier.windows(2).all(|w| w[0] < w[1]), "strictly increasing within a router");
+        assert!(later.iter().all(|l| earlier.iter().all(|e| e < l)), "every later router's places come after");
+        // Above what routers of earlier versions stamped (microseconds since 1970), until 2041.
+        let stamped_in_2040 = chrono::DateTime::parse_from_rfc3339("2040-12-31T00:00:00Z").unwrap().timestamp_micros();
+        assert!(first_routed_seq(1) > stamped_in_2040);
+    }
 
     #[test]
     fn a_job_s_shard_depends_only_on_its_organization_and_integration() {

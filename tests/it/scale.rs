@@ -305,3 +305,47 @@ async fn a_lease_left_from_a_workers_last_session_is_released_not_renewed() {
     .await;
     worker.stop().await;
 }
+
+/// The number of live workers comes from records anyone can write. With
+/// three records that look alive but belong to no consuming worker, the one
+/// real worker's fair share is one shard of four; it used to hold one, and
+/// jobs routed to the other three waited forever. Now a shard left unheld
+/// from one heartbeat to the next is taken beyond the share, and a record
+/// that never asks for a shard makes nobody give one up: every job of
+/// organizations spread over all four shards is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_counted_but_not_consuming_leave_no_shard_unheld() {
+    use mongodb::bson::{Document, doc};
+    let orgs: Vec<String> = (0..12).map(|i| format!("org-{i}")).collect();
+    let mut world = two_org_world();
+    for org in &orgs {
+        world.conversations.push(channel(&format!("19:{org}@thread.tacv2"), "tenant-a", "app-a"));
+    }
+    let env = TestEnv::with(world, sim::Options::default(), |f| f.merge(figment::providers::Serialized::default("fleet.shards", 4))).await;
+    let fleet = mongodb::Client::with_uri_str("mongodb://127.0.0.1:27017/?directConnection=true")
+        .await
+        .unwrap()
+        .database(&env.settings.mongodb_database)
+        .collection::<Document>("fleet");
+    let in_an_hour = mongodb::bson::DateTime::from_millis(mongodb::bson::DateTime::now().timestamp_millis() + 3_600_000);
+    for ghost in 0..3 {
+        fleet.insert_one(doc! { "_id": format!("worker/ghost-{ghost}"), "kind": "worker", "expires_at": in_an_hour }).await.unwrap();
+    }
+    for org in &orgs {
+        env.insert_org_integration(env.org_integration(org, "app-a", "tenant-a")).await;
+        env.insert_conversation(org, &format!("19:{org}@thread.tacv2"), herald::mongo::ConversationKind::Channel, None).await;
+    }
+    let shards: std::collections::HashSet<u16> =
+        orgs.iter().map(|org| herald::worker::shard_of(&wire(&job(org, &format!("19:{org}@thread.tacv2"), "x")), 4)).collect();
+    assert_eq!(shards.len(), 4, "the organizations reach every shard");
+
+    let worker = env.worker_process(&[("HERALD_FLEET__SHARDS", "4"), ("HERALD_FLEET__HEARTBEAT_MS", "300")]);
+    for org in &orgs {
+        env.publish(&job(org, &format!("19:{org}@thread.tacv2"), &format!("for {org}"))).await;
+    }
+    let records = env.activities(orgs.len()).await;
+    terminate(worker).await;
+    assert_eq!(posts_by_title(&records).len(), orgs.len(), "every organization's job was delivered");
+    let held = fleet.count_documents(doc! { "kind": "unit", "_id": { "$regex": "^shard/" } }).await.unwrap();
+    assert_eq!(held, 4);
+}
