@@ -87,6 +87,10 @@ pub struct Metrics {
     recipients_corrected: AtomicU64,
     conversations_quarantined: AtomicU64,
     consumer_active: AtomicBool,
+    /// `fleet.shards`, and the router and shards this worker holds.
+    fleet_shards: AtomicU64,
+    router_held: AtomicBool,
+    shards_held: AtomicU64,
     events: [AtomicU64; EVENTS.len()],
 }
 
@@ -146,6 +150,9 @@ impl Metrics {
             recipients_corrected: AtomicU64::new(0),
             conversations_quarantined: AtomicU64::new(0),
             consumer_active: AtomicBool::new(false),
+            fleet_shards: AtomicU64::new(0),
+            router_held: AtomicBool::new(false),
+            shards_held: AtomicU64::new(0),
             events: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -262,6 +269,13 @@ impl Metrics {
         self.consumer_active.store(active, Ordering::Relaxed);
     }
 
+    /// What this worker holds of the fleet's `shards` units, after a heartbeat.
+    pub fn fleet_held(&self, shards: u16, router: bool, held: usize) {
+        self.fleet_shards.store(u64::from(shards), Ordering::Relaxed);
+        self.router_held.store(router, Ordering::Relaxed);
+        self.shards_held.store(held as u64, Ordering::Relaxed);
+    }
+
     pub fn is_consuming(&self) -> bool {
         self.consumer_active.load(Ordering::Relaxed)
     }
@@ -346,6 +360,20 @@ impl Metrics {
         let _ =
             writeln!(out, "# HELP herald_consumer_active 1 while the worker consumes the work queue.\n# TYPE herald_consumer_active gauge");
         let _ = writeln!(out, "herald_consumer_active {}", u8::from(self.consumer_active.load(Ordering::Relaxed)));
+        let shards = self.fleet_shards.load(Ordering::Relaxed);
+        if shards > 0 {
+            let _ = writeln!(
+                out,
+                "# HELP herald_fleet_shards fleet.shards: the shard queues the fleet must hold.\n# TYPE herald_fleet_shards gauge"
+            );
+            let _ = writeln!(out, "herald_fleet_shards {shards}");
+            let _ = writeln!(
+                out,
+                "# HELP herald_fleet_units_held The router (0 or 1) and the shards this worker holds and consumes.\n# TYPE herald_fleet_units_held gauge"
+            );
+            let _ = writeln!(out, "herald_fleet_units_held{{unit=\"router\"}} {}", u8::from(self.router_held.load(Ordering::Relaxed)));
+            let _ = writeln!(out, "herald_fleet_units_held{{unit=\"shard\"}} {}", self.shards_held.load(Ordering::Relaxed));
+        }
         out
     }
 }

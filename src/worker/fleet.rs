@@ -182,7 +182,9 @@ impl Fleet {
             if let Err(err) = self.rebalance().await {
                 warn!(error = %error_chain(&err), "the fleet's leases could not be read or renewed; trying again");
             }
+            self.report_held();
         };
+        self.consumers.settler.pipeline.metrics.fleet_held(self.shards, false, 0);
         // Every job started is settled before the last requests are written,
         // and those are written before the units are free to take.
         let units = self.stop_all().await;
@@ -193,6 +195,15 @@ impl Fleet {
             let _ = self.store.fleet_release(&unit, &self.id).await;
         }
         result
+    }
+
+    /// Tell the metrics what this worker consumes now: units still running
+    /// and neither stopping (a lease that may have run out) nor given up.
+    fn report_held(&self) {
+        let live = |unit: &&String| self.running.get(*unit).is_some_and(|r| !r.stop.is_cancelled() && !r.leaving());
+        let router = self.running.keys().filter(live).any(|u| u == ROUTER);
+        let shards = self.running.keys().filter(live).filter(|u| u.starts_with("shard/")).count();
+        self.consumers.settler.pipeline.metrics.fleet_held(self.shards, router, shards);
     }
 
     /// Forget consumers that ended; release what was being given up. A

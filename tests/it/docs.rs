@@ -193,14 +193,18 @@ fn slug(heading: &str) -> String {
         .collect()
 }
 
+/// Where the alerts' runbook_url annotations point: this repository's docs.
+const RUNBOOKS: &str = "https://github.com/herald/herald/blob/main/";
+
 #[test]
 fn every_alert_links_a_runbook_section_that_exists() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let rules = std::fs::read_to_string(root.join("deploy/prometheus/herald-rules.yaml")).unwrap();
     let alerts = rules.matches("- alert:").count();
-    let links: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("runbook:")).map(str::trim).collect();
-    assert_eq!(links.len(), alerts, "every alert has a runbook");
-    for link in links {
+    let links: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("runbook_url:")).map(str::trim).collect();
+    assert_eq!(links.len(), alerts, "every alert has a runbook_url");
+    for url in links {
+        let link = url.strip_prefix(RUNBOOKS).unwrap_or_else(|| panic!("{url}: runbooks live under {RUNBOOKS}"));
         let (file, anchor) = link.split_once('#').unwrap_or_else(|| panic!("{link}: link a section, not a whole page"));
         let text = std::fs::read_to_string(root.join(file)).unwrap_or_else(|_| panic!("{link}: no such file"));
         let anchors: BTreeSet<String> = text.lines().filter(|l| l.starts_with('#')).map(slug).collect();

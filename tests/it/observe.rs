@@ -109,3 +109,64 @@ async fn the_trace_of_a_published_job_continues_in_the_worker_and_is_exported() 
     assert!(exported, "the job's span was exported over OTLP with the producer's trace id");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The fleet's gauges follow what a worker really consumes. Its MongoDB
+/// stalls (a proxy stops every connection for 10 s): its leases cannot be
+/// renewed, it stops routing and consuming its shards, and its metrics say
+/// so (0 of 4 shards, no router) while jobs wait in the work queue and none
+/// is processed: the conditions of HeraldShardsUnheld, HeraldRouterUnheld
+/// and HeraldWorkNotDraining (deploy/prometheus/herald-rules.test.yaml feeds
+/// these series to the rules). Once MongoDB answers, it holds them again and
+/// the jobs are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_gauges_tell_when_shards_and_the_router_are_unheld() {
+    use std::time::Duration;
+    let env = TestEnv::with(two_org_world(), Default::default(), |f| f.merge(Serialized::default("fleet.shards", 4))).await;
+    env.seed_two_orgs().await;
+    let proxy = StallProxy::start("127.0.0.1:27017").await;
+    let uri = proxy.mongodb_uri();
+    let worker = env.observed_worker(&[
+        ("HERALD_MONGODB_URI", uri.as_str()),
+        ("HERALD_MONGODB_COMMAND_TIMEOUT_MS", "1000"),
+        ("HERALD_FLEET__SHARDS", "4"),
+        ("HERALD_FLEET__LEASE_SECS", "3"),
+        ("HERALD_FLEET__HEARTBEAT_MS", "500"),
+        ("HERALD_METRICS__QUEUE_POLL_SECS", "1"),
+    ]);
+    let series = |page: &str, name: &str| metric(page, name);
+    let held =
+        |page: &str| (series(page, "herald_fleet_units_held{unit=\"shard\"}"), series(page, "herald_fleet_units_held{unit=\"router\"}"));
+    eventually("the worker to hold every shard and the router", Duration::from_secs(30), || async {
+        let page = worker.metrics().await;
+        (series(&page, "herald_fleet_shards") == 4.0 && held(&page) == (4.0, 1.0)).then_some(())
+    })
+    .await;
+    env.publish(&job("org-a", CONV_A, "before the stall")).await;
+    env.activities(1).await;
+
+    proxy.stall(Duration::from_secs(10));
+    let page = eventually("the gauges to say nothing is held", Duration::from_secs(15), || async {
+        let page = worker.metrics().await;
+        (held(&page) == (0.0, 0.0)).then_some(page)
+    })
+    .await;
+    assert_eq!(series(&page, "herald_fleet_shards"), 4.0, "the worker still says how many shards the fleet must hold");
+    let processed = series(&page, "herald_jobs_total");
+    for i in 0..5 {
+        env.publish(&job("org-a", CONV_A, &format!("during the stall {i}"))).await;
+    }
+    let page = eventually("the waiting jobs in the queue gauge", Duration::from_secs(10), || async {
+        let page = worker.metrics().await;
+        (series(&page, "herald_queue_messages{queue=\"work\"}") >= 5.0).then_some(page)
+    })
+    .await;
+    assert_eq!(held(&page), (0.0, 0.0));
+    assert_eq!(series(&page, "herald_jobs_total"), processed, "nothing is processed meanwhile");
+
+    eventually("the worker to hold them again", Duration::from_secs(60), || async {
+        (held(&worker.metrics().await) == (4.0, 1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(env.activities(6).await.len(), 6, "the waiting jobs are delivered");
+    worker.stop().await;
+}
