@@ -211,3 +211,74 @@ fn every_alert_links_a_runbook_section_that_exists() {
         assert!(anchors.contains(anchor), "{link}: no such section in {file}");
     }
 }
+
+/// Every setting herald reads, as `docs/configuration.md` names it: the
+/// clouds' tables as `teams.clouds.<cloud>.…`, the sealing key ring as
+/// `secrets.keys.<id>`. Each with its default as TOML writes it.
+fn settings_with_defaults() -> std::collections::BTreeMap<String, String> {
+    fn literal(value: &serde_json::Value) -> String {
+        match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(items) => format!("[{}]", items.iter().map(literal).collect::<Vec<_>>().join(", ")),
+            other => other.to_string(),
+        }
+    }
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match value {
+            serde_json::Value::Object(map) if prefix == "teams.clouds" => {
+                for cloud in map.values() {
+                    walk("teams.clouds.<cloud>", cloud, out);
+                }
+            }
+            serde_json::Value::Object(_) if prefix == "secrets.keys" => {
+                out.insert("secrets.keys.<id>".into(), String::new());
+            }
+            // The pacing windows are a list of tables: one setting each.
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    walk(&path, value, out);
+                }
+            }
+            leaf => {
+                out.insert(prefix.to_owned(), literal(leaf));
+            }
+        }
+    }
+    let defaults: serde_json::Value = Settings::defaults().extract().unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    walk("", &defaults, &mut out);
+    out
+}
+
+/// docs/configuration.md lists every setting once, no other, and each
+/// default written as a literal there is the embedded default.
+#[test]
+fn the_configuration_reference_is_every_setting_with_its_default() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let page = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    let settings = settings_with_defaults();
+    let mut documented = std::collections::BTreeMap::new();
+    let mut problems = Vec::new();
+    for row in page.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split(" | ").map(|c| c.trim_matches(|c| c == '|' || c == ' ')).collect();
+        let key = cells[0].trim_matches('`').to_owned();
+        if documented.insert(key.clone(), cells.get(1).copied().unwrap_or_default().to_owned()).is_some() {
+            problems.push(format!("`{key}` is listed twice"));
+        }
+    }
+    for (key, default) in &settings {
+        match documented.get(key) {
+            None => problems.push(format!("`{key}` is not documented")),
+            Some(cell) if cell.starts_with('`') && cell.ends_with('`') && cell.trim_matches('`') != default => {
+                problems.push(format!("`{key}`: the page says {cell}, the default is `{default}`"))
+            }
+            Some(_) => {}
+        }
+    }
+    for key in documented.keys().filter(|k| !settings.contains_key(*k)) {
+        problems.push(format!("`{key}` is documented but herald has no such setting"));
+    }
+    assert!(settings.len() > 50, "only {} settings found", settings.len());
+    assert!(problems.is_empty(), "docs/configuration.md and the settings differ:\n{}", problems.join("\n"));
+}
