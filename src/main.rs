@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use herald::cli::{Cli, exit_code, run, runtime_plan};
 
-/// glibc's malloc and free took about 30% of the worker's CPU in a profile
-/// of the benchmark's drain (`perf record`, README "Benchmark"): every job
-/// allocates and frees its body, headers, BSON statements and HTTP buffers
-/// across threads. mimalloc's thread-local free lists make that cheap.
+/// Every job allocates and frees its body, headers, BSON statements and HTTP
+/// buffers, across threads; glibc's malloc and free were a large share of the
+/// worker's CPU in profiles (docs/benchmarks.md). mimalloc's thread-local
+/// free lists make that cheap.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -19,7 +19,7 @@
 //!   delivered job costs one statement and a share of one. Nothing waits for
 //!   a batch to fill: the flusher takes what is queued now, and while its
 //!   command is in flight the next batch gathers (one command at a time;
-//!   README "Benchmark" has the figures against four at a time).
+//!   docs/benchmarks.md has the figures against four at a time).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -127,13 +127,11 @@ impl Ledger {
 }
 
 /// One command in flight at a time: the statements queued while it is out
-/// go together in the next. Four flushers, each taking what was queued the
-/// moment it was free, sent about 19 statements per command in the bench's
-/// drain; one sends about 68 (3.7 times fewer commands). A command's cost
-/// (building it, the driver's round trip, the server's work, the wake-ups)
-/// is mostly per command: one at a time cut the worker's CPU per job by
-/// about a tenth and the MongoDB server's by about a fifth, at the same
-/// publish-to-Teams latency (README "Benchmark").
+/// go together in the next. A command's cost (building it, the driver's
+/// round trip, the server's work, the wake-ups) is mostly per command, so
+/// fewer, larger commands cost less CPU in the worker and in MongoDB than
+/// several flushers each sending what was queued when it was free, at the
+/// same publish-to-Teams latency (docs/benchmarks.md).
 ///
 /// A batch that panics (a bug) fails its own requests, not the flusher: the
 /// next batch goes out as usual, so one bad statement cannot stop every

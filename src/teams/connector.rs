@@ -1,7 +1,7 @@
 //! The HTTP client of the Connector's posts: hyper's pooled HTTP/1.1 client
 //! over rustls, with nothing between the step and the socket but the
 //! request itself (reqwest's redirect, timeout and URL layers cost more per
-//! post than hyper's own send; README, "CPU per job").
+//! post than hyper's own send; docs/benchmarks.md).
 //!
 //! - TLS as reqwest builds it: rustls with aws-lc-rs, the platform's
 //!   certificate verifier, ALPN `http/1.1`.
