@@ -40,6 +40,42 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   say "installing rabbitmq-server"
   apt_install rabbitmq-server
 fi
+# A TLS listener on 127.0.0.1:5671 beside the plain one, for the TLS tests
+# (tests/it/tls.rs): a CA, a server certificate for localhost and a client
+# certificate, made once, in a fixed place the broker reads (the tests read
+# the CA and the client's pair from there too). The listener requires a
+# client certificate signed by that CA.
+TLS_DIR=/etc/rabbitmq/herald-test-tls
+if [ ! -f "$TLS_DIR/client.key" ]; then
+  say "making the test CA and certificates in $TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 3650 -subj "/CN=herald test CA" 2>/dev/null
+    for who in server client; do
+      openssl req -newkey rsa:2048 -nodes -keyout "$who.key" -out "$who.csr" -subj "/CN=$who" 2>/dev/null
+      printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$who.ext"
+      openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -out "$who.pem" -days 3650 -extfile "$who.ext" 2>/dev/null
+    done
+    chmod 644 ./*.pem ./*.key
+  ) || die "could not make the test certificates"
+fi
+CONF=/etc/rabbitmq/rabbitmq.conf
+if ! grep -q '^listeners.ssl.default' "$CONF" 2>/dev/null; then
+  say "adding the TLS listener (127.0.0.1:5671) to $CONF"
+  cat >>"$CONF" <<CONF
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+CONF
+  if rabbitmqctl -q status >/dev/null 2>&1; then
+    say "restarting RabbitMQ for its TLS listener"
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+  fi
+fi
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   say "starting RabbitMQ"
   rabbitmq-server -detached >/dev/null 2>&1 || true
@@ -49,6 +85,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 wait_port RabbitMQ 5672 60 /var/log/rabbitmq/rabbit@localhost.log
+wait_port "RabbitMQ TLS" 5671 60 /var/log/rabbitmq/rabbit@localhost.log
 # The management API: `herald doctor --management-url` reads the broker's
 # version and policies through it (KEDA uses it too).
 if ! port_open 15672; then

@@ -25,6 +25,7 @@ pub enum SettingsError {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     pub amqp_url: SecretString,
+    pub amqp_tls: AmqpTlsSettings,
     pub mongodb_uri: SecretString,
     pub mongodb_database: String,
     /// The longest a command on a job's or the fleet's path may take.
@@ -42,6 +43,17 @@ pub struct Settings {
     pub secrets: SecretSettings,
     pub telemetry: TelemetrySettings,
     pub log: LogSettings,
+}
+
+/// TLS to RabbitMQ beyond what an `amqps://` URL says: the CAs to trust and
+/// a client certificate. Paths of PEM files; empty: not used.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpTlsSettings {
+    /// The CAs that sign the broker's certificate (besides the system's).
+    pub ca_file: String,
+    /// A client certificate chain, for a broker that requires one, and its key.
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +267,14 @@ impl Settings {
         }
         if !self.amqp_url.expose_secret().starts_with("amqp://") && !self.amqp_url.expose_secret().starts_with("amqps://") {
             return invalid("amqp_url", "must start with amqp:// or amqps://".into());
+        }
+        let tls = &self.amqp_tls;
+        if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+            return invalid("amqp_tls.cert_file", "a client certificate needs both amqp_tls.cert_file and amqp_tls.key_file".into());
+        }
+        let tls_set = !tls.ca_file.is_empty() || !tls.cert_file.is_empty();
+        if tls_set && !self.amqp_url.expose_secret().starts_with("amqps://") {
+            return invalid("amqp_tls.ca_file", "amqp_tls.* apply to an amqps:// amqp_url only".into());
         }
         if !self.mongodb_uri.expose_secret().starts_with("mongodb://") && !self.mongodb_uri.expose_secret().starts_with("mongodb+srv://") {
             return invalid("mongodb_uri", "must start with mongodb:// or mongodb+srv://".into());

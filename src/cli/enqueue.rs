@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use secrecy::ExposeSecret;
 
 use super::EnqueueArgs;
 use crate::job::{Fact, Job, Message, Recipient, Severity, WireJob};
@@ -67,7 +66,8 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<(
     } else {
         vec![job_from_flags(&args)?]
     };
-    let producer = Producer::connect(settings.amqp_url.expose_secret(), &settings.topology_prefix).await?;
+    let connection = crate::rabbitmq::Broker::new(settings).connect("herald producer").await?;
+    let producer = Producer::on(&std::sync::Arc::new(connection), &settings.topology_prefix).await?;
     if let [job] = jobs.as_slice() {
         println!("{}", producer.publish(job).await.with_context(|| format!("publishing job {}", job.id))?);
         return Ok(());

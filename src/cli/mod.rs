@@ -6,6 +6,7 @@ mod dlq;
 mod enqueue;
 mod ops;
 mod tenants;
+mod tls_probe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

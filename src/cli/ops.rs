@@ -98,7 +98,7 @@ pub async fn seed(settings: &Settings, file: &std::path::Path, dry_run: bool, re
 /// so that an init container running `herald setup` does not stop a rolling
 /// upgrade; `herald doctor` fails until it is rebuilt.
 pub async fn setup(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode> {
-    let connection = std::sync::Arc::new(rabbitmq::connect(settings.amqp_url.expose_secret(), "herald setup").await?);
+    let connection = std::sync::Arc::new(rabbitmq::Broker::new(&settings).connect("herald setup").await?);
     let worker = crate::worker::Worker::build(settings, tokio_util::sync::CancellationToken::new()).await?;
     let declared = worker.setup(&connection).await?;
     let mut differing = Vec::new();
@@ -142,9 +142,12 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
     };
     check("settings", Ok(format!("prefix {}, database {}", settings.topology_prefix, settings.mongodb_database)));
     let amqp = redact_url(&settings.amqp_url);
-    match rabbitmq::connect(settings.amqp_url.expose_secret(), "herald doctor").await {
+    match rabbitmq::Broker::new(settings).connect("herald doctor").await {
         Ok(connection) => {
             check("rabbitmq", Ok(format!("connected to {amqp}")));
+            if let Some(tls) = amqp_tls(settings).await {
+                check("rabbitmq tls", tls);
+            }
             let topology = crate::rabbitmq::Topology::from(settings);
             for spec in topology.specs() {
                 let queue = &spec.name;
@@ -176,6 +179,9 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
             match store.ping().await {
                 Ok(()) => {
                     check("mongodb", Ok(format!("{mongo} answers ping")));
+                    if let Some(tls) = mongodb_tls(settings).await {
+                        check("mongodb tls", tls);
+                    }
                     let indexes = match store.missing_indexes().await {
                         Ok(missing) if missing.is_empty() => Ok("every index herald uses exists (retention included)".to_owned()),
                         Ok(missing) => Err(format!("missing {}: run `herald setup`", missing.join(", "))),
@@ -213,6 +219,30 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
         println!("{}", serde_json::to_string_pretty(&checks)?);
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The TLS the broker negotiates, for an `amqps://` URL.
+async fn amqp_tls(settings: &Settings) -> Option<Result<String, String>> {
+    let uri: lapin::uri::AMQPUri = settings.amqp_url.expose_secret().parse().ok()?;
+    if uri.scheme != lapin::uri::AMQPScheme::AMQPS {
+        return None;
+    }
+    let tls = &settings.amqp_tls;
+    let path = |p: &str| (!p.is_empty()).then(|| p.to_owned());
+    let trust = super::tls_probe::Trust { ca_file: path(&tls.ca_file), cert_file: path(&tls.cert_file), key_file: path(&tls.key_file) };
+    Some(super::tls_probe::probe(uri.authority.host, uri.authority.port, trust).await)
+}
+
+/// The TLS MongoDB negotiates, when the URI turns TLS on.
+async fn mongodb_tls(settings: &Settings) -> Option<Result<String, String>> {
+    use mongodb::options::{ClientOptions, ServerAddress, Tls};
+    let options = ClientOptions::parse(settings.mongodb_uri.expose_secret()).await.ok()?;
+    let Some(Tls::Enabled(tls)) = options.tls else { return None };
+    let ServerAddress::Tcp { host, port } = options.hosts.first()? else { return None };
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let both = path(&tls.cert_key_file_path);
+    let trust = super::tls_probe::Trust { ca_file: path(&tls.ca_file_path), cert_file: both.clone(), key_file: both };
+    Some(super::tls_probe::probe(host.clone(), port.unwrap_or(27017), trust).await)
 }
 
 /// Where the org_integrations' bot secrets are, and whether the worker would

@@ -33,6 +33,13 @@ pub enum BrokerError {
     Unroutable { exchange: String, routing_key: String },
     #[error("not published to {exchange:?}: an earlier message of its batch could not be")]
     NotSent { exchange: String },
+    #[error("{key}: cannot read {path}")]
+    TlsFile {
+        key: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("queue {queue} has {consumers} consumer(s): stop the workers before rebuilding it")]
     InUse { queue: String, consumers: u32 },
     #[error("queue {queue} still holds {messages} message(s) and {consumers} consumer(s) after it was drained; run the rebuild again")]
@@ -80,6 +87,58 @@ fn amqp_with(operation: impl FnOnce() -> String) -> impl FnOnce(lapin::Error) ->
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url, properties).await.map_err(amqp("connect"))
+}
+
+/// Where and how to connect: the URL and, for `amqps://`, the TLS settings
+/// (`amqp_tls.*`: a CA bundle, a client certificate and key, PEM files read
+/// at each connection, so that rotated files are picked up on reconnect).
+#[derive(Clone)]
+pub struct Broker {
+    url: secrecy::SecretString,
+    tls: crate::settings::AmqpTlsSettings,
+}
+
+impl Broker {
+    pub fn new(settings: &crate::settings::Settings) -> Self {
+        Self { url: settings.amqp_url.clone(), tls: settings.amqp_tls.clone() }
+    }
+
+    /// Connect, naming the connection `name` (shown in RabbitMQ's management UI).
+    pub async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
+        use secrecy::ExposeSecret;
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let config = self.tls_config()?;
+        lapin::DefaultConnectionBuilder::new()
+            .map_err(amqp("start the connection's runtime"))?
+            .with_uri_str(self.url.expose_secret().to_owned())
+            .with_properties(properties)
+            .with_tls_config(config)
+            .connect()
+            .await
+            .map_err(amqp("connect"))
+    }
+
+    fn tls_config(&self) -> Result<lapin::tcp::OwnedTLSConfig, BrokerError> {
+        let read = |key: &'static str, path: &str| {
+            std::fs::read(path).map_err(|source| BrokerError::TlsFile { key, path: path.to_owned(), source })
+        };
+        let mut config = lapin::tcp::OwnedTLSConfig::default();
+        if !self.tls.ca_file.is_empty() {
+            let pem = read("amqp_tls.ca_file", &self.tls.ca_file)?;
+            config.cert_chain = Some(String::from_utf8_lossy(&pem).into_owned());
+        }
+        if !self.tls.cert_file.is_empty() {
+            let pem = read("amqp_tls.cert_file", &self.tls.cert_file)?;
+            let key = read("amqp_tls.key_file", &self.tls.key_file)?;
+            config.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key });
+        }
+        Ok(config)
+    }
+
+    /// The TLS settings, for `herald doctor`'s own handshake.
+    pub fn tls(&self) -> &crate::settings::AmqpTlsSettings {
+        &self.tls
+    }
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack.

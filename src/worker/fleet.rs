@@ -31,7 +31,6 @@ use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
@@ -83,7 +82,7 @@ fn shard_unit(n: u16) -> String {
 pub(super) struct Consumers {
     pub connection: Arc<Connection>,
     /// The router opens its own connection with it (see `route`).
-    pub amqp_url: secrecy::SecretString,
+    pub broker: rabbitmq::Broker,
     pub settler: Arc<Settler>,
     pub lanes: Arc<Lanes>,
     pub topology: Topology,
@@ -594,7 +593,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) 
     // Its own connection: routing adds eight frames to every job (deliver,
     // publish, confirm, ack), and one connection's frames all go through one
     // I/O thread, which the shards' consumers share.
-    let connection = Arc::new(rabbitmq::connect(consumers.amqp_url.expose_secret(), "herald router").await?);
+    let connection = Arc::new(consumers.broker.connect("herald router").await?);
     let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
     channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
     if !alone_on(&channel, &queue, &stop).await? {

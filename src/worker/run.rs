@@ -7,7 +7,6 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::Connection;
 use lapin::types::FieldTable;
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -19,7 +18,7 @@ use crate::http::Health;
 use crate::metrics::{Gauges, Metrics};
 use crate::mongo::{Store, StoreError};
 use crate::rabbitmq::headers::Signer;
-use crate::rabbitmq::{self, BrokerError, Publisher, Topology};
+use crate::rabbitmq::{BrokerError, Publisher, Topology};
 use crate::settings::Settings;
 use crate::teams::Teams;
 use crate::text::error_chain;
@@ -119,7 +118,7 @@ impl Worker {
 
     /// One connection's life: consume until shutdown or a broker failure.
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
-        let connection = Arc::new(rabbitmq::connect(self.settings.amqp_url.expose_secret(), "herald worker").await?);
+        let connection = Arc::new(crate::rabbitmq::Broker::new(&self.settings).connect("herald worker").await?);
         self.setup(&connection).await?;
         let publisher = Publisher::open(connection.clone()).await?;
         self.pipeline.metrics.consumer_active(true);
@@ -147,7 +146,7 @@ impl Worker {
         });
         let consumers = Arc::new(Consumers {
             connection: connection.clone(),
-            amqp_url: self.settings.amqp_url.clone(),
+            broker: crate::rabbitmq::Broker::new(&self.settings),
             settler,
             lanes: self.lanes.clone(),
             topology: self.topology.clone(),

@@ -27,3 +27,4 @@ mod soak;
 mod step;
 mod support;
 mod tenancy;
+mod tls;

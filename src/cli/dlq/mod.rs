@@ -18,7 +18,6 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use secrecy::ExposeSecret;
 
 use super::{Usage, progress};
 use crate::dlq::Filter;
@@ -269,7 +268,7 @@ struct Session {
 
 impl Session {
     async fn open(settings: &Settings) -> anyhow::Result<Self> {
-        let connection = Arc::new(rabbitmq::connect(settings.amqp_url.expose_secret(), "herald dlq").await?);
+        let connection = Arc::new(rabbitmq::Broker::new(settings).connect("herald dlq").await?);
         let store = Store::connect(settings).await?;
         let signer = crate::worker::tool_signer(settings, &store).await?;
         Ok(Self { connection, topology: Topology::from(settings), store, signer, max_replays: settings.dlq.max_replays })
