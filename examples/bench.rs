@@ -4,7 +4,7 @@
 //! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
 //! so the benchmark cannot rot); the default is the full run of issue 8.
 //! `BENCH_PHASES=drain,naive` runs only the phases named (drain, naive,
-//! floor, latency, mix, throttled, replay, soak, burst; naive and floor need
+//! floor, latency, mix, throttled, replay, soak, oversized, burst; naive and floor need
 //! drain) and prints their rows without touching the report: for profiling
 //! one phase.
 
@@ -51,6 +51,10 @@ struct Scale {
     soak_rate: u32,
     burst_cold: usize,
     burst_hot: usize,
+    /// Oversized messages waiting in the work queue when a worker starts, and
+    /// the size of each in MiB (phase 6b).
+    oversized: usize,
+    oversized_mib: usize,
 }
 
 const FULL: Scale = Scale {
@@ -67,6 +71,8 @@ const FULL: Scale = Scale {
     soak_rate: 400,
     burst_cold: 20_000,
     burst_hot: 1_000,
+    oversized: 200,
+    oversized_mib: 100,
 };
 const SMOKE: Scale = Scale {
     name: "smoke",
@@ -82,6 +88,8 @@ const SMOKE: Scale = Scale {
     soak_rate: 200,
     burst_cold: 1_000,
     burst_hot: 150,
+    oversized: 10,
+    oversized_mib: 4,
 };
 
 fn free_port() -> u16 {
@@ -350,6 +358,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.wants("soak") {
         soak(&env, &scale, &mut guard, &mut rows).await?;
+    }
+    if only.wants("oversized") {
+        oversized(&env, &scale, &mut guard, &mut rows).await?;
     }
     if only.wants("burst") {
         burst(&env, &scale, &mut rows).await?;
@@ -856,6 +867,69 @@ async fn soak(env: &Env, scale: &Scale, guard: &mut Guard, rows: &mut Rows) -> a
         "worker peak RSS, poisoned run vs clean run".into(),
         format!("{poison_rss:.0} MiB vs {clean_rss:.0} MiB ({:.2}×)", poison_rss / clean_rss),
         verdict(poison_rss <= 1.5 * clean_rss, "≤ 1.5×"),
+    ));
+    Ok(())
+}
+
+/// Phase 6b: a careless producer's oversized messages. `scale.oversized`
+/// bodies of `scale.oversized_mib` MiB, each followed by a good job, wait in
+/// the work queue (the worker down, say) when a worker starts: the router
+/// refuses each unread and the broker dead-letters it. The worker's peak RSS
+/// against the same worker's after 500 good jobs alone, and every good job
+/// delivered.
+async fn oversized(env: &Env, scale: &Scale, guard: &mut Guard, rows: &mut Rows) -> anyhow::Result<()> {
+    env.sim.reset().await?;
+    env.purge_all().await?;
+    let exchange = env.topology.jobs_exchange();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let http_port = free_port();
+    let worker = env.spawn_worker(http_port)?;
+    let pid = worker.id();
+    guard.0.push(worker);
+    publish_all(&env.publisher, &exchange, ROUTING_KEY, random_jobs(&mut rng, scale, 500), FieldTable::default).await?;
+    wait_for("500 good jobs", Duration::from_secs(120), || async { Ok(env.sim.stats().await?.activities_total >= 500) }).await?;
+    let (_, at_rest) = usage(pid);
+    stop_last(guard);
+
+    let big = vec![b'x'; scale.oversized_mib << 20];
+    let good = random_jobs(&mut rng, scale, scale.oversized);
+    let started = Instant::now();
+    for (i, (id, body)) in good.iter().enumerate() {
+        let properties = BasicProperties::default().with_message_id(format!("oversized-{i}").into());
+        env.publisher.publish(&exchange, ROUTING_KEY, &big, properties).await?;
+        let properties = BasicProperties::default().with_content_type("application/json".into()).with_message_id(id.as_str().into());
+        env.publisher.publish(&exchange, ROUTING_KEY, body, properties).await?;
+    }
+    drop(big);
+    eprintln!("oversized: {} × {} MiB published in {:.0?}", scale.oversized, scale.oversized_mib, started.elapsed());
+    let http_port = free_port();
+    let worker = env.spawn_worker(http_port)?;
+    let pid = worker.id();
+    guard.0.push(worker);
+    let dead_queue = env.topology.dead_queue();
+    let took = wait_for("the oversized messages dead-lettered and the good jobs posted", Duration::from_secs(3600), || async {
+        Ok(env.sim.stats().await?.activities_total >= 500 + scale.oversized as u64
+            && env.queue_len(&dead_queue).await? as usize >= scale.oversized)
+    })
+    .await?;
+    let reconnects = metric(http_port, "herald_broker_reconnects_total").await;
+    let (_, peak) = usage(pid);
+    stop_last(guard);
+    let dead = env.queue_len(&dead_queue).await?;
+    env.purge_all().await?;
+    eprintln!("oversized: peak RSS {peak:.0} MiB against {at_rest:.0} MiB at rest; settled in {took:.0?}; {dead} dead letters");
+    rows.push((
+        format!("{} oversized messages of {} MiB waiting amid good jobs when a worker starts", scale.oversized, scale.oversized_mib),
+        format!(
+            "peak RSS {peak:.0} MiB vs {at_rest:.0} MiB after 500 good jobs alone (+{:.1} bodies' worth); {} good jobs posted, \
+             {dead} dead letters; {reconnects} broker reconnects",
+            (peak - at_rest) / scale.oversized_mib as f64,
+            scale.oversized
+        ),
+        verdict(
+            peak - at_rest <= 8.0 * scale.oversized_mib as f64 && dead as usize == scale.oversized && reconnects == 0.0,
+            "at most 8 bodies held at once; each refused once, 0 reconnects",
+        ),
     ));
     Ok(())
 }

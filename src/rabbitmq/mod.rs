@@ -74,6 +74,16 @@ pub(crate) fn precondition_failed(err: &lapin::Error) -> bool {
     matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
+/// Reject `delivery_tag` without requeue (the broker dead-letters it), queued
+/// on the channel without waiting, as [`ack_queued`] does.
+pub fn reject_queued(channel: &Channel, delivery_tag: u64) -> Result<(), lapin::Error> {
+    use futures_util::FutureExt;
+    match channel.basic_reject(delivery_tag, lapin::options::BasicRejectOptions { requeue: false }).now_or_never() {
+        Some(Err(err)) => Err(err),
+        Some(Ok(())) | None => Ok(()),
+    }
+}
+
 pub(crate) fn amqp(operation: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let operation = operation.into();
     amqp_with(move || operation)

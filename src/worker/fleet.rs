@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueDeclareOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use serde::Deserialize;
@@ -498,8 +498,10 @@ fn stamped(properties: lapin::BasicProperties, body: &[u8], signer: &Signer, bud
 /// A job whose body is over [`MAX_BODY_BYTES`] never reaches a shard: it is
 /// rejected without requeue, so the broker dead-letters it itself (its
 /// `x-death` says `rejected`; `herald dlq` reads that as `invalid_job`)
-/// without the worker copying the body into a publish.
-async fn refuse_oversized(consumers: &Consumers, delivery: Delivery) -> Result<(), BrokerError> {
+/// without the worker copying the body into a publish. The reject is queued
+/// on the channel, not waited for, and the body dropped at once: a run of
+/// large messages is never held beside each other while rejects travel.
+fn refuse_oversized(consumers: &Consumers, channel: &Channel, delivery: Delivery) -> Result<(), BrokerError> {
     let message_id = delivery.properties.message_id().as_ref().map(|id| id.to_string());
     warn!(
         message_id = message_id.as_deref(),
@@ -508,7 +510,9 @@ async fn refuse_oversized(consumers: &Consumers, delivery: Delivery) -> Result<(
         "job body over the limit: dead-lettered at the router"
     );
     consumers.settler.pipeline.metrics.job_dead_lettered(crate::outcome::Reason::InvalidJob);
-    delivery.acker.reject(BasicRejectOptions { requeue: false }).await.map(drop).map_err(rabbitmq::amqp("reject an oversized job"))
+    let tag = delivery.delivery_tag;
+    drop(delivery);
+    rabbitmq::reject_queued(channel, tag).map_err(rabbitmq::amqp("reject an oversized job"))
 }
 
 fn routed_seq(delivery: &Delivery) -> i64 {
@@ -623,6 +627,14 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) 
                 let mut next = Some(next);
                 let ended = loop {
                     match next {
+                        // A body over the job limit is refused as it comes,
+                        // before it is copied into a publish or held beside
+                        // the next.
+                        Some(Some(Ok(delivery))) if delivery.data.len() > MAX_BODY_BYTES => {
+                            if let Err(err) = refuse_oversized(&consumers, &channel, delivery) {
+                                break Some(err);
+                            }
+                        }
                         Some(Some(Ok(delivery))) => batch.push(delivery),
                         Some(Some(Err(err))) => break Some(BrokerError::Amqp { operation: "consume".into(), source: err }),
                         Some(None) => break Some(BrokerError::ConsumerCancelled { queue: queue.clone() }),
@@ -633,21 +645,6 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) 
                     }
                     next = consumer.next().now_or_never();
                 };
-                // A body over the job limit is refused here, before it is
-                // copied into a publish, and dropped at once.
-                // (Split only when there is one: the common batch is kept as it is.)
-                let too_large = |d: &Delivery| d.data.len() > MAX_BODY_BYTES;
-                let (oversized, mut batch): (Vec<_>, Vec<_>) =
-                    if batch.iter().any(too_large) { batch.into_iter().partition(too_large) } else { (Vec::new(), batch) };
-                let mut refused = Ok(());
-                for delivery in oversized {
-                    if refused.is_ok() {
-                        refused = refuse_oversized(&consumers, delivery).await;
-                    }
-                }
-                if let Err(err) = refused {
-                    break Err(err);
-                }
                 // The properties move to the publish (the deliveries are
                 // kept only for their tags).
                 // A producer's headers fit its own publish; the routed copy
