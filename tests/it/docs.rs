@@ -282,3 +282,23 @@ fn the_configuration_reference_is_every_setting_with_its_default() {
     assert!(settings.len() > 50, "only {} settings found", settings.len());
     assert!(problems.is_empty(), "docs/configuration.md and the settings differ:\n{}", problems.join("\n"));
 }
+
+/// Every alert has a case in deploy/prometheus/herald-rules.test.yaml that
+/// expects it to fire (`make lint` runs them with promtool).
+#[test]
+fn every_alert_has_a_promtool_test_that_makes_it_fire() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/herald-rules.yaml")).unwrap();
+    let tests = std::fs::read_to_string(root.join("deploy/prometheus/herald-rules.test.yaml")).unwrap();
+    let lines: Vec<&str> = tests.lines().map(str::trim).collect();
+    // An `alertname:` followed by `exp_alerts:` with an entry, not `exp_alerts: []`.
+    let fired: BTreeSet<&str> = lines
+        .windows(3)
+        .filter(|w| w[1] == "exp_alerts:" && w[2].starts_with("- exp_labels:"))
+        .filter_map(|w| w[0].strip_prefix("alertname:").map(str::trim))
+        .collect();
+    let alerts: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("- alert:").map(str::trim)).collect();
+    assert!(alerts.len() >= 14, "{alerts:?}");
+    let missing: Vec<&&str> = alerts.iter().filter(|a| !fired.contains(**a)).collect();
+    assert!(missing.is_empty(), "alerts without a promtool test that makes them fire: {missing:?}");
+}
