@@ -265,15 +265,16 @@ impl Settings {
                 format!("{:?} must be non-empty ASCII letters, digits, '-', '_' or '.'", self.topology_prefix),
             );
         }
-        if !self.amqp_url.expose_secret().starts_with("amqp://") && !self.amqp_url.expose_secret().starts_with("amqps://") {
-            return invalid("amqp_url", "must start with amqp:// or amqps://".into());
+        let urls = amqp_urls(&self.amqp_url);
+        if urls.is_empty() || urls.iter().any(|u| !u.starts_with("amqp://") && !u.starts_with("amqps://")) {
+            return invalid("amqp_url", "each URL (several are separated by commas) must start with amqp:// or amqps://".into());
         }
         let tls = &self.amqp_tls;
         if tls.cert_file.is_empty() != tls.key_file.is_empty() {
             return invalid("amqp_tls.cert_file", "a client certificate needs both amqp_tls.cert_file and amqp_tls.key_file".into());
         }
         let tls_set = !tls.ca_file.is_empty() || !tls.cert_file.is_empty();
-        if tls_set && !self.amqp_url.expose_secret().starts_with("amqps://") {
+        if tls_set && !urls.iter().all(|u| u.starts_with("amqps://")) {
             return invalid("amqp_tls.ca_file", "amqp_tls.* apply to an amqps:// amqp_url only".into());
         }
         if !self.mongodb_uri.expose_secret().starts_with("mongodb://") && !self.mongodb_uri.expose_secret().starts_with("mongodb+srv://") {
@@ -414,6 +415,17 @@ pub fn is_loopback(host: &str) -> bool {
 }
 
 /// A URL with its password replaced, for messages and `herald doctor`.
+/// The broker URLs of `amqp_url`: one, or several separated by commas (the
+/// nodes of a cluster).
+pub fn amqp_urls(url: &SecretString) -> Vec<&str> {
+    url.expose_secret().split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// Every URL of `amqp_url`, each with its password replaced (comma-separated).
+pub fn redact_urls(url: &SecretString) -> String {
+    amqp_urls(url).into_iter().map(|u| redact_url(&SecretString::from(u.to_owned()))).collect::<Vec<_>>().join(",")
+}
+
 pub fn redact_url(url: &SecretString) -> String {
     match url::Url::parse(url.expose_secret()) {
         Ok(mut parsed) => {
@@ -462,6 +474,15 @@ mod tests {
         assert!(err.contains("worker.concurrency"), "{err}");
         let err = with("teams.clouds.gcch.token_endpoint", "http://login.example.com").unwrap_err().to_string();
         assert!(err.contains("teams.clouds.gcch.token_endpoint"), "{err}");
+    }
+
+    #[test]
+    fn several_broker_urls_are_each_checked_and_each_redacted() {
+        let settings = with("amqp_url", "amqp://u:p1@rmq-0:5672/%2f, amqp://u:p2@rmq-1:5672/%2f").unwrap();
+        assert_eq!(amqp_urls(&settings.amqp_url), ["amqp://u:p1@rmq-0:5672/%2f", "amqp://u:p2@rmq-1:5672/%2f"]);
+        assert_eq!(redact_urls(&settings.amqp_url), "amqp://u:***@rmq-0:5672/%2f,amqp://u:***@rmq-1:5672/%2f");
+        assert!(with("amqp_url", "amqp://rmq-0:5672/%2f,http://rmq-1").is_err());
+        assert!(with("amqp_url", " , ").is_err());
     }
 
     #[test]

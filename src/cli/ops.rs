@@ -141,7 +141,7 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
         checks.push(serde_json::json!({ "check": name, "ok": ok, "detail": detail }));
     };
     check("settings", Ok(format!("prefix {}, database {}", settings.topology_prefix, settings.mongodb_database)));
-    let amqp = redact_url(&settings.amqp_url);
+    let amqp = crate::settings::redact_urls(&settings.amqp_url);
     match rabbitmq::Broker::new(settings).connect("herald doctor").await {
         Ok(connection) => {
             check("rabbitmq", Ok(format!("connected to {amqp}")));
@@ -223,7 +223,7 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
 
 /// The TLS the broker negotiates, for an `amqps://` URL.
 async fn amqp_tls(settings: &Settings) -> Option<Result<String, String>> {
-    let uri: lapin::uri::AMQPUri = settings.amqp_url.expose_secret().parse().ok()?;
+    let uri: lapin::uri::AMQPUri = crate::settings::amqp_urls(&settings.amqp_url).first()?.parse().ok()?;
     if uri.scheme != lapin::uri::AMQPScheme::AMQPS {
         return None;
     }

@@ -99,6 +99,9 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     Connection::connect(url, properties).await.map_err(amqp("connect"))
 }
 
+/// Where a process starts in the list of broker URLs.
+static START: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 /// Where and how to connect: the URL and, for `amqps://`, the TLS settings
 /// (`amqp_tls.*`: a CA bundle, a client certificate and key, PEM files read
 /// at each connection, so that rotated files are picked up on reconnect).
@@ -113,19 +116,37 @@ impl Broker {
         Self { url: settings.amqp_url.clone(), tls: settings.amqp_tls.clone() }
     }
 
-    /// Connect, naming the connection `name` (shown in RabbitMQ's management UI).
+    /// Connect, naming the connection `name` (shown in RabbitMQ's management
+    /// UI). With several URLs (a cluster's nodes), each is tried in turn from
+    /// a place of this process's own, so that a fleet spreads over the
+    /// nodes, and the first that answers is used; a reconnect tries them
+    /// all again, so a node's loss moves the worker to another.
     pub async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
-        use secrecy::ExposeSecret;
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let config = self.tls_config()?;
-        lapin::DefaultConnectionBuilder::new()
-            .map_err(amqp("start the connection's runtime"))?
-            .with_uri_str(self.url.expose_secret().to_owned())
-            .with_properties(properties)
-            .with_tls_config(config)
-            .connect()
-            .await
-            .map_err(amqp("connect"))
+        let urls = crate::settings::amqp_urls(&self.url);
+        let start = START.get_or_init(|| usize::from(uuid::Uuid::new_v4().as_bytes()[0]));
+        let mut last = None;
+        for i in 0..urls.len() {
+            let url = urls[(start + i) % urls.len()];
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            let connected = lapin::DefaultConnectionBuilder::new()
+                .map_err(amqp("start the connection's runtime"))?
+                .with_uri_str(url.to_owned())
+                .with_properties(properties)
+                .with_tls_config(self.tls_config()?)
+                .connect()
+                .await;
+            match connected {
+                Ok(connection) => return Ok(connection),
+                Err(err) => {
+                    if urls.len() > 1 {
+                        let shown = crate::settings::redact_url(&secrecy::SecretString::from(url.to_owned()));
+                        tracing::warn!(url = %shown, error = %crate::text::error_chain(&err), "a broker node did not answer; trying the next");
+                    }
+                    last = Some(err);
+                }
+            }
+        }
+        Err(amqp("connect")(last.expect("amqp_url holds at least one URL (checked with the settings)")))
     }
 
     fn tls_config(&self) -> Result<lapin::tcp::OwnedTLSConfig, BrokerError> {

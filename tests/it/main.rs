@@ -2,6 +2,7 @@ mod compose;
 mod demo;
 mod dlq;
 mod docs;
+mod failover;
 #[path = "../../examples/fleet/mod.rs"]
 #[allow(dead_code)]
 mod fleet;
