@@ -107,13 +107,16 @@ pub async fn setup(settings: Settings, migrate: bool) -> anyhow::Result<ExitCode
             differing.push(spec);
         }
     }
-    if !migrate && !differing.is_empty() {
+    if !migrate {
         for spec in &differing {
             eprintln!("queue {} exists with other arguments than these settings give it (it works as it was declared)", spec.name);
         }
-        eprintln!("stop the workers, then run `herald setup --migrate`: it rebuilds them and keeps their messages (docs/upgrading.md)");
+        if !differing.is_empty() {
+            eprintln!("stop the workers, then run `herald setup --migrate`: it rebuilds them and keeps their messages (docs/upgrading.md)");
+        }
+        differing.clear();
     }
-    for spec in differing.into_iter().filter(|_| migrate) {
+    for spec in differing {
         let messages = rabbitmq::queue_status(&connection, &spec.name).await?.map_or(0, |(m, _)| m);
         let bar = super::progress(2 * u64::from(messages), &format!("rebuilding {}", spec.name));
         let rebuilt = rabbitmq::rebuild(connection.clone(), &spec, &|moved| bar.set_position(moved)).await?;

@@ -139,11 +139,7 @@ impl Store {
                 .iter()
                 .filter_map(|d| {
                     let id = d.get_str("_id").ok()?.strip_prefix("worker/")?.to_owned();
-                    let wants = match d.get("wants") {
-                        Some(Bson::Int64(n)) => u32::try_from(*n).unwrap_or(0),
-                        Some(Bson::Int32(n)) => u32::try_from(*n).unwrap_or(0),
-                        _ => 0,
-                    };
+                    let wants = super::integer(d.get("wants")).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
                     Some((id, wants))
                 })
                 .collect())
@@ -208,11 +204,7 @@ impl Store {
                     .await
                     .map_err(StoreError::new("claim a fleet unit"))?;
                 if let Some(taken) = taken {
-                    return Ok(Some(match taken.get("claims") {
-                        Some(Bson::Int64(n)) => *n,
-                        Some(Bson::Int32(n)) => i64::from(*n),
-                        _ => 1,
-                    }));
+                    return Ok(Some(super::integer(taken.get("claims")).unwrap_or(1)));
                 }
                 if !first {
                     break;

@@ -472,15 +472,9 @@ fn write_concern_error(answer: &Document) -> Option<MongoError> {
     })
 }
 
-/// A record's `takeovers`, however MongoDB stored the number.
+/// A record's `takeovers`.
 fn takeovers(record: &Document) -> u32 {
-    let n = match record.get("takeovers") {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => i64::from(*n),
-        Some(Bson::Double(n)) => *n as i64,
-        _ => 0,
-    };
-    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+    u32::try_from(super::integer(record.get("takeovers")).unwrap_or(0).max(0)).unwrap_or(u32::MAX)
 }
 
 /// The state, owner and activity of `keys`, one read for the whole batch.

@@ -113,6 +113,18 @@ pub fn is_transient(err: &MongoError) -> bool {
     }
 }
 
+/// A counter's value however MongoDB stored the number (`$add` of int64s
+/// stays int64; a record written by hand may hold an int32 or a double).
+fn integer(value: Option<&mongodb::bson::Bson>) -> Option<i64> {
+    use mongodb::bson::Bson;
+    match value? {
+        Bson::Int64(n) => Some(*n),
+        Bson::Int32(n) => Some(i64::from(*n)),
+        Bson::Double(n) => Some(*n as i64),
+        _ => None,
+    }
+}
+
 fn is_duplicate_key(err: &MongoError) -> bool {
     match err.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(write)) => write.code == 11000,

@@ -59,7 +59,7 @@ pub async fn rebuild(connection: Arc<Connection>, spec: &QueueSpec, progress: &(
 
     // A rebuild interrupted after step 2 left `Q` declared already (with
     // the new arguments): then only step 3 remains.
-    let found = passive(&connection, queue).await?;
+    let found = queue_status(&connection, queue).await?;
     if let Some(consumers) = found.filter(|&(_, consumers)| consumers > 0).map(|(_, c)| c) {
         return Err(BrokerError::InUse { queue: queue.to_owned(), consumers });
     }
@@ -103,7 +103,7 @@ pub async fn rebuild(connection: Arc<Connection>, spec: &QueueSpec, progress: &(
 /// Delete `queue`, drained and bound nowhere (so nothing reaches it any
 /// more). Quorum queues refuse `if-empty`: the count is checked first.
 async fn delete_drained(connection: &Connection, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
-    match passive(connection, queue).await? {
+    match queue_status(connection, queue).await? {
         None => return Ok(()),
         Some((0, 0)) => {}
         Some((messages, consumers)) => return Err(BrokerError::NotDrained { queue: queue.to_owned(), messages, consumers }),
@@ -120,23 +120,19 @@ fn holding_args() -> FieldTable {
     args
 }
 
-/// `(messages, consumers)` of `queue`, `None` if it does not exist.
-pub async fn queue_status(connection: &Connection, queue: &str) -> Result<Option<(u32, u32)>, BrokerError> {
-    passive(connection, queue).await
-}
-
 /// Whether a rebuild of `spec` was interrupted: one of its holding queues
 /// is still there.
 pub async fn interrupted(connection: &Connection, spec: &QueueSpec) -> Result<bool, BrokerError> {
     for suffix in ["held", "migrating"] {
-        if passive(connection, &format!("{}.{suffix}", spec.name)).await?.is_some() {
+        if queue_status(connection, &format!("{}.{suffix}", spec.name)).await?.is_some() {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-async fn passive(connection: &Connection, queue: &str) -> Result<Option<(u32, u32)>, BrokerError> {
+/// `(messages, consumers)` of `queue`, `None` if it does not exist.
+pub async fn queue_status(connection: &Connection, queue: &str) -> Result<Option<(u32, u32)>, BrokerError> {
     let channel = connection.create_channel().await.map_err(amqp("open channel"))?;
     let options = QueueDeclareOptions { passive: true, ..Default::default() };
     match channel.queue_declare(queue.into(), options, FieldTable::default()).await {
@@ -144,7 +140,7 @@ async fn passive(connection: &Connection, queue: &str) -> Result<Option<(u32, u3
             let _ = channel.close(200, "checked".into()).await;
             Ok(Some((q.message_count(), q.consumer_count())))
         }
-        Err(err) if matches!(err.kind(), lapin::ErrorKind::ProtocolError(_)) => Ok(None),
+        Err(err) if super::not_found(&err) => Ok(None),
         Err(err) => Err(amqp(format!("find {queue}"))(err)),
     }
 }
@@ -214,7 +210,7 @@ async fn drain(
         if cancelled || ended {
             break;
         }
-        if passive(connection, from).await?.is_none_or(|(messages, _)| messages == 0) {
+        if queue_status(connection, from).await?.is_none_or(|(messages, _)| messages == 0) {
             channel.basic_cancel("herald-migrate".into(), BasicCancelOptions::default()).await.map_err(amqp(format!("cancel {from}")))?;
             cancelled = true;
         }

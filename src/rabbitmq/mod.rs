@@ -70,8 +70,16 @@ pub fn ack_queued(channel: &Channel, delivery_tag: u64, multiple: bool) -> Resul
 /// The broker refused a declaration because the queue exists with other
 /// arguments (406 PRECONDITION_FAILED).
 pub(crate) fn precondition_failed(err: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+    soft_error(err, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+}
+
+/// The broker has no such queue (404 NOT_FOUND).
+pub(crate) fn not_found(err: &lapin::Error) -> bool {
+    soft_error(err, lapin::protocol::AMQPSoftError::NOTFOUND)
+}
+
+fn soft_error(err: &lapin::Error, which: lapin::protocol::AMQPSoftError) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if *e.kind() == lapin::protocol::AMQPErrorKind::Soft(which))
 }
 
 /// Reject `delivery_tag` without requeue (the broker dead-letters it), queued

@@ -358,6 +358,7 @@ impl Pipeline {
         };
         let crashed = lease.taken_over.then_some(lease.takeovers);
         attempt.lease = Some(lease);
+        attempt.started = Some(claimed_at);
         if let Some(takeovers) = crashed {
             self.metrics.lease_taken_over();
             // herald counts the attempts that crashed, not the broker: on
@@ -367,7 +368,6 @@ impl Pipeline {
             }
             warn!(job_id = %job.id, takeovers, "another delivery's claim on this job ran out mid-send; sending again (it may have been posted already)");
         }
-        attempt.started = Some(claimed_at);
         let until = claimed_at + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
         let Ready { integration, service_url, conversation_id, .. } = ready?;
         let body = self.teams.encode(&card::activity(&job.content))?;
