@@ -130,6 +130,14 @@ pub struct WorkerSettings {
     /// `worker::sched`); elsewhere, and when the kernel refuses, it is ignored.
     pub batch_scheduling: bool,
     pub prefetch: u16,
+    /// The most message bytes the work queue's consumer (the router, or
+    /// every worker when `fleet.shards` is 0) may be sent at once, in MiB:
+    /// its prefetch is this over `broker_max_message_bytes` (at most
+    /// `prefetch`). Producers' bodies are unchecked until they arrive.
+    pub intake_budget_mib: u64,
+    /// The broker's `max_message_size`: the largest message RabbitMQ
+    /// accepts, as configured there (`herald doctor` checks that it holds).
+    pub broker_max_message_bytes: u64,
     pub concurrency: usize,
     pub shutdown_deadline_secs: u64,
     /// Attempts at a job that end without an outcome (the worker died or
@@ -143,6 +151,21 @@ pub struct WorkerSettings {
     pub resolution_cache_ttl_secs: u64,
     pub claim_lease_secs: u64,
     pub max_lane: usize,
+}
+
+/// The smallest `worker.broker_max_message_bytes`: a job at its limit with
+/// its headers fits.
+pub const MIN_BROKER_MESSAGE_BYTES: u64 = 512 * 1024;
+/// RabbitMQ refuses a `max_message_size` above 512 MiB.
+pub const MAX_BROKER_MESSAGE_BYTES: u64 = 512 << 20;
+
+impl WorkerSettings {
+    /// The prefetch of the work queue's consumer: as many of the broker's
+    /// largest messages as `intake_budget_mib` holds, at most `prefetch`.
+    pub fn intake_prefetch(&self) -> u16 {
+        let fits = self.intake_budget_mib.saturating_mul(1 << 20) / self.broker_max_message_bytes.max(1);
+        u16::try_from(fits).unwrap_or(u16::MAX).clamp(1, self.prefetch)
+    }
 }
 
 /// How workers share the shard queues (docs/deploy.md, "Fleet-wide pacing").
@@ -285,6 +308,24 @@ impl Settings {
         }
         if self.worker.prefetch == 0 {
             return invalid("worker.prefetch", "must be at least 1".into());
+        }
+        let largest = self.worker.broker_max_message_bytes;
+        if !(MIN_BROKER_MESSAGE_BYTES..=MAX_BROKER_MESSAGE_BYTES).contains(&largest) {
+            return invalid(
+                "worker.broker_max_message_bytes",
+                format!(
+                    "{largest}: between {MIN_BROKER_MESSAGE_BYTES} (a job and its headers) and {MAX_BROKER_MESSAGE_BYTES} (RabbitMQ's own ceiling)"
+                ),
+            );
+        }
+        if self.worker.intake_budget_mib.saturating_mul(1 << 20) < largest {
+            return invalid(
+                "worker.intake_budget_mib",
+                format!(
+                    "{} MiB cannot hold one message of worker.broker_max_message_bytes ({largest} bytes)",
+                    self.worker.intake_budget_mib
+                ),
+            );
         }
         if self.worker.threads > 1024 {
             return invalid("worker.threads", "must be at most 1024 (0: one per CPU)".into());
@@ -445,6 +486,20 @@ mod tests {
 
     fn with(key: &str, value: impl serde::Serialize) -> Result<Settings, SettingsError> {
         Settings::from_figment(Settings::defaults().merge(Serialized::default(key, value)))
+    }
+
+    #[test]
+    fn the_work_queue_prefetch_is_what_the_intake_budget_holds_of_the_largest_message() {
+        let worker = Settings::from_figment(Settings::defaults()).unwrap().worker;
+        assert_eq!(worker.intake_prefetch(), 16, "256 MiB of 16 MiB messages");
+        let small = with("worker.broker_max_message_bytes", 1 << 20).unwrap().worker;
+        assert_eq!(small.intake_prefetch(), 256);
+        let tiny = with("worker.broker_max_message_bytes", 512 * 1024).unwrap().worker;
+        assert_eq!(tiny.intake_prefetch(), 512, "never above worker.prefetch");
+        let err = with("worker.broker_max_message_bytes", 512 << 20).unwrap_err().to_string();
+        assert!(err.contains("worker.intake_budget_mib") && err.contains("cannot hold one message"), "{err}");
+        let err = with("worker.broker_max_message_bytes", 1024).unwrap_err().to_string();
+        assert!(err.contains("worker.broker_max_message_bytes"), "{err}");
     }
 
     #[test]

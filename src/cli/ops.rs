@@ -151,6 +151,7 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
             if let Some(tls) = amqp_tls(settings).await {
                 check("rabbitmq tls", tls);
             }
+            check("message size", message_size_limit(&connection, settings).await);
             let topology = crate::rabbitmq::Topology::from(settings);
             for spec in topology.specs() {
                 let queue = &spec.name;
@@ -222,6 +223,52 @@ pub async fn doctor(settings: &Settings, json: bool, management_url: Option<&str
         println!("{}", serde_json::to_string_pretty(&checks)?);
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Whether the broker refuses a message one byte over
+/// `worker.broker_max_message_bytes`, which bounds what the work queue's
+/// consumer may hold (`WorkerSettings::intake_prefetch`). The probe goes to
+/// the default exchange under a name no queue has: accepted, it is dropped.
+async fn message_size_limit(connection: &lapin::Connection, settings: &Settings) -> Result<String, String> {
+    use lapin::Confirmation;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let largest = settings.worker.broker_max_message_bytes;
+    let prefetch = settings.worker.intake_prefetch();
+    let probe = async {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let body = vec![0u8; usize::try_from(largest).unwrap_or(usize::MAX - 1) + 1];
+        let properties = lapin::BasicProperties::default();
+        let confirm = channel
+            .basic_publish("".into(), "herald.doctor.message-size-probe".into(), BasicPublishOptions::default(), &body, properties)
+            .await?
+            .await;
+        let _ = channel.close(200, "probe done".into()).await;
+        confirm
+    };
+    let holds = format!(
+        "RabbitMQ refuses messages over worker.broker_max_message_bytes ({largest}); the work queue's consumer takes {prefetch} at a \
+         time, at most {} MiB",
+        (u64::from(prefetch) * largest) >> 20
+    );
+    match tokio::time::timeout(std::time::Duration::from_secs(60), probe).await {
+        Err(_) => Err("the probe message was neither accepted nor refused within 60 s".to_owned()),
+        Ok(Ok(Confirmation::Nack(_) | Confirmation::NotRequested)) => Err("the broker nacked the probe message".to_owned()),
+        Ok(Ok(Confirmation::Ack(_))) => Err(format!(
+            "RabbitMQ accepted a message of {} bytes, over worker.broker_max_message_bytes, so the work queue's consumer may hold \
+             {prefetch} messages of the broker's own limit: set max_message_size = {largest} in rabbitmq.conf, or raise the \
+             setting to the broker's limit (docs/deploy.md, \"Message size and memory\")",
+            largest + 1
+        )),
+        Ok(Err(err)) => {
+            let text = crate::text::error_chain(&err);
+            if text.contains("larger than configured max size") || text.contains("PRECONDITION_FAILED") {
+                Ok(holds)
+            } else {
+                Err(format!("the probe failed: {text}"))
+            }
+        }
+    }
 }
 
 /// The TLS the broker negotiates, for an `amqps://` URL.

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::lanes::{Lanes, lane_of, lane_of_job};
 use super::settle::Settler;
@@ -86,7 +86,14 @@ pub(super) struct Consumers {
     pub settler: Arc<Settler>,
     pub lanes: Arc<Lanes>,
     pub topology: Topology,
+    /// The prefetch of each shard's consumer.
     pub prefetch: u16,
+    /// The prefetch of the work queue's consumer, whose messages no one has
+    /// checked yet: bounded by the broker's largest message
+    /// (`WorkerSettings::intake_prefetch`).
+    pub intake_prefetch: u16,
+    /// `worker.broker_max_message_bytes`.
+    pub broker_max_message: usize,
     pub deadline: Duration,
 }
 
@@ -115,7 +122,8 @@ pub(super) async fn run(
 ) -> Result<(), BrokerError> {
     if settings.fleet.shards == 0 {
         let queue = consumers.topology.work_queue();
-        return consume(consumers, queue, shutdown.clone()).await;
+        let prefetch = consumers.intake_prefetch;
+        return consume(consumers, queue, prefetch, shutdown.clone()).await;
     }
     let fleet = Fleet {
         id: id.to_owned(),
@@ -299,7 +307,10 @@ impl Fleet {
                     self.carry_over().await;
                 }
                 let queue = self.consumers.topology.shard_queue((offset + i) % self.shards);
-                self.start(unit, |consumers, stop| consume(consumers, queue, stop));
+                self.start(unit, |consumers, stop| {
+                    let prefetch = consumers.prefetch;
+                    consume(consumers, queue, prefetch, stop)
+                });
                 wanted = wanted.saturating_sub(1);
             }
         }
@@ -410,16 +421,16 @@ async fn stop_when_lease_may_run_out(mut validity: tokio::sync::watch::Receiver<
 /// order. The consumer stays registered until then, so that the shard's
 /// single-active-consumer flag keeps the next holder waiting until every job
 /// this worker held is back in the queue.
-async fn consume(consumers: Arc<Consumers>, queue: String, stop: CancellationToken) -> Result<(), BrokerError> {
+async fn consume(consumers: Arc<Consumers>, queue: String, prefetch: u16, stop: CancellationToken) -> Result<(), BrokerError> {
     let channel = Arc::new(consumers.connection.create_channel().await.map_err(rabbitmq::amqp("open consume channel"))?);
-    channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
     // Manual acks (no_ack: false): a job is acked only once it is
     // delivered, or its retry or dead letter is confirmed by the broker.
     let mut consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
-    info!(queue = %queue, prefetch = consumers.prefetch, "consuming");
+    info!(queue = %queue, prefetch, "consuming");
     let mut jobs = JoinSet::new();
     // Redelivered jobs (given back, or held by a worker that died) come back
     // first, but not always in their order: a closed channel's unacked
@@ -503,6 +514,15 @@ fn stamped(properties: lapin::BasicProperties, body: &[u8], signer: &Signer, bud
 /// large messages is never held beside each other while rejects travel.
 fn refuse_oversized(consumers: &Consumers, channel: &Channel, delivery: Delivery) -> Result<(), BrokerError> {
     let message_id = delivery.properties.message_id().as_ref().map(|id| id.to_string());
+    if delivery.data.len() > consumers.broker_max_message {
+        error!(
+            message_id = message_id.as_deref(),
+            bytes = delivery.data.len(),
+            broker_max_message_bytes = consumers.broker_max_message,
+            "the broker accepted a message larger than worker.broker_max_message_bytes, so the router's memory is not \
+             bounded as configured: set max_message_size in rabbitmq.conf to that value (or raise the setting to the broker's)"
+        );
+    }
     warn!(
         message_id = message_id.as_deref(),
         bytes = delivery.data.len(),
@@ -599,7 +619,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) 
     // I/O thread, which the shards' consumers share.
     let connection = Arc::new(consumers.broker.connect("herald router").await?);
     let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
-    channel.basic_qos(consumers.prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
+    channel.basic_qos(consumers.intake_prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
     if !alone_on(&channel, &queue, &stop).await? {
         let _ = connection.close(200, "stopped".into()).await;
         return Ok(());
@@ -609,7 +629,7 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) 
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .map_err(rabbitmq::amqp(format!("consume {queue}")))?;
-    info!(queue = %queue, exchange = %exchange, shards = topology.shards, "routing");
+    info!(queue = %queue, exchange = %exchange, shards = topology.shards, prefetch = consumers.intake_prefetch, "routing");
     let mut last = first_routed_seq(claims);
     // The shards' routing keys, made once.
     let keys: Vec<Arc<str>> = (0..topology.shards.max(1)).map(|n| Arc::from(n.to_string())).collect();

@@ -134,6 +134,7 @@ impl Worker {
         info!(
             shards = self.settings.fleet.shards,
             prefetch = self.settings.worker.prefetch,
+            intake_prefetch = self.settings.worker.intake_prefetch(),
             concurrency = self.settings.worker.concurrency,
             "starting"
         );
@@ -151,6 +152,8 @@ impl Worker {
             lanes: self.lanes.clone(),
             topology: self.topology.clone(),
             prefetch: self.settings.worker.prefetch,
+            intake_prefetch: self.settings.worker.intake_prefetch(),
+            broker_max_message: usize::try_from(self.settings.worker.broker_max_message_bytes).unwrap_or(usize::MAX),
             deadline: self.settings.shutdown_deadline(),
         });
         // Stops consuming on shutdown, hands back what has not started and

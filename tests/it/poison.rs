@@ -318,3 +318,57 @@ async fn messages_of_many_megabytes_are_refused_at_the_router_and_other_tenants_
     worker.stop().await;
     assert_eq!(env.sim.client().stats().await.unwrap().activities_total, 20, "every good job posted once");
 }
+
+/// The prefetch of each consumer, by queue, as the broker's management API
+/// reports it.
+async fn prefetch_by_queue() -> std::collections::HashMap<String, u64> {
+    let consumers: serde_json::Value = reqwest::Client::new()
+        .get("http://127.0.0.1:15672/api/consumers")
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("the management API answers")
+        .json()
+        .await
+        .expect("JSON");
+    consumers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c["queue"]["name"].as_str()?.to_owned(), c["prefetch_count"].as_u64()?)))
+        .collect()
+}
+
+/// The router, which reads producers' messages before anyone checked their
+/// size, is sent only as many as `worker.intake_budget_mib` holds of the
+/// broker's largest message; the shards, whose jobs the router checked,
+/// keep `worker.prefetch`. `herald doctor` proves the broker refuses
+/// anything larger than `worker.broker_max_message_bytes` says, and fails
+/// when the broker accepts more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_takes_only_what_its_memory_budget_holds_of_the_largest_message() {
+    let env = TestEnv::two_orgs().await;
+    let topology = herald::rabbitmq::Topology::from(&env.settings);
+    // 64 MiB over the test broker's 16 MiB (scripts/services.sh): 4 at a time.
+    let worker = env.observed_worker(&[("HERALD_WORKER__INTAKE_BUDGET_MIB", "64"), ("HERALD_WORKER__PREFETCH", "100")]);
+    good_jobs(&env, 20, "budgeted").await;
+    env.activities(20).await;
+    let shard = topology.shard_queue(0);
+    let prefetch = eventually("the router and the shards consuming", std::time::Duration::from_secs(20), || async {
+        let prefetch = prefetch_by_queue().await;
+        (prefetch.contains_key(&topology.work_queue()) && prefetch.contains_key(&shard)).then_some(prefetch)
+    })
+    .await;
+    assert_eq!(prefetch[&topology.work_queue()], 4, "64 MiB of 16 MiB messages");
+    assert_eq!(prefetch[&shard], 100, "a shard's jobs were checked by the router");
+    worker.stop().await;
+
+    let holds = env.herald(&["doctor"]).await;
+    assert!(holds.status.success(), "{}", stdout(&holds));
+    assert!(stdout(&holds).contains("ok    message size: RabbitMQ refuses messages over worker.broker_max_message_bytes (16777216)"));
+    let mut understated = env.herald_command(&["doctor"]);
+    understated.env("HERALD_WORKER__BROKER_MAX_MESSAGE_BYTES", "1048576");
+    let understated = understated.output().await.unwrap();
+    assert_eq!(understated.status.code(), Some(1), "{}", stdout(&understated));
+    assert!(stdout(&understated).contains("FAIL  message size: RabbitMQ accepted a message of 1048577 bytes"), "{}", stdout(&understated));
+}
