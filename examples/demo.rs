@@ -108,7 +108,10 @@ async fn main() -> anyhow::Result<()> {
     store.drop_database().await?;
     store.ensure_indexes().await?;
 
-    println!("seeding MongoDB `{DATABASE}`: organizations acme and globex share the Teams integration `{INTEGRATION}`");
+    println!(
+        "seeding MongoDB `{DATABASE}`: organizations acme and globex share the Teams integration `{INTEGRATION}` with their \
+         bots; initech uses it through a Teams Workflows webhook"
+    );
     let integrations = [
         // Globex's record first: "the first org_integration of the integration" is the wrong one for Acme.
         org_integration("globex", "22222222-bbbb-4bbb-8bbb-222222222222", "globex-bot-app", "globex-demo-secret", &service_url),
@@ -118,13 +121,19 @@ async fn main() -> anyhow::Result<()> {
         registered_channel("acme", "19:acme-alerts@thread.tacv2"),
         registered_channel("globex", "19:globex-alerts@thread.tacv2"),
         registered_channel("globex", "19:globex-ops@thread.tacv2"),
+        registered_channel("initech", "19:initech-alerts@thread.tacv2"),
     ];
     // Sealed for their own records, as `herald seed` and `herald org-integrations` store them.
     let secrets = Secrets::new(&settings.secrets)?;
-    let mut integrations = integrations;
+    let mut integrations = integrations.to_vec();
     for doc in &mut integrations {
         secrets.seal_plaintext(doc)?;
     }
+    // Initech's flow (deploy/demo/world.json): its URL, signature included, sealed.
+    let flow = sim.world().await?.workflows.into_iter().next().context("the demo world has a Workflows flow")?;
+    let url = teams_sim::workflow_url(&sim_url, &flow).into();
+    let sealed = secrets.seal_workflow_url("initech", INTEGRATION, &url)?;
+    integrations.push(OrgIntegrationDoc::workflow_webhook("initech", INTEGRATION, "33333333-cccc-4ccc-8ccc-333333333333", sealed));
     store.seed(&integrations, &conversations, false).await?;
     let signer = herald::worker::signer(&settings, &store).await?;
 
@@ -158,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
         alert("acme", "19:acme-alerts@thread.tacv2", "Acme: checkout latency p99 > 2s", "Region eu-west-1, since 10:02 UTC")?,
         alert("globex", "19:globex-alerts@thread.tacv2", "Globex: disk 95% on db-7", "Mount /var/lib/postgresql")?,
         alert("globex", "19:globex-ops@thread.tacv2", "Globex: backup failed", "The bot was removed from this channel")?,
+        alert("initech", "19:initech-alerts@thread.tacv2", "Initech: TPS reports late", "Through the channel's Workflows webhook")?,
     ];
     println!("enqueueing {} alerts and one malformed job", jobs.len());
     for job in &jobs {
@@ -167,9 +177,10 @@ async fn main() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let (delivered, letters) = loop {
-        let delivered = sim.activities(&ActivityFilter { route: Some(Route::Send), ..Default::default() }).await?;
+        let mut delivered = sim.activities(&ActivityFilter { route: Some(Route::Send), ..Default::default() }).await?;
+        delivered.extend(sim.activities(&ActivityFilter { route: Some(Route::Workflow), ..Default::default() }).await?);
         let letters = dlq::browse(&connection, &topology.dead_queue(), &signer, 100).await?;
-        if delivered.len() >= 2 && letters.len() >= 2 {
+        if delivered.len() >= 3 && letters.len() >= 2 {
             break (delivered, letters);
         }
         if started.elapsed() > Duration::from_secs(30) {
@@ -181,7 +192,11 @@ async fn main() -> anyhow::Result<()> {
     println!("\nDelivered (as recorded by teams-sim):");
     for record in &delivered {
         let title = record.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap_or("?");
-        println!("  {:<32} by bot app {:<15} tenant {}  \"{title}\"", record.conversation_id, record.app_id, record.tenant_id);
+        let by = match record.route {
+            Route::Workflow => "Workflows webhook".to_owned(),
+            _ => format!("bot app {}", record.app_id),
+        };
+        println!("  {:<32} by {by:<24} tenant {}  \"{title}\"", record.conversation_id, record.tenant_id);
     }
     println!("\nDead letters ({}):", topology.dead_queue());
     for letter in &letters {

@@ -52,6 +52,14 @@ reasons! {
     TeamsNotFound => "teams_not_found",
     TeamsServerError => "teams_server_error",
     TeamsUnexpectedStatus => "teams_unexpected_status",
+    /// A Workflows webhook refused the card (400).
+    WorkflowBadRequest => "workflow_bad_request",
+    /// A Workflows webhook refused the URL's signature (401, 403): the URL
+    /// was regenerated or the flow's trigger changed.
+    WorkflowUnauthorized => "workflow_unauthorized",
+    /// A Workflows webhook does not exist (404, 410): the flow was deleted
+    /// or turned off.
+    WorkflowNotFound => "workflow_not_found",
     /// The request may have reached Teams but its answer was lost (a timeout
     /// after the request was written, a reset, a 2xx whose body cannot be
     /// read). Never resent automatically: an operator decides.
@@ -178,6 +186,20 @@ fn classify_teams(err: &TeamsError, max_in_process_wait: Duration) -> Verdict {
         // unknown app, wrong authority): an operator must fix the record.
         TeamsError::TokenRejected { status, .. } if *status >= 500 || *status == 429 => unavailable,
         TeamsError::TokenRejected { .. } => DeadLetter(Reason::TeamsUnauthorized),
+        TeamsError::Workflow { status, retry_after, .. } => match status {
+            400 => DeadLetter(Reason::WorkflowBadRequest),
+            401 | 403 => DeadLetter(Reason::WorkflowUnauthorized),
+            404 | 410 => DeadLetter(Reason::WorkflowNotFound),
+            413 => DeadLetter(Reason::PayloadTooLarge),
+            408 | 502 | 503 | 504 => Retry { reason: Reason::TeamsUnavailable, quick: true, after: *retry_after },
+            429 => {
+                let after = retry_after.unwrap_or(Duration::from_secs(1));
+                Retry { reason: Reason::TeamsThrottled, quick: after <= max_in_process_wait, after: Some(after) }
+            }
+            // The flow may have run: as with the Connector, not resent.
+            500 => DeadLetter(Reason::TeamsServerError),
+            _ => DeadLetter(Reason::TeamsUnexpectedStatus),
+        },
         TeamsError::Api { status, retry_after, .. } => match status {
             400 => DeadLetter(Reason::TeamsBadRequest),
             // Already after one forced token refresh (see teams::Teams::send).
@@ -237,6 +259,37 @@ mod tests {
     }
 
     const WAIT: Duration = Duration::from_secs(5);
+
+    fn workflow(status: u16, retry_after: Option<u64>) -> DeliveryError {
+        DeliveryError::Teams(TeamsError::Workflow {
+            status,
+            code: None,
+            message: String::new(),
+            retry_after: retry_after.map(Duration::from_secs),
+        })
+    }
+
+    #[test]
+    fn a_workflows_answer_names_what_the_operator_must_fix() {
+        for (status, reason) in [
+            (400, Reason::WorkflowBadRequest),
+            (401, Reason::WorkflowUnauthorized),
+            (403, Reason::WorkflowUnauthorized),
+            (404, Reason::WorkflowNotFound),
+            (410, Reason::WorkflowNotFound),
+            (413, Reason::PayloadTooLarge),
+            (500, Reason::TeamsServerError),
+            (418, Reason::TeamsUnexpectedStatus),
+        ] {
+            assert_eq!(classify(&workflow(status, None), WAIT), Verdict::DeadLetter(reason), "{status}");
+        }
+        assert_eq!(
+            classify(&workflow(429, Some(2)), WAIT),
+            Verdict::Retry { reason: Reason::TeamsThrottled, quick: true, after: Some(Duration::from_secs(2)) }
+        );
+        assert!(matches!(classify(&workflow(503, None), WAIT), Verdict::Retry { reason: Reason::TeamsUnavailable, quick: true, .. }));
+        assert!(!quarantines(&workflow(404, None)), "a webhook has no conversation to quarantine");
+    }
 
     #[test]
     fn microsofts_table() {

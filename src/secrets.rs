@@ -22,7 +22,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::mongo::{BotDoc, OrgIntegrationDoc, SealedSecret};
+use crate::mongo::{BotDoc, IntegrationKind, OrgIntegrationDoc, SealedSecret, WorkflowDoc};
 use crate::settings::SecretSettings;
 
 /// The largest secret read from a file or opened from a seal. A bot secret is
@@ -32,8 +32,14 @@ pub const MAX_SECRET_BYTES: usize = 16 * 1024;
 /// How long reading a secret file may take (a hung network mount).
 const FILE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Domain separation of the associated data, versioned with the format.
+/// Domain separation of the associated data, versioned with the format: a
+/// bot secret and a webhook URL never open as each other.
 const AAD_CONTEXT: &[u8] = b"herald/bot-secret/v1";
+const WORKFLOW_AAD_CONTEXT: &[u8] = b"herald/workflow-url/v1";
+
+/// The longest Workflows webhook URL herald stores (they are a few hundred
+/// bytes: host, workflow id, API version and signature).
+pub const MAX_WORKFLOW_URL_BYTES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -81,6 +87,12 @@ pub enum SecretError {
     Empty,
     #[error("{0}")]
     Keyring(String),
+    #[error("a workflow_webhook record needs `workflow.url_sealed` and no `bot` (herald org-integrations add --kind workflow_webhook)")]
+    WorkflowShape,
+    #[error("a bot record has no `workflow` (kind: bot)")]
+    BotShape,
+    #[error("the webhook URL is not a URL herald can post to: {0}")]
+    WorkflowUrl(String),
 }
 
 /// What a sealed secret is bound to: the record it was sealed for.
@@ -88,17 +100,30 @@ pub enum SecretError {
 pub struct Owner<'a> {
     pub organization_id: &'a str,
     pub integration_id: &'a str,
+    /// The bot app id; empty for a webhook URL.
     pub app_id: &'a str,
+    context: &'static [u8],
 }
 
 impl<'a> Owner<'a> {
+    /// The owner of a bot secret.
+    pub fn bot(organization_id: &'a str, integration_id: &'a str, app_id: &'a str) -> Self {
+        Self { organization_id, integration_id, app_id, context: AAD_CONTEXT }
+    }
+
+    /// The owner of a webhook URL.
+    pub fn workflow(organization_id: &'a str, integration_id: &'a str) -> Self {
+        Self { organization_id, integration_id, app_id: "", context: WORKFLOW_AAD_CONTEXT }
+    }
+
+    /// The owner of the record's bot secret.
     pub fn of(doc: &'a OrgIntegrationDoc) -> Self {
-        Self { organization_id: &doc.organization_id, integration_id: &doc.integration_id, app_id: &doc.bot.app_id }
+        Self::bot(&doc.organization_id, &doc.integration_id, &doc.bot.app_id)
     }
 
     /// Length-prefixed, so that no two owners give the same bytes.
     fn associated_data(&self) -> Vec<u8> {
-        let mut aad = AAD_CONTEXT.to_vec();
+        let mut aad = self.context.to_vec();
         for part in [self.organization_id, self.integration_id, self.app_id] {
             aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
             aad.extend_from_slice(part.as_bytes());
@@ -209,9 +234,46 @@ impl Secrets {
     }
 
     /// Everything about the record's secret that can be known without
-    /// reading it: one source, in this organization's scope.
+    /// reading it: one source, in this organization's scope (a bot's), or a
+    /// sealed URL with a key of the ring and no bot (a webhook's).
     pub fn check(&self, doc: &OrgIntegrationDoc) -> Result<(), SecretError> {
-        self.source(doc).map(drop)
+        match doc.kind {
+            IntegrationKind::Bot if doc.workflow.is_some() => Err(SecretError::BotShape),
+            IntegrationKind::Bot => self.source(doc).map(drop),
+            IntegrationKind::WorkflowWebhook => self.workflow_seal(doc).map(drop),
+        }
+    }
+
+    fn workflow_seal<'a>(&self, doc: &'a OrgIntegrationDoc) -> Result<&'a SealedSecret, SecretError> {
+        let (Some(workflow), true) = (&doc.workflow, doc.bot.is_unset()) else { return Err(SecretError::WorkflowShape) };
+        if !self.keyring.keys.contains_key(&workflow.url_sealed.key_id) {
+            return Err(SecretError::UnknownKey { key_id: workflow.url_sealed.key_id.clone() });
+        }
+        Ok(&workflow.url_sealed)
+    }
+
+    /// A webhook record's URL, opened (never logged: it carries the flow's
+    /// signature).
+    pub fn workflow_url(&self, doc: &OrgIntegrationDoc) -> Result<SecretString, SecretError> {
+        let sealed = self.workflow_seal(doc)?;
+        let url = self.keyring.open(Owner::workflow(&doc.organization_id, &doc.integration_id), sealed)?;
+        if url.expose_secret().len() > MAX_WORKFLOW_URL_BYTES {
+            return Err(SecretError::TooLarge("workflow.url_sealed".into()));
+        }
+        Ok(url)
+    }
+
+    /// `url` sealed for the webhook record of `organization_id` /
+    /// `integration_id`.
+    pub fn seal_workflow_url(&self, organization_id: &str, integration_id: &str, url: &SecretString) -> Result<SealedSecret, SecretError> {
+        let text = url.expose_secret().trim();
+        if text.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        if text.len() > MAX_WORKFLOW_URL_BYTES {
+            return Err(SecretError::TooLarge("the webhook URL".into()));
+        }
+        self.keyring.seal(Owner::workflow(organization_id, integration_id), &SecretString::from(text.to_owned()))
     }
 
     fn source<'a>(&self, doc: &'a OrgIntegrationDoc) -> Result<Source<'a>, SecretError> {
@@ -308,16 +370,32 @@ impl Secrets {
     /// What `seal-secrets` would write for this record: its secret sealed with
     /// the current key, when it is plaintext or sealed with another key;
     /// `None` when there is nothing to do.
-    pub fn resealed(&self, doc: &OrgIntegrationDoc) -> Result<Option<BotDoc>, SecretError> {
-        let owner = Owner::of(doc);
+    pub fn resealed(&self, doc: &OrgIntegrationDoc) -> Result<Option<Resealed>, SecretError> {
         let current = self.keyring.sealing_key().ok_or(SecretError::NoSealingKey)?;
+        if doc.kind == IntegrationKind::WorkflowWebhook {
+            let sealed = self.workflow_seal(doc)?;
+            if sealed.key_id == current {
+                return Ok(None);
+            }
+            let url = self.workflow_url(doc)?;
+            let url_sealed = self.seal_workflow_url(&doc.organization_id, &doc.integration_id, &url)?;
+            return Ok(Some(Resealed::Workflow(WorkflowDoc { url_sealed })));
+        }
+        let owner = Owner::of(doc);
         let secret = match (&doc.bot.app_secret, &doc.bot.app_secret_sealed) {
             (Some(plain), None) => SecretString::from(plain.clone()),
             (None, Some(sealed)) if sealed.key_id != current => self.keyring.open(owner, sealed)?,
             _ => return Ok(None),
         };
-        self.sealed_bot(owner, doc.bot.authority.clone(), &secret).map(Some)
+        self.sealed_bot(owner, doc.bot.authority.clone(), &secret).map(|bot| Some(Resealed::Bot(bot)))
     }
+}
+
+/// A record's secret sealed anew (`Secrets::resealed`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resealed {
+    Bot(BotDoc),
+    Workflow(WorkflowDoc),
 }
 
 /// The organization id as it appears in a variable or file name: only ids
@@ -423,6 +501,30 @@ mod tests {
         assert!(matches!(secrets.read(&record("acme", altered)).await, Err(SecretError::DoesNotOpen { .. })));
     }
 
+    #[test]
+    fn a_webhook_url_opens_only_for_its_own_record_and_never_as_a_bot_secret() {
+        let secrets = Secrets::new(&settings(&[("k1", KEY_1)], "")).unwrap();
+        let url = SecretString::from("https://x.environment.api.powerplatform.com/w?sig=s".to_owned());
+        let sealed = secrets.seal_workflow_url("acme", "main", &url).unwrap();
+        let webhook = OrgIntegrationDoc::workflow_webhook("acme", "main", "tenant", sealed.clone());
+        assert!(secrets.check(&webhook).is_ok());
+        assert_eq!(secrets.workflow_url(&webhook).unwrap().expose_secret(), url.expose_secret());
+        let copied = OrgIntegrationDoc::workflow_webhook("other", "main", "tenant", sealed.clone());
+        assert!(matches!(secrets.workflow_url(&copied), Err(SecretError::DoesNotOpen { .. })), "another organization's record");
+        // The same blob as a bot secret of the same record does not open.
+        let as_bot = record("acme", BotDoc { app_id: String::new(), app_secret_sealed: Some(sealed), ..bot() });
+        let as_bot = OrgIntegrationDoc { integration_id: "main".into(), ..as_bot };
+        assert!(matches!(
+            secrets.keyring().open(Owner::of(&as_bot), as_bot.bot.app_secret_sealed.as_ref().unwrap()),
+            Err(SecretError::DoesNotOpen { .. })
+        ));
+        // A webhook record with a bot, or a bot record with a webhook, is refused.
+        let mixed = OrgIntegrationDoc { bot: bot(), ..webhook.clone() };
+        assert!(matches!(secrets.check(&mixed), Err(SecretError::WorkflowShape)));
+        let mixed = OrgIntegrationDoc { workflow: webhook.workflow.clone(), ..record("acme", bot()) };
+        assert!(matches!(secrets.check(&mixed), Err(SecretError::BotShape)));
+    }
+
     #[tokio::test]
     async fn keys_rotate_open_with_any_seal_with_the_named_one() {
         let old = Secrets::new(&settings(&[("k1", KEY_1)], "")).unwrap();
@@ -430,7 +532,7 @@ mod tests {
         let sealed = record("acme", old.sealed_bot(Owner::of(&acme), None, &SecretString::from("x".to_owned())).unwrap());
         let both = Secrets::new(&settings(&[("k1", KEY_1), ("k2", KEY_2)], "k2")).unwrap();
         assert_eq!(both.read(&sealed).await.unwrap().expose_secret(), "x", "the old key still opens");
-        let resealed = both.resealed(&sealed).unwrap().expect("sealed with an old key: resealed");
+        let Some(Resealed::Bot(resealed)) = both.resealed(&sealed).unwrap() else { panic!("sealed with an old key: resealed") };
         assert_eq!(resealed.app_secret_sealed.as_ref().unwrap().key_id, "k2");
         let resealed = record("acme", resealed);
         assert!(both.resealed(&resealed).unwrap().is_none(), "already current");

@@ -217,6 +217,8 @@ pub struct RateLimitSettings {
     pub enabled: bool,
     pub per_conversation: Vec<teams_limits::Window>,
     pub per_app_tenant: Vec<teams_limits::Window>,
+    /// The windows of one Workflows webhook (each URL counted alone).
+    pub per_workflow: Vec<teams_limits::Window>,
     pub max_in_process_wait_ms: u64,
     pub margin_ms: u64,
 }
@@ -228,6 +230,10 @@ pub struct CloudSettings {
     pub multi_tenant_authority: String,
     pub scope: String,
     pub service_hosts: Vec<String>,
+    /// Hosts Workflows webhooks of this cloud may be on; an entry starting
+    /// with `.` allows every host under that domain. Empty: no webhooks.
+    #[serde(default)]
+    pub workflow_hosts: Vec<String>,
 }
 
 /// The cloud of an org_integration that names none.

@@ -295,8 +295,9 @@ async fn mongodb_tls(settings: &Settings) -> Option<Result<String, String>> {
     Some(super::tls_probe::probe(host.clone(), port.unwrap_or(27017), trust).await)
 }
 
-/// Where the org_integrations' bot secrets are, and whether the worker would
-/// accept each (its scope, its key, plaintext), without reading any.
+/// Where the org_integrations' bot secrets (and webhook URLs) are, and
+/// whether the worker would accept each (its scope, its key, plaintext),
+/// without reading any.
 async fn bot_secrets(settings: &Settings, store: &Store) -> Result<String, String> {
     let secrets = crate::secrets::Secrets::new(&settings.secrets).map_err(|err| err.to_string())?;
     let records = store.all_org_integrations().await.map_err(|err| crate::text::error_chain(&err))?;
@@ -306,7 +307,8 @@ async fn bot_secrets(settings: &Settings, store: &Store) -> Result<String, Strin
         if let Err(err) = secrets.check(doc) {
             refused.push(format!("{}/{}: {err}", doc.organization_id, doc.integration_id));
         }
-        match (&doc.bot.app_secret, &doc.bot.app_secret_sealed) {
+        let seal = doc.workflow.as_ref().map(|w| &w.url_sealed).or(doc.bot.app_secret_sealed.as_ref());
+        match (&doc.bot.app_secret, seal) {
             (Some(_), _) => plaintext += 1,
             (None, Some(seal)) if Some(seal.key_id.as_str()) == current => sealed += 1,
             (None, Some(_)) => older += 1,

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::{Usage, progress};
 use crate::job::{Content, ConversationId, IntegrationId, Message, OrganizationId};
-use crate::mongo::{BotDoc, IntegrationStatus, OrgIntegrationDoc, Store};
-use crate::secrets::{MAX_SECRET_BYTES, Owner, Secrets};
+use crate::mongo::{BotDoc, IntegrationKind, IntegrationStatus, OrgIntegrationDoc, Store, WorkflowDoc};
+use crate::secrets::{MAX_SECRET_BYTES, Owner, Resealed, Secrets};
 use crate::settings::Settings;
 use crate::teams::{Destination, Teams, card, redact};
 use crate::text::error_chain;
@@ -21,8 +21,10 @@ use crate::worker::resolve;
 
 #[derive(Debug, Subcommand)]
 pub enum OrgIntegrationsCommand {
-    /// Create an org_integration, or make an existing one what the flags say.
-    /// Checked with the worker's own checks (cloud, service-URL allowlist,
+    /// Create an org_integration, or make an existing one what the flags say:
+    /// a bot (--app-id, --service-url and a secret source) or, with --kind
+    /// workflow_webhook, a Teams Workflows webhook (--url-file). Checked with
+    /// the worker's own checks (cloud, service-URL or webhook-host allowlist,
     /// exactly one secret source) before anything is written.
     Add(Box<AddArgs>),
     /// List org_integrations (secrets never shown: only where each is kept).
@@ -41,17 +43,19 @@ pub enum OrgIntegrationsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Rotate the bot secret: replace the secret source. Workers use it at
-    /// their next resolution (worker.resolution_cache_ttl_secs).
+    /// Rotate the bot secret (replace its source), or a webhook's URL
+    /// (--url-file, sealed). Workers use it at their next resolution
+    /// (worker.resolution_cache_ttl_secs).
     SetSecret {
         #[command(flatten)]
         target: Target,
         #[command(flatten)]
         secret: SecretArgs,
     },
-    /// Seal every bot secret stored in MongoDB with the current key
-    /// (secrets.seal_with): plaintext `bot.app_secret` from before sealing,
-    /// and secrets sealed with an older key after a key rotation. Each record
+    /// Seal every bot secret and webhook URL stored in MongoDB with the
+    /// current key (secrets.seal_with): plaintext `bot.app_secret` from
+    /// before sealing, and secrets sealed with an older key after a key
+    /// rotation. Each record
     /// is rewritten only if unchanged since it was read. Safe to re-run.
     SealSecrets {
         /// Count what would be sealed; write nothing.
@@ -77,15 +81,18 @@ pub enum OrgIntegrationsCommand {
         yes: bool,
     },
     /// Check that an org_integration works: the record, its secret, a token
-    /// from its cloud and, with --send-test, a test card in a conversation.
-    /// Says exactly which step failed and why (exit 1).
+    /// from its cloud (a bot's) and, with --send-test, a test card (into
+    /// --conversation for a bot; where its flow posts for a webhook). Nothing
+    /// is posted without --send-test. Says exactly which step failed and why
+    /// (exit 1).
     Check {
         #[command(flatten)]
         target: Target,
-        /// Also post a test card into --conversation.
-        #[arg(long, requires = "conversation")]
+        /// Also post a test card.
+        #[arg(long)]
         send_test: bool,
-        /// A conversation registered for this org_integration.
+        /// A conversation registered for this org_integration (a bot's test
+        /// card goes there).
         #[arg(long)]
         conversation: Option<String>,
         #[arg(long)]
@@ -104,9 +111,9 @@ pub struct Target {
     pub integration: String,
 }
 
-/// Where the bot's secret comes from: exactly one.
+/// Where the bot's secret comes from (exactly one), or a webhook's URL.
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub struct SecretArgs {
     /// The worker reads the secret from this environment variable (its name
     /// is stored): <secrets.env_prefix><organization>__<NAME>, e.g.
@@ -121,6 +128,20 @@ pub struct SecretArgs {
     /// with the key ring (secrets.keys).
     #[arg(long)]
     secret_stdin: bool,
+    /// A Teams Workflows webhook's URL, read from this file (the whole URL,
+    /// signature included: it is sealed with the key ring, never stored in
+    /// the clear or shown).
+    #[arg(long)]
+    url_file: Option<std::path::PathBuf>,
+}
+
+/// How an org_integration reaches Teams, on the command line.
+#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum KindArg {
+    #[default]
+    Bot,
+    WorkflowWebhook,
 }
 
 #[derive(Debug, Args)]
@@ -130,18 +151,22 @@ pub struct AddArgs {
     /// The organization's Microsoft 365 tenant id.
     #[arg(long)]
     tenant: String,
-    /// The bot's Microsoft app id.
+    /// A bot (the default), or a Teams Workflows webhook (--url-file).
+    #[arg(long, value_enum, default_value_t)]
+    kind: KindArg,
+    /// The bot's Microsoft app id (a bot only).
     #[arg(long)]
-    app_id: String,
+    app_id: Option<String>,
     /// The tenant of a single-tenant bot (default: the cloud's multi-tenant authority).
     #[arg(long)]
     authority: Option<String>,
     /// The Microsoft cloud: a key of `teams.clouds` (public, gcc, gcch, dod).
     #[arg(long)]
     cloud: Option<String>,
-    /// The Bot Connector service URL Teams gave for this tenant, e.g. https://smba.trafficmanager.net/emea/.
+    /// The Bot Connector service URL Teams gave for this tenant, e.g.
+    /// https://smba.trafficmanager.net/emea/ (a bot only).
     #[arg(long)]
-    service_url: String,
+    service_url: Option<String>,
     #[command(flatten)]
     secret: SecretArgs,
     /// Store it disabled (no deliveries until `enable`).
@@ -150,9 +175,37 @@ pub struct AddArgs {
 }
 
 impl SecretArgs {
+    /// The webhook URL of `--url-file`, sealed for the record of
+    /// `organization_id` / `integration_id`.
+    fn workflow(&self, secrets: &Secrets, organization_id: &str, integration_id: &str) -> anyhow::Result<WorkflowDoc> {
+        let Some(path) = &self.url_file else {
+            return Err(Usage("a workflow_webhook org_integration needs --url-file (its webhook URL)".into()).into());
+        };
+        if secrets.keyring().sealing_key().is_none() {
+            return Err(Usage(format!("--url-file: {}", crate::secrets::SecretError::NoSealingKey)).into());
+        }
+        let mut url = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(crate::secrets::MAX_WORKFLOW_URL_BYTES as u64 + 1).read_to_string(&mut url))
+            .map_err(|err| Usage(format!("--url-file {}: {err}", path.display())))?;
+        let url = SecretString::from(url.trim().to_owned());
+        let url_sealed = secrets
+            .seal_workflow_url(organization_id, integration_id, &url)
+            .map_err(|err| Usage(format!("--url-file {}: {err}", path.display())))?;
+        Ok(WorkflowDoc { url_sealed })
+    }
+
     /// The bot of `owner`'s record with this secret source; a secret from
     /// standard input is sealed for exactly that record.
     fn bot(&self, secrets: &Secrets, owner: Owner<'_>, authority: Option<String>) -> anyhow::Result<BotDoc> {
+        if self.url_file.is_some() {
+            return Err(
+                Usage("--url-file is a Workflows webhook's URL; a bot takes --secret-env, --secret-file or --secret-stdin".into()).into()
+            );
+        }
+        if self.secret_env.is_none() && self.secret_file.is_none() && !self.secret_stdin {
+            return Err(Usage("a bot needs its secret: --secret-env, --secret-file or --secret-stdin".into()).into());
+        }
         let app_id = owner.app_id;
         let mut bot = BotDoc {
             app_id: app_id.to_owned(),
@@ -189,6 +242,7 @@ struct Shown {
     status: IntegrationStatus,
     tenant_id: String,
     cloud: String,
+    kind: &'static str,
     service_url: String,
     app_id: String,
     authority: Option<String>,
@@ -199,6 +253,10 @@ impl From<&OrgIntegrationDoc> for Shown {
     fn from(doc: &OrgIntegrationDoc) -> Self {
         let bot = &doc.bot;
         let secret = match (&bot.app_secret, &bot.app_secret_sealed, &bot.app_secret_env, &bot.app_secret_file) {
+            _ if doc.kind == IntegrationKind::WorkflowWebhook => match &doc.workflow {
+                Some(workflow) => format!("webhook URL sealed in MongoDB (key {})", workflow.url_sealed.key_id),
+                None => "no webhook URL (misconfigured)".to_owned(),
+            },
             (Some(_), None, None, None) => "plaintext in MongoDB (run seal-secrets)".to_owned(),
             (None, Some(sealed), None, None) => format!("sealed in MongoDB (key {})", sealed.key_id),
             (None, None, Some(var), None) => format!("env {var}"),
@@ -212,6 +270,7 @@ impl From<&OrgIntegrationDoc> for Shown {
             status: doc.status,
             tenant_id: doc.tenant_id.clone(),
             cloud: doc.cloud.clone().unwrap_or_else(|| "public".into()),
+            kind: doc.kind.as_str(),
             service_url: redact(&doc.service_url),
             app_id: bot.app_id.clone(),
             authority: bot.authority.clone(),
@@ -246,12 +305,16 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
-            println!("{:<20} {:<20} {:<9} {:<38} {:<38} SECRET", "ORGANIZATION", "INTEGRATION", "STATUS", "TENANT", "BOT APP");
+            println!(
+                "{:<20} {:<20} {:<9} {:<38} {:<16} {:<38} SECRET",
+                "ORGANIZATION", "INTEGRATION", "STATUS", "TENANT", "KIND", "BOT APP"
+            );
             for o in &list {
                 let status = if o.status == IntegrationStatus::Active { "active" } else { "disabled" };
+                let app = if o.app_id.is_empty() { "-" } else { o.app_id.as_str() };
                 println!(
-                    "{:<20} {:<20} {status:<9} {:<38} {:<38} {}",
-                    o.organization_id, o.integration_id, o.tenant_id, o.app_id, o.secret
+                    "{:<20} {:<20} {status:<9} {:<38} {:<16} {app:<38} {}",
+                    o.organization_id, o.integration_id, o.tenant_id, o.kind, o.secret
                 );
             }
             println!("{} org_integration(s)", list.len());
@@ -269,7 +332,10 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
         }
         OrgIntegrationsCommand::SetSecret { target, secret } => {
             let mut doc = find(store, &target).await?;
-            doc.bot = secret.bot(&secrets, Owner::of(&doc), doc.bot.authority.clone())?;
+            match doc.kind {
+                IntegrationKind::Bot => doc.bot = secret.bot(&secrets, Owner::of(&doc), doc.bot.authority.clone())?,
+                IntegrationKind::WorkflowWebhook => doc.workflow = Some(secret.workflow(&secrets, &target.org, &target.integration)?),
+            }
             checked(settings, &secrets, &doc)?;
             store.put_org_integration(&doc).await?;
             println!(
@@ -293,11 +359,11 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
             }
         }
         OrgIntegrationsCommand::Check { target, send_test, conversation, json } => {
-            let conversation = match conversation.filter(|_| send_test) {
+            let conversation = match conversation {
                 Some(id) => Some(ConversationId::parse(id).ok_or_else(|| Usage("--conversation must not be blank".into()))?),
                 None => None,
             };
-            let steps = check(settings, &secrets, store, &target, conversation).await;
+            let steps = check(settings, &secrets, store, &target, send_test, conversation).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&steps)?);
             } else {
@@ -314,10 +380,23 @@ async fn dispatch(settings: &Settings, store: &Store, command: OrgIntegrationsCo
 }
 
 async fn add(settings: &Settings, secrets: &Secrets, store: &Store, args: AddArgs) -> anyhow::Result<()> {
-    let AddArgs { target, tenant, app_id, authority, cloud, service_url, secret, disabled } = args;
-    let owner = Owner { organization_id: &target.org, integration_id: &target.integration, app_id: &app_id };
-    let bot = secret.bot(secrets, owner, authority)?;
-    let mut doc = OrgIntegrationDoc::active(&target.org, &target.integration, &tenant, &service_url, bot);
+    let AddArgs { target, tenant, kind, app_id, authority, cloud, service_url, secret, disabled } = args;
+    let mut doc = match kind {
+        KindArg::Bot => {
+            let (Some(app_id), Some(service_url)) = (app_id, service_url) else {
+                return Err(Usage("a bot needs --app-id and --service-url (or --kind workflow_webhook with --url-file)".into()).into());
+            };
+            let bot = secret.bot(secrets, Owner::bot(&target.org, &target.integration, &app_id), authority)?;
+            OrgIntegrationDoc::active(&target.org, &target.integration, &tenant, &service_url, bot)
+        }
+        KindArg::WorkflowWebhook => {
+            if app_id.is_some() || service_url.is_some() || authority.is_some() {
+                return Err(Usage("a workflow_webhook has no bot: drop --app-id, --service-url and --authority".into()).into());
+            }
+            let workflow = secret.workflow(secrets, &target.org, &target.integration)?;
+            OrgIntegrationDoc::workflow_webhook(&target.org, &target.integration, &tenant, workflow.url_sealed)
+        }
+    };
     doc.cloud = cloud;
     if disabled {
         doc.status = IntegrationStatus::Disabled;
@@ -327,7 +406,11 @@ async fn add(settings: &Settings, secrets: &Secrets, store: &Store, args: AddArg
     store.ensure_indexes().await?;
     store.put_org_integration(&doc).await?;
     let verb = if existed { "updated" } else { "added" };
-    println!("{verb} org_integration {}/{} (bot {app_id}, tenant {tenant})", target.org, target.integration);
+    let via = match doc.kind {
+        IntegrationKind::Bot => format!("bot {}", doc.bot.app_id),
+        IntegrationKind::WorkflowWebhook => "Workflows webhook, URL sealed".to_owned(),
+    };
+    println!("{verb} org_integration {}/{} ({via}, tenant {tenant})", target.org, target.integration);
     println!("next: herald conversations add --org {} --integration {} --conversation '19:...'", target.org, target.integration);
     println!("      herald org-integrations check --org {} --integration {}", target.org, target.integration);
     Ok(())
@@ -352,10 +435,16 @@ async fn seal_secrets(store: &Store, secrets: &Secrets, dry_run: bool) -> anyhow
         match secrets.resealed(doc) {
             Ok(None) => current += 1,
             Ok(Some(_)) if dry_run => sealed += 1,
-            Ok(Some(bot)) => match store.replace_bot_if_unchanged(doc, &bot).await? {
-                true => sealed += 1,
-                false => changed += 1,
-            },
+            Ok(Some(resealed)) => {
+                let replaced = match &resealed {
+                    Resealed::Bot(bot) => store.replace_bot_if_unchanged(doc, bot).await?,
+                    Resealed::Workflow(workflow) => store.replace_workflow_if_unchanged(doc, workflow).await?,
+                };
+                match replaced {
+                    true => sealed += 1,
+                    false => changed += 1,
+                }
+            }
             Err(err) => failed.push(format!("{}/{}: {err}", doc.organization_id, doc.integration_id)),
         }
     }
@@ -395,7 +484,14 @@ async fn set_status(store: &Store, target: &Target, status: IntegrationStatus, t
 }
 
 /// Each step as a job would take it, stopping at the first that fails.
-async fn check(settings: &Settings, secrets: &Secrets, store: &Store, target: &Target, conversation: Option<ConversationId>) -> Vec<Step> {
+async fn check(
+    settings: &Settings,
+    secrets: &Secrets,
+    store: &Store,
+    target: &Target,
+    send_test: bool,
+    conversation: Option<ConversationId>,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut step = |step, result: Result<String, String>| {
         let ok = result.is_ok();
@@ -435,12 +531,40 @@ async fn check(settings: &Settings, secrets: &Secrets, store: &Store, target: &T
             return steps;
         }
     };
+    let message = Message {
+        title: "herald test".into(),
+        text: format!("A test card from `herald org-integrations check` for {}/{}.", target.org, target.integration),
+        url: None,
+        severity: Default::default(),
+        facts: Vec::new(),
+    };
+    let bot = match &integration.via {
+        resolve::Via::Bot { bot, .. } => bot,
+        resolve::Via::Workflow(workflow) => {
+            step("secret", Ok(format!("webhook URL opened: {} (on the cloud's workflow_hosts)", workflow.shown())));
+            if send_test {
+                let sent = async {
+                    let body = teams.encode(&card::activity(&Content::Message(message)))?;
+                    teams.post_workflow(workflow, &body, tokio::time::Instant::now() + teams.request_timeout()).await
+                };
+                let detail = sent.await.map(|sent| format!("accepted by Workflows (run {})", sent.activity_id));
+                step("send", detail.map_err(|err| error_chain(&err)));
+            }
+            return steps;
+        }
+    };
     step("secret", Ok("read".to_owned()));
-    let token = teams.fetch_token(&integration.bot).await.map(|()| format!("accepted by the {} cloud", integration.bot.cloud()));
+    let token = teams.fetch_token(bot).await.map(|()| format!("accepted by the {} cloud", bot.cloud()));
     if !step("token", token.map_err(|err| error_chain(&err))) {
         return steps;
     }
-    let Some(conversation) = conversation else { return steps };
+    if !send_test {
+        return steps;
+    }
+    let Some(conversation) = conversation else {
+        step("conversation", Err("--send-test needs --conversation for a bot (a conversation registered for it)".to_owned()));
+        return steps;
+    };
     let registered = store.conversation(&integration.organization_id, &integration.integration_id, &conversation).await;
     match registered {
         Ok(Some(c)) if c.status == crate::mongo::ConversationStatus::Active => {}
@@ -464,17 +588,10 @@ async fn check(settings: &Settings, secrets: &Secrets, store: &Store, target: &T
         }
     }
     step("conversation", Ok("registered, active".to_owned()));
-    let message = Message {
-        title: "herald test".into(),
-        text: format!("A test card from `herald org-integrations check` for {}/{}.", target.org, target.integration),
-        url: None,
-        severity: Default::default(),
-        facts: Vec::new(),
-    };
     let sent = async {
         let service_url = integration.checked_service_url()?;
         let body = teams.encode(&card::activity(&Content::Message(message)))?;
-        let to = Destination { service_url: &service_url, conversation_id: conversation.as_str(), bot: &integration.bot };
+        let to = Destination { service_url: &service_url, conversation_id: conversation.as_str(), bot };
         teams.send(&to, &body, tokio::time::Instant::now() + teams.request_timeout()).await
     };
     step("send", sent.await.map(|sent| format!("posted, activity {}", sent.activity_id)).map_err(|err| error_chain(&err)));

@@ -10,10 +10,39 @@ pub enum IntegrationStatus {
     Disabled,
 }
 
+/// How an org_integration reaches Teams.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegrationKind {
+    /// A Bot Framework bot, through the Connector (`bot`, `service_url`).
+    #[default]
+    Bot,
+    /// A Teams Workflows (Power Automate) webhook that posts a card where
+    /// its flow says (`workflow`).
+    WorkflowWebhook,
+}
+
+impl IntegrationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntegrationKind::Bot => "bot",
+            IntegrationKind::WorkflowWebhook => "workflow_webhook",
+        }
+    }
+}
+
+/// A Workflows webhook. Its URL carries the flow's own signature, so
+/// whoever holds it can post: it is stored only sealed, like a bot secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkflowDoc {
+    pub url_sealed: SealedSecret,
+}
+
 /// How an org_integration's bot authenticates. The secret is either stored
 /// here, sealed (`app_secret_sealed`), or referenced so that it stays out of
 /// the database (`crate::secrets` says which references are allowed).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Absent (all empty) on a `workflow_webhook` record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct BotDoc {
     pub app_id: String,
     /// A plaintext secret: accepted only while `secrets.accept_plaintext` is
@@ -59,6 +88,11 @@ impl BotDoc {
             authority: None,
         }
     }
+
+    /// No field set: the record has no bot (a webhook's).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// One organization's use of a Teams integration (docs/contract.md §5).
@@ -73,8 +107,16 @@ pub struct OrgIntegrationDoc {
     /// A key of `teams.clouds`; `public` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud: Option<String>,
+    /// `bot` when absent (records written before webhooks existed).
+    #[serde(default)]
+    pub kind: IntegrationKind,
+    /// The Connector's service URL of a bot; empty for a webhook.
+    #[serde(default)]
     pub service_url: String,
+    #[serde(default, skip_serializing_if = "BotDoc::is_unset")]
     pub bot: BotDoc,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<DateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,10 +133,24 @@ impl OrgIntegrationDoc {
             status: IntegrationStatus::Active,
             tenant_id: tenant_id.to_owned(),
             cloud: None,
+            kind: IntegrationKind::Bot,
             service_url: service_url.to_owned(),
             bot,
+            workflow: None,
             created_at: None,
             updated_at: None,
+        }
+    }
+
+    /// An active Workflows-webhook record on the public cloud, its URL
+    /// sealed already (`crate::secrets::Keyring::seal`), not yet stored.
+    pub fn workflow_webhook(organization_id: &str, integration_id: &str, tenant_id: &str, url_sealed: SealedSecret) -> Self {
+        Self {
+            kind: IntegrationKind::WorkflowWebhook,
+            service_url: String::new(),
+            bot: BotDoc::default(),
+            workflow: Some(WorkflowDoc { url_sealed }),
+            ..Self::active(organization_id, integration_id, tenant_id, "", BotDoc::default())
         }
     }
 

@@ -36,11 +36,20 @@ fn org_integration_statement(doc: &OrgIntegrationDoc) -> Result<Document, StoreE
     let mut set = doc! {
         "status": encode(&doc.status, "encode org_integration")?,
         "tenant_id": &doc.tenant_id,
+        "kind": doc.kind.as_str(),
         "service_url": &doc.service_url,
-        // The whole sub-document: its fields are replaced together.
-        "bot": encode(&doc.bot, "encode org_integration")?,
     };
     let mut unset = Document::new();
+    // The whole sub-documents: their fields are replaced together, and the
+    // one a kind does not use is removed.
+    match doc.bot.is_unset() {
+        true => unset.insert("bot", ""),
+        false => set.insert("bot", encode(&doc.bot, "encode org_integration")?),
+    };
+    match &doc.workflow {
+        Some(workflow) => set.insert("workflow", encode(workflow, "encode org_integration")?),
+        None => unset.insert("workflow", ""),
+    };
     match &doc.cloud {
         Some(cloud) => {
             set.insert("cloud", cloud);
@@ -169,6 +178,24 @@ impl Store {
         let result = self
             .org_integrations()
             .update_one(unchanged, doc! { "$set": { "bot": encode(bot, operation)? }, "$currentDate": { "updated_at": true } })
+            .await
+            .map_err(StoreError::new(operation))?;
+        Ok(result.modified_count == 1)
+    }
+
+    /// Replace the record's `workflow` if its sealed URL is still what `doc`
+    /// read: `false` when someone changed it in between.
+    pub async fn replace_workflow_if_unchanged(&self, doc: &OrgIntegrationDoc, workflow: &super::WorkflowDoc) -> Result<bool, StoreError> {
+        self.write();
+        let operation = "replace org_integration workflow";
+        let Some(read) = &doc.workflow else { return Ok(false) };
+        let unchanged = doc! {
+            "organization_id": &doc.organization_id, "integration_id": &doc.integration_id,
+            "workflow.url_sealed.ciphertext": &read.url_sealed.ciphertext,
+        };
+        let result = self
+            .org_integrations()
+            .update_one(unchanged, doc! { "$set": { "workflow": encode(workflow, operation)? }, "$currentDate": { "updated_at": true } })
             .await
             .map_err(StoreError::new(operation))?;
         Ok(result.modified_count == 1)

@@ -14,6 +14,8 @@ pub struct Cloud {
     pub multi_tenant_authority: String,
     pub scope: String,
     pub policy: ServiceUrlPolicy,
+    /// Where this cloud's Workflows webhooks may be.
+    pub workflows: super::WorkflowPolicy,
 }
 
 /// Where bearer tokens may go: https to an allow-listed host, plain http only

@@ -11,6 +11,7 @@ pub mod card;
 mod cloud;
 mod connector;
 pub mod token;
+mod workflow;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use url::Url;
 pub use cloud::{Cloud, ServiceUrlPolicy, redact};
 pub use connector::SetupError;
 use connector::{Answer, Connector};
+pub use workflow::{Workflow, WorkflowPolicy};
 
 use crate::settings::TeamsSettings;
 
@@ -84,6 +86,9 @@ pub enum TeamsError {
     TokenTransport { what: String },
     #[error("Connector answered {status} {code}: {message}", code = code.as_deref().unwrap_or("-"))]
     Api { status: u16, code: Option<String>, message: String, correlation_id: Option<String>, retry_after: Option<Duration> },
+    /// A Workflows webhook's error answer.
+    #[error("the Workflows webhook answered {status} {code}: {message}", code = code.as_deref().unwrap_or("-"))]
+    Workflow { status: u16, code: Option<String>, message: String, retry_after: Option<Duration> },
     /// Nothing reached the Connector: no connection, or no time left to try.
     #[error("Connector request not sent: {what}")]
     Unsent { what: String },
@@ -97,7 +102,7 @@ impl TeamsError {
     /// Microsoft's error code, e.g. `BotNotInConversationRoster`.
     pub fn code(&self) -> Option<&str> {
         match self {
-            TeamsError::Api { code, .. } => code.as_deref(),
+            TeamsError::Api { code, .. } | TeamsError::Workflow { code, .. } => code.as_deref(),
             TeamsError::TokenRejected { error, .. } => Some(error),
             _ => None,
         }
@@ -105,7 +110,9 @@ impl TeamsError {
 
     pub fn http_status(&self) -> Option<u16> {
         match self {
-            TeamsError::Api { status, .. } | TeamsError::TokenRejected { status, .. } => Some(*status),
+            TeamsError::Api { status, .. } | TeamsError::TokenRejected { status, .. } | TeamsError::Workflow { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
     }
@@ -163,6 +170,7 @@ impl Teams {
                     multi_tenant_authority: cloud.multi_tenant_authority.clone(),
                     scope: cloud.scope.clone(),
                     policy: ServiceUrlPolicy::new(cloud.service_hosts.clone(), settings.insecure_loopback_hosts.clone()),
+                    workflows: WorkflowPolicy::new(cloud.workflow_hosts.clone(), settings.insecure_loopback_hosts.clone()),
                 };
                 (name.clone(), cloud)
             })
@@ -247,6 +255,33 @@ impl Teams {
         let correlation_id = answer::correlation_id(&answer.headers);
         let id = read_id(answer)?;
         Ok(Sent { activity_id: id, correlation_id })
+    }
+
+    /// The webhook `url` of an org_integration of `cloud`, if herald may post
+    /// to it (the cloud's `workflow_hosts`).
+    pub fn workflow(&self, cloud: &str, url: &SecretString) -> Result<Workflow, TeamsError> {
+        use secrecy::ExposeSecret;
+        let refuse = |why: String| TeamsError::ServiceUrlNotAllowed { url: redact(url.expose_secret()), why };
+        let policy = &self.clouds.get(cloud).ok_or_else(|| refuse(format!("unknown cloud {:?}", crate::text::clip(cloud, 64))))?.workflows;
+        policy.check(url.expose_secret()).map_err(|why| refuse(why.to_owned()))
+    }
+
+    /// Post an encoded activity to a Workflows webhook, finishing by `until`.
+    /// Workflows answers 202 once the flow's run is queued; its run id, when
+    /// given, stands for the activity id.
+    pub async fn post_workflow(&self, workflow: &Workflow, body: &Bytes, until: Instant) -> Result<Sent, TeamsError> {
+        let timeout = self.time_left(until)?;
+        let uri = Uri::try_from(workflow.url().as_str()).map_err(|err| TeamsError::Unsent { what: format!("POST: {err}") })?;
+        let answer = self.connector.post(uri, None, connector::JSON, body.clone(), timeout).await?;
+        let header = |name: &str| answer.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| crate::text::clip(v, 128));
+        if answer.status.is_success() {
+            let activity_id = header("x-ms-workflow-run-id").unwrap_or_else(|| format!("workflow-{}", answer.status.as_u16()));
+            return Ok(Sent { activity_id, correlation_id: header("x-ms-client-tracking-id") });
+        }
+        Err(match answer::api_error(answer, self.max_retry_after) {
+            TeamsError::Api { status, code, message, retry_after, .. } => TeamsError::Workflow { status, code, message, retry_after },
+            other => other,
+        })
     }
 
     /// Create (or find) the 1:1 conversation of the bot and `user_id` in

@@ -34,10 +34,25 @@ pub(super) enum Paced {
 }
 
 impl Pacing {
+    /// Bots' pacing: Teams' windows per bot and conversation, and per bot
+    /// and tenant.
     pub fn new(settings: &Settings) -> Self {
         let limits = &settings.teams.rate_limits;
-        let windows =
-            teams_limits::Limits { per_conversation: limits.per_conversation.clone(), per_app_tenant: limits.per_app_tenant.clone() };
+        Self::of(
+            teams_limits::Limits { per_conversation: limits.per_conversation.clone(), per_app_tenant: limits.per_app_tenant.clone() },
+            settings,
+        )
+    }
+
+    /// Workflows webhooks' pacing: `teams.rate_limits.per_workflow` per
+    /// webhook (its key in the conversation's place), nothing shared.
+    pub fn for_workflows(settings: &Settings) -> Self {
+        let per_workflow = settings.teams.rate_limits.per_workflow.clone();
+        Self::of(teams_limits::Limits { per_conversation: per_workflow, per_app_tenant: Vec::new() }, settings)
+    }
+
+    fn of(windows: teams_limits::Limits, settings: &Settings) -> Self {
+        let limits = &settings.teams.rate_limits;
         let margin = Duration::from_millis(limits.margin_ms);
         let longest = windows.per_conversation.iter().chain(&windows.per_app_tenant).map(|w| w.per_secs).max().unwrap_or(0);
         Self {

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use super::cache::TtlCache;
 use crate::job::{ConversationId, IntegrationId, Job, OrganizationId, UserId};
+use crate::mongo::IntegrationKind;
 use crate::mongo::{ConversationDoc, ConversationKind, ConversationStatus, IntegrationStatus, OrgIntegrationDoc, Store};
 use crate::outcome::DeliveryError;
 use crate::secrets::Secrets;
 use crate::settings::DEFAULT_CLOUD;
-use crate::teams::{BotCredentials, Teams};
+use crate::teams::{BotCredentials, Teams, Workflow};
 
 /// An active org_integration with its secret resolved.
 #[derive(Debug, Clone)]
@@ -20,18 +21,55 @@ pub struct OrgIntegration {
     pub organization_id: OrganizationId,
     pub integration_id: IntegrationId,
     pub tenant_id: String,
-    pub bot: BotCredentials,
-    /// The record's `service_url` parsed and checked against the bot's cloud
-    /// once, when the record was read, not for every job: the parsed URL, or
-    /// why the token may not go there (`TeamsError::ServiceUrlNotAllowed`).
-    checked_service_url: Result<url::Url, (String, String)>,
+    pub via: Via,
 }
 
+/// How an org_integration reaches Teams.
+#[derive(Debug, Clone)]
+pub enum Via {
+    Bot {
+        bot: BotCredentials,
+        /// The record's `service_url` parsed and checked against the bot's
+        /// cloud once, when the record was read, not for every job: the
+        /// parsed URL, or why the token may not go there
+        /// (`TeamsError::ServiceUrlNotAllowed`).
+        checked_service_url: Result<url::Url, (String, String)>,
+    },
+    /// A Workflows webhook, its URL checked against its cloud's hosts.
+    Workflow(Workflow),
+}
+
+/// What stands for the sender in logs and the ledger's `bot_app_id` when an
+/// org_integration has no bot.
+pub const WORKFLOW_SENDER: &str = "workflow_webhook";
+
 impl OrgIntegration {
+    /// The bot, for a bot record.
+    pub fn bot(&self) -> Option<&BotCredentials> {
+        match &self.via {
+            Via::Bot { bot, .. } => Some(bot),
+            Via::Workflow(_) => None,
+        }
+    }
+
+    /// The bot app id, or [`WORKFLOW_SENDER`].
+    pub fn sender(&self) -> &str {
+        self.bot().map_or(WORKFLOW_SENDER, BotCredentials::app_id)
+    }
+
     /// The service URL, if the bot's cloud allows sending its token there
-    /// ([`Teams::check_service_url`], as of when the record was read).
+    /// ([`Teams::check_service_url`], as of when the record was read). A
+    /// webhook has none.
     pub fn checked_service_url(&self) -> Result<url::Url, crate::teams::TeamsError> {
-        self.checked_service_url.clone().map_err(|(url, why)| crate::teams::TeamsError::ServiceUrlNotAllowed { url, why })
+        match &self.via {
+            Via::Bot { checked_service_url, .. } => {
+                checked_service_url.clone().map_err(|(url, why)| crate::teams::TeamsError::ServiceUrlNotAllowed { url, why })
+            }
+            Via::Workflow(workflow) => Err(crate::teams::TeamsError::ServiceUrlNotAllowed {
+                url: workflow.shown().to_owned(),
+                why: "a Workflows webhook has no service URL".into(),
+            }),
+        }
     }
 }
 
@@ -204,9 +242,16 @@ impl Resolver {
         if let Some(found) = self.personal(store, &key, user).await? {
             return usable(&found).map(|id| Recipient { conversation_id: id, corrected_from: None });
         }
+        let Some(bot) = integration.bot() else {
+            return Err(DeliveryError::RecipientNotInOrganization(format!(
+                "user {} has no personal conversation in organization {} (integration {}), and a Workflows webhook cannot create one",
+                crate::text::clip(user.as_str(), 256),
+                crate::text::clip(key.0.as_str(), 256),
+                crate::text::clip(key.1.as_str(), 256)
+            )));
+        };
         let service_url = integration.checked_service_url()?;
-        let conversation_id =
-            teams.create_personal_conversation(&service_url, &integration.bot, &integration.tenant_id, user.as_str(), until).await?;
+        let conversation_id = teams.create_personal_conversation(&service_url, bot, &integration.tenant_id, user.as_str(), until).await?;
         let doc = ConversationDoc {
             organization_id: key.0.to_string(),
             integration_id: key.1.to_string(),
@@ -243,7 +288,16 @@ fn usable(conversation: &ConversationDoc) -> Result<String, DeliveryError> {
 /// record's cloud.
 pub fn check_record(doc: &OrgIntegrationDoc, teams: &Teams, secrets: &Secrets) -> Result<(), String> {
     let cloud = structure(doc, teams, secrets)?;
-    cloud.policy.check(&doc.service_url).map(drop).map_err(|err| format!("org_integration {}: {err}", doc.id_string()))
+    match doc.kind {
+        IntegrationKind::Bot => {
+            cloud.policy.check(&doc.service_url).map(drop).map_err(|err| format!("org_integration {}: {err}", doc.id_string()))
+        }
+        // The URL is sealed: checking its host needs the key, as the worker has.
+        IntegrationKind::WorkflowWebhook => {
+            let url = secrets.workflow_url(doc).map_err(|err| format!("org_integration {}: {err}", doc.id_string()))?;
+            teams.workflow(&cloud.name, &url).map(drop).map_err(|err| format!("org_integration {}: {err}", doc.id_string()))
+        }
+    }
 }
 
 /// What every record needs: non-blank ids and tenant, a configured cloud,
@@ -254,8 +308,11 @@ fn structure<'a>(doc: &OrgIntegrationDoc, teams: &'a Teams, secrets: &Secrets) -
     if blank(&doc.organization_id) || blank(&doc.integration_id) {
         return Err(format!("org_integration {id}: blank organization_id or integration_id"));
     }
-    if blank(&doc.tenant_id) || blank(&doc.bot.app_id) {
-        return Err(format!("org_integration {id}: blank tenant_id or bot.app_id"));
+    if blank(&doc.tenant_id) {
+        return Err(format!("org_integration {id}: blank tenant_id"));
+    }
+    if doc.kind == IntegrationKind::Bot && blank(&doc.bot.app_id) {
+        return Err(format!("org_integration {id}: blank bot.app_id"));
     }
     let cloud_name = doc.cloud.as_deref().unwrap_or(DEFAULT_CLOUD);
     let Some(cloud) = teams.cloud(cloud_name) else {
@@ -271,21 +328,31 @@ pub async fn credentials(doc: OrgIntegrationDoc, teams: &Teams, secrets: &Secret
     active(doc, teams, secrets).await
 }
 
-/// The record with its bot's secret read by [`Secrets::read`]'s rules.
+/// The record with its bot's secret read by [`Secrets::read`]'s rules, or
+/// its webhook URL opened and checked against its cloud's hosts.
 async fn active(doc: OrgIntegrationDoc, teams: &Teams, secrets: &Secrets) -> Result<OrgIntegration, String> {
     let cloud = structure(&doc, teams, secrets)?;
     let id = doc.id_string();
-    let secret = secrets.read(&doc).await.map_err(|err| format!("org_integration {id}: {err}"))?;
+    let via = match doc.kind {
+        IntegrationKind::Bot => {
+            let secret = secrets.read(&doc).await.map_err(|err| format!("org_integration {id}: {err}"))?;
+            let authority = doc.bot.authority.clone().unwrap_or_else(|| cloud.multi_tenant_authority.clone());
+            let bot = BotCredentials::new(cloud.name.clone(), doc.bot.app_id.clone(), secret, authority);
+            let checked_service_url = teams.check_service_url(&bot, &doc.service_url).map_err(|refused| match refused {
+                crate::teams::TeamsError::ServiceUrlNotAllowed { url, why } => (url, why),
+                other => (crate::teams::redact(&doc.service_url), other.to_string()),
+            });
+            Via::Bot { bot, checked_service_url }
+        }
+        IntegrationKind::WorkflowWebhook => {
+            let url = secrets.workflow_url(&doc).map_err(|err| format!("org_integration {id}: {err}"))?;
+            Via::Workflow(teams.workflow(&cloud.name, &url).map_err(|err| format!("org_integration {id}: {err}"))?)
+        }
+    };
     let (Some(organization_id), Some(integration_id)) =
         (OrganizationId::parse(doc.organization_id), IntegrationId::parse(doc.integration_id))
     else {
         return Err(format!("org_integration {id}: blank organization_id or integration_id"));
     };
-    let authority = doc.bot.authority.unwrap_or_else(|| cloud.multi_tenant_authority.clone());
-    let bot = BotCredentials::new(cloud.name.clone(), doc.bot.app_id, secret, authority);
-    let checked_service_url = teams.check_service_url(&bot, &doc.service_url).map_err(|refused| match refused {
-        crate::teams::TeamsError::ServiceUrlNotAllowed { url, why } => (url, why),
-        other => (crate::teams::redact(&doc.service_url), other.to_string()),
-    });
-    Ok(OrgIntegration { id, organization_id, integration_id, tenant_id: doc.tenant_id, bot, checked_service_url })
+    Ok(OrgIntegration { id, organization_id, integration_id, tenant_id: doc.tenant_id, via })
 }

@@ -19,7 +19,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::lanes::Handoff;
 use super::pacing::{Paced, Pacing};
-use super::resolve::{OrgIntegration, Resolver};
+use super::resolve::{OrgIntegration, Resolver, Via, WORKFLOW_SENDER};
 use super::{Acked, Disposition, Failure, History, Incoming};
 use crate::job::{self, Job};
 use crate::metrics::{JobOutcome, Metrics};
@@ -174,7 +174,8 @@ enum Done {
 /// A job resolved and admitted by the pacing, ready to claim and send.
 struct Ready {
     integration: Arc<OrgIntegration>,
-    service_url: url::Url,
+    /// The checked service URL of a bot; a webhook's URL is its own.
+    service_url: Option<url::Url>,
     conversation_id: String,
     /// Teams' windows made it wait.
     paced: bool,
@@ -199,6 +200,8 @@ pub struct Pipeline {
     pub resolver: Resolver,
     pub metrics: Arc<Metrics>,
     pacing: Option<Pacing>,
+    /// Workflows webhooks' pacing (`teams.rate_limits.per_workflow`).
+    workflow_pacing: Option<Pacing>,
     /// Jobs between their claim and their outcome at once (`worker.concurrency`).
     slots: Semaphore,
     policy: RetryPolicy,
@@ -216,6 +219,7 @@ impl Pipeline {
             ),
             metrics,
             pacing: settings.teams.rate_limits.enabled.then(|| Pacing::new(settings)),
+            workflow_pacing: settings.teams.rate_limits.enabled.then(|| Pacing::for_workflows(settings)),
             slots: Semaphore::new(settings.worker.concurrency),
             policy: RetryPolicy::from_settings(settings),
             shutdown,
@@ -236,7 +240,7 @@ impl Pipeline {
     /// windows that have passed.
     pub fn sweep(&self) {
         self.resolver.sweep();
-        if let Some(pacing) = &self.pacing {
+        for pacing in self.pacing.iter().chain(&self.workflow_pacing) {
             pacing.sweep();
         }
         self.teams.sweep_tokens();
@@ -371,11 +375,10 @@ impl Pipeline {
         let until = claimed_at + self.store.claim_lease().saturating_sub(LEASE_MARGIN);
         let Ready { integration, service_url, conversation_id, .. } = ready?;
         let body = self.teams.encode(&card::activity(&job.content))?;
-        let destination = Destination { service_url: &service_url, conversation_id: &conversation_id, bot: &integration.bot };
         // The claim above ran beside the previous job's post; the post waits
         // for it (the previous job is counted, so this is short).
         lane.previous_posted().await;
-        let sent = self.send(&integration, &destination, &body, until, attempt, lane).await?;
+        let sent = self.send(&integration, service_url.as_ref(), &conversation_id, &body, until, attempt, lane).await?;
         lane.posted();
         // A slot bounds jobs sending; recording the post is not sending, and
         // holding the slot through it would let the ledger's round trip
@@ -394,9 +397,12 @@ impl Pipeline {
             .await
             .map_err(within("the org_integration lookup"))??;
         attempt.org_integration_id = Some(integration.id.clone());
-        attempt.bot_app_id = Some(integration.bot.app_id().to_owned());
+        attempt.bot_app_id = Some(integration.sender().to_owned());
         // Checked before any request (the recipient lookup may create a chat).
-        let service_url = integration.checked_service_url().map_err(DeliveryError::from)?;
+        let service_url = match &integration.via {
+            Via::Bot { .. } => Some(integration.checked_service_url().map_err(DeliveryError::from)?),
+            Via::Workflow(_) => None,
+        };
         let recipient = tokio::time::timeout_at(until, self.resolver.recipient(&self.store, &self.teams, job, &integration, until))
             .await
             .map_err(within("the recipient lookup"))??;
@@ -411,8 +417,8 @@ impl Pipeline {
             );
         }
         let mut paced = false;
-        if let Some(pacing) = &self.pacing {
-            match pacing.room(integration.bot.app_id(), &integration.tenant_id, &recipient.conversation_id, stop).await {
+        if let Some((pacing, app, group, key)) = self.paced_by(&integration, &recipient.conversation_id) {
+            match pacing.room(app, group, key, stop).await {
                 Ok(waited) => paced = waited,
                 Err(Paced::Later(wait)) => return Err(Prepared::Failed(DeliveryError::RateLimited(wait))),
                 Err(Paced::Stopped) => return Err(Prepared::Stopped),
@@ -424,10 +430,12 @@ impl Pipeline {
     /// Post with quick retries. Every wait (pacing, backoff, `Retry-After`)
     /// and every request ends before `until`; what does not fit goes to a
     /// delayed-retry tier instead.
+    #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
         integration: &OrgIntegration,
-        to: &Destination<'_>,
+        service_url: Option<&url::Url>,
+        conversation_id: &str,
         body: &bytes::Bytes,
         until: Instant,
         attempt: &mut Attempt,
@@ -438,22 +446,24 @@ impl Pipeline {
         loop {
             // Counted now, just before the request: the job waited for room
             // before its claim, so this rarely waits.
-            if let Some(pacing) = &self.pacing {
+            if let Some((pacing, app, group, key)) = self.paced_by(integration, conversation_id) {
                 let deadline = Some((until, request));
-                pacing
-                    .admit(integration.bot.app_id(), &integration.tenant_id, to.conversation_id, deadline, &self.shutdown)
-                    .await
-                    .map(drop)
-                    .map_err(|paced| match paced {
-                        Paced::Later(wait) => DeliveryError::RateLimited(wait),
-                        Paced::Stopped => DeliveryError::RateLimited(Duration::ZERO),
-                    })?;
+                pacing.admit(app, group, key, deadline, &self.shutdown).await.map(drop).map_err(|paced| match paced {
+                    Paced::Later(wait) => DeliveryError::RateLimited(wait),
+                    Paced::Stopped => DeliveryError::RateLimited(Duration::ZERO),
+                })?;
             }
             // The next job of the lane may take its room and claim now.
             lane.counted();
             attempt.sends += 1;
             let started = std::time::Instant::now();
-            let result = self.teams.send(to, body, until).await;
+            let result = match (&integration.via, service_url) {
+                (Via::Bot { bot, .. }, Some(service_url)) => {
+                    self.teams.send(&Destination { service_url, conversation_id, bot }, body, until).await
+                }
+                (Via::Workflow(workflow), _) => self.teams.post_workflow(workflow, body, until).await,
+                (Via::Bot { .. }, None) => unreachable!("a bot's job is prepared with its checked service URL"),
+            };
             let status = result.as_ref().err().map_or(Some(201), |e| e.http_status());
             self.metrics.teams_request(status, started.elapsed());
             attempt.requests.push(Request {
@@ -465,8 +475,8 @@ impl Pipeline {
             let err = match result {
                 Ok(sent) => {
                     info!(
-                        attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id(),
-                        tenant_id = %integration.tenant_id, conversation_id = %to.conversation_id,
+                        attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.sender(),
+                        tenant_id = %integration.tenant_id, conversation_id = %conversation_id,
                         activity_id = %sent.activity_id, "delivered"
                     );
                     return Ok(sent);
@@ -474,17 +484,19 @@ impl Pipeline {
                 Err(err) => DeliveryError::Teams(err),
             };
             warn!(
-                attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.bot.app_id(),
-                tenant_id = %integration.tenant_id, conversation_id = %to.conversation_id,
+                attempt = attempt.sends, org_integration_id = %integration.id, bot_app_id = %integration.sender(),
+                tenant_id = %integration.tenant_id, conversation_id = %conversation_id,
                 http_status = http_status(&err), teams_code = teams_code(&err), error = %error_chain(&err), "send failed"
             );
             // Classified here only to choose between another quick try and
             // leaving; `conclude` classifies the error that leaves, once.
             let verdict = classify(&err, self.policy.max_in_process_wait);
-            if let (Some(pacing), Verdict::Retry { reason: Reason::TeamsThrottled, after: Some(after), .. }) = (&self.pacing, &verdict) {
+            if let (Some((pacing, app, group, key)), Verdict::Retry { reason: Reason::TeamsThrottled, after: Some(after), .. }) =
+                (self.paced_by(integration, conversation_id), &verdict)
+            {
                 // Teams counted more than this worker did (another worker
                 // sent into this conversation a moment ago): hold it back.
-                pacing.hold(integration.bot.app_id(), &integration.tenant_id, to.conversation_id, *after);
+                pacing.hold(app, group, key, *after);
             }
             let Verdict::Retry { quick: true, after, .. } = verdict else { return Err(err) };
             let wait = after.unwrap_or_else(|| backoff.next().unwrap_or(Duration::from_secs(1)));
@@ -493,6 +505,20 @@ impl Pipeline {
                 return Err(err);
             }
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The pacing of a job's posts and its keys there, when pacing is on: a
+    /// bot's app, tenant and conversation; a webhook's own key (the
+    /// conversation registered for it names the webhook's channel only).
+    fn paced_by<'a>(
+        &'a self,
+        integration: &'a OrgIntegration,
+        conversation_id: &'a str,
+    ) -> Option<(&'a Pacing, &'a str, &'a str, &'a str)> {
+        match &integration.via {
+            Via::Bot { bot, .. } => Some((self.pacing.as_ref()?, bot.app_id(), integration.tenant_id.as_str(), conversation_id)),
+            Via::Workflow(workflow) => Some((self.workflow_pacing.as_ref()?, WORKFLOW_SENDER, integration.id.as_str(), workflow.key())),
         }
     }
 

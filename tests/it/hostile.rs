@@ -12,6 +12,8 @@
 //!   secret file, or a copy of its sealed secret (each refused by the secret
 //!   rules: `org_integration_misconfigured`, no request to Teams);
 //! - organizations whose own secrets are sealed, in a variable or in a file;
+//! - organizations on Teams Workflows webhooks (their URLs sealed), and an
+//!   impostor whose webhook record holds a copy of another's sealed URL;
 //! - an organization whose bot secret is rotated (in Teams and in MongoDB)
 //!   half-way through the run;
 //! - job ids reused by other organizations, and jobs published two or three
@@ -37,7 +39,7 @@ use std::time::Duration;
 
 use herald::mongo::{BotDoc, ConversationDoc, DeliveryState, OrgIntegrationDoc};
 use serde_json::json;
-use teams_sim::{self as sim, Action, Route, Rule, Tenant, World};
+use teams_sim::{self as sim, Action, Route, Rule, Tenant, Workflow, World};
 
 use crate::support::*;
 
@@ -51,6 +53,8 @@ const BY_FILE: usize = 3;
 const BY_SEAL: usize = 5;
 /// The organization whose secret is rotated half-way through.
 const ROTATED: usize = 4;
+/// Organizations on a Workflows webhook instead of a bot.
+const ON_WEBHOOKS: usize = 2;
 
 /// An organization of the world and what its jobs should come to.
 struct Org {
@@ -62,6 +66,9 @@ struct Org {
     fate: Fate,
     /// Where its record says the secret is, when not sealed from `secret_of`.
     reference: Option<Reference>,
+    /// The flow of an organization on a Workflows webhook (its record holds
+    /// the flow's URL, or for an impostor a copy of the victim's sealed URL).
+    workflow: Option<Workflow>,
 }
 
 /// A secret the record names by reference, always another's for an impostor.
@@ -73,6 +80,8 @@ enum Reference {
     File(usize),
     /// A copy of organization n's sealed secret.
     SealOf(usize),
+    /// A copy of webhook organization n's sealed URL (`wh-n`).
+    WebhookOf(usize),
 }
 
 /// The variable of organization `n`'s secret, and its value.
@@ -107,14 +116,52 @@ fn build() -> (Vec<Org>, World) {
             BY_FILE => Some(Reference::File(i)),
             _ => None,
         };
-        orgs.push(Org { id: format!("org-{i}"), integration, app, tenant, channels, fate, reference });
+        orgs.push(Org { id: format!("org-{i}"), integration, app, tenant, channels, fate, reference, workflow: None });
     }
+    for k in 0..ON_WEBHOOKS {
+        let (id, tenant) = (format!("wh-{k}"), format!("tenant-wh-{k}"));
+        let channel = format!("19:wh-{k}@thread.tacv2");
+        let flow = Workflow {
+            id: format!("flow-{k}"),
+            sig: format!("sig-{k}"),
+            tenant_id: tenant.clone(),
+            conversation_id: channel.clone(),
+            disabled: false,
+        };
+        world.tenants.push(Tenant { id: tenant.clone(), name: None });
+        world.workflows.push(flow.clone());
+        let integration = INTEGRATION.to_owned();
+        orgs.push(Org {
+            id,
+            integration,
+            app: String::new(),
+            tenant,
+            channels: vec![channel],
+            fate: Fate::Delivered,
+            reference: None,
+            workflow: Some(flow),
+        });
+    }
+    // Holds a copy of wh-0's sealed URL, which opens only for wh-0's record.
+    let tenant = "tenant-conf-wh".to_owned();
+    world.tenants.push(Tenant { id: tenant.clone(), name: None });
+    let victim = orgs.iter().find(|o| o.id == "wh-0").and_then(|o| o.workflow.clone());
+    orgs.push(Org {
+        id: "conf-wh".into(),
+        integration: INTEGRATION.into(),
+        app: String::new(),
+        tenant,
+        channels: vec!["19:conf-wh@thread.tacv2".into()],
+        fate: Fate::Confined,
+        reference: Some(Reference::WebhookOf(0)),
+        workflow: victim,
+    });
     for k in 0..IMPOSTORS {
         impostor(&mut world, &mut orgs, format!("imp-{k}"), format!("app-{k}"), Fate::Refused, None);
     }
     for (k, reference) in [Reference::Env(BY_ENV), Reference::File(BY_FILE), Reference::SealOf(BY_SEAL)].into_iter().enumerate() {
         let victim = match reference {
-            Reference::Env(n) | Reference::File(n) | Reference::SealOf(n) => n,
+            Reference::Env(n) | Reference::File(n) | Reference::SealOf(n) | Reference::WebhookOf(n) => n,
         };
         impostor(&mut world, &mut orgs, format!("conf-{k}"), format!("app-{victim}"), Fate::Confined, Some(reference));
     }
@@ -129,7 +176,7 @@ fn impostor(world: &mut World, orgs: &mut Vec<Org>, id: String, app: String, fat
     let channels = vec![format!("19:{id}@thread.tacv2")];
     world.tenants.push(Tenant { id: tenant.clone(), name: None });
     world.conversations.extend(channels.iter().map(|c| channel(c, &tenant, &app)));
-    orgs.push(Org { id, integration: INTEGRATION.into(), app, tenant, channels, fate, reference });
+    orgs.push(Org { id, integration: INTEGRATION.into(), app, tenant, channels, fate, reference, workflow: None });
 }
 
 /// The secret an organization's org_integration holds.
@@ -154,6 +201,17 @@ async fn seed(env: &TestEnv, orgs: &[Org]) {
     };
     let integrations: Vec<OrgIntegrationDoc> = (0..orgs.len())
         .map(|index| {
+            let o = &orgs[index];
+            if let Some(flow) = &o.workflow {
+                let url = env.sim.workflow_url(flow).into();
+                // A webhook organization's own URL; the impostor's is wh-n's,
+                // sealed for wh-n's record.
+                let sealed = match o.reference {
+                    Some(Reference::WebhookOf(n)) => secrets.seal_workflow_url(&format!("wh-{n}"), INTEGRATION, &url),
+                    _ => secrets.seal_workflow_url(&o.id, &o.integration, &url),
+                };
+                return OrgIntegrationDoc::workflow_webhook(&o.id, &o.integration, &o.tenant, sealed.unwrap());
+            }
             let mut doc = record(index);
             let reference = BotDoc { app_secret: None, ..doc.bot.clone() };
             match orgs[index].reference {
@@ -168,6 +226,7 @@ async fn seed(env: &TestEnv, orgs: &[Org]) {
                     let owner = herald::secrets::Owner::of(&victim);
                     doc.bot = secrets.sealed_bot(owner, None, &secret_variable(n).1.into()).unwrap();
                 }
+                Some(Reference::WebhookOf(_)) => unreachable!("a webhook organization returned above"),
             }
             doc
         })
@@ -256,6 +315,11 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
     // Busy, with a Retry-After that stretches attempts toward the lease.
     client.add_fault(&send(0.02, Action::Status { status: 503, code: None, retry_after: Some(3) })).await.unwrap();
     client.add_fault(&send(0.01, Action::Hang { ms: 2500 })).await.unwrap();
+    let webhook =
+        |probability, action| Rule { route: Route::Workflow, probability: Some(probability), action: Some(action), ..Default::default() };
+    client.add_fault(&webhook(0.01, Action::Lose { ms: 2500 })).await.unwrap();
+    client.add_fault(&webhook(0.03, Action::Status { status: 503, code: None, retry_after: Some(1) })).await.unwrap();
+    client.add_fault(&webhook(0.02, Action::Status { status: 429, code: None, retry_after: Some(2) })).await.unwrap();
 
     let tuning = [
         ("HERALD_WORKER__CLAIM_LEASE_SECS", "10"),
@@ -301,8 +365,10 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
         assert!(terminate(worker).await.success(), "a worker exits cleanly on SIGTERM");
     }
 
-    // Every activity: the bot, tenant and conversation of its job's own organization.
+    // Every activity: the bot (or webhook), tenant and conversation of its
+    // job's own organization.
     let records = client.activities(&sim::ActivityFilter { route: Some(Route::Send), ..Default::default() }).await.unwrap();
+    let webhook_records = client.activities(&sim::ActivityFilter { route: Some(Route::Workflow), ..Default::default() }).await.unwrap();
     let by_key: HashMap<(String, String), &Planned> = planned.iter().map(|p| ((orgs[p.org].id.clone(), p.job_id.to_string()), p)).collect();
     let mut posts: HashMap<(String, String), usize> = HashMap::new();
     for record in &records {
@@ -316,7 +382,23 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
             "{text}: posted for an org_integration that holds another's bot app id"
         );
         assert_eq!((record.app_id.as_str(), record.tenant_id.as_str()), (org.app.as_str(), org.tenant.as_str()), "{text}");
+        assert!(org.workflow.is_none(), "{text}: a webhook organization's job went through a bot");
         assert_eq!(record.conversation_id, p.conversation, "{text}");
+        *posts.entry(key).or_insert(0) += 1;
+    }
+    for record in &webhook_records {
+        let text = title(record);
+        let (org_id, job_id) = text.split_once('/').expect("a title this test wrote");
+        let key = (org_id.to_owned(), job_id.to_owned());
+        let p = by_key.get(&key).unwrap_or_else(|| panic!("a webhook post for no job: {text}"));
+        let org = &orgs[p.org];
+        assert_eq!(org.fate, Fate::Delivered, "{text}: posted through a webhook its record does not own");
+        let flow = org.workflow.as_ref().unwrap_or_else(|| panic!("{text}: a bot organization's job went through a webhook"));
+        assert_eq!(
+            (record.tenant_id.as_str(), record.conversation_id.as_str()),
+            (org.tenant.as_str(), flow.conversation_id.as_str()),
+            "{text}"
+        );
         *posts.entry(key).or_insert(0) += 1;
     }
 
@@ -361,13 +443,17 @@ async fn a_hostile_world_never_crosses_a_tenant_loses_a_job_or_posts_one_twice()
     assert!(confined > 0, "the run met impostors that reach for another organization's secret");
     let delivered_by = |n: usize| records.iter().any(|r| r.app_id == format!("app-{n}") && r.tenant_id == format!("tenant-{n}"));
     assert!(delivered_by(BY_ENV) && delivered_by(BY_FILE) && delivered_by(BY_SEAL), "the victims' own secrets work");
+    for k in 0..ON_WEBHOOKS {
+        assert!(webhook_records.iter().any(|r| r.tenant_id == format!("tenant-wh-{k}")), "webhook organization wh-{k} got its alerts");
+    }
     let stats = client.stats().await.unwrap();
     eprintln!(
-        "hostile property test: {} (org, job) pairs from {} publishes; {delivered} posted once, {refused} impostor jobs refused, \
+        "hostile property test: {} (org, job) pairs from {} publishes; {delivered} posted once ({} through webhooks), {refused} impostor jobs refused, \
          {rotated_refused} refused around the rotation ({rotated_then_posted} more refused, then posted by a later copy), \
          {confined} reaching for another's secret refused, {unconfirmed} unconfirmed; Teams answered {:?}",
         by_key.len(),
         order.len(),
+        webhook_records.len(),
         stats.responses_by_status
     );
 }

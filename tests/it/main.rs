@@ -29,3 +29,4 @@ mod step;
 mod support;
 mod tenancy;
 mod tls;
+mod workflows;

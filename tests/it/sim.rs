@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use teams_sim::{
-    self as sim, Action, ActivityFilter, Bot, Conversation, ConversationKind, Latency, Route, Rule, Running, Tenant, User, World,
+    self as sim, Action, ActivityFilter, Bot, Conversation, ConversationKind, Latency, Route, Rule, Running, Tenant, User, Workflow, World,
 };
 
 const CONV: &str = "19:general@thread.tacv2";
@@ -39,6 +39,13 @@ fn world() -> World {
                 user_id: Some("29:bob".into()),
             },
         ],
+        workflows: vec![Workflow {
+            id: "wf1".into(),
+            sig: "sig1".into(),
+            tenant_id: "t1".into(),
+            conversation_id: CONV.into(),
+            disabled: false,
+        }],
     }
 }
 
@@ -432,6 +439,56 @@ async fn injected_statuses_hangs_resets_and_latency() {
     assert!(started.elapsed() >= Duration::from_millis(150));
     // Invalid rules are refused.
     assert!(client.add_fault(&Rule::default()).await.is_err());
+}
+
+/// The Workflows webhook: 202 with a run id for a signed card, the codes a
+/// missing or wrong signature, a deleted flow, a refused card and a large
+/// body get, and the same fault injection as the Connector's routes.
+#[tokio::test]
+async fn workflows_webhooks_answer_as_power_automate_does() {
+    let sim = Sim::start().await;
+    let client = sim.running.client();
+    let flow = Workflow { id: "wf1".into(), sig: "sig1".into(), tenant_id: "t1".into(), conversation_id: CONV.into(), disabled: false };
+    let url = sim.running.workflow_url(&flow);
+    let post = |url: String, body: Value| {
+        let http = sim.http.clone();
+        async move {
+            let response = http.post(url).json(&body).send().await.unwrap();
+            let (status, headers) = (response.status(), response.headers().clone());
+            (status, response.json::<Value>().await.unwrap_or(Value::Null), headers)
+        }
+    };
+    let (status, _, headers) = post(url.clone(), message()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let run = headers["x-ms-workflow-run-id"].to_str().unwrap().to_owned();
+    let records = client.activities(&ActivityFilter::default()).await.unwrap();
+    let record = records.last().unwrap();
+    assert_eq!((record.route, record.activity_id.as_str(), record.conversation_id.as_str()), (Route::Workflow, run.as_str(), CONV));
+
+    let (status, body, _) = post(url.replace("sig=sig1", "sig=forged"), message()).await;
+    assert_eq!((status.as_u16(), code(&body)), (401, "DirectApiInvalidAuthorizationSignature"));
+    let (status, body, _) = post(url.replace("&sig=sig1", ""), message()).await;
+    assert_eq!((status.as_u16(), code(&body)), (401, "DirectApiAuthorizationRequired"));
+    let (status, body, _) = post(url.clone(), json!({"type": "message"})).await;
+    assert_eq!((status.as_u16(), code(&body)), (400, "InvalidRequestContent"));
+    let mut big = message();
+    big["attachments"][0]["content"]["body"][0]["text"] = json!("x".repeat(200 * 1024));
+    let (status, body, _) = post(url.clone(), big).await;
+    assert_eq!((status.as_u16(), code(&body)), (413, "RequestEntityTooLarge"));
+
+    let throttled = Action::Status { status: 429, code: None, retry_after: Some(3) };
+    let rule = Rule { route: Route::Workflow, conversation_id: Some("wf1".into()), sequence: vec![throttled], ..Default::default() };
+    client.add_fault(&rule).await.unwrap();
+    let (status, _, headers) = post(url.clone(), message()).await;
+    assert_eq!((status.as_u16(), headers["retry-after"].to_str().unwrap()), (429, "3"));
+
+    client.put_workflow(&Workflow { disabled: true, ..flow.clone() }).await.unwrap();
+    let (status, body, _) = post(url.clone(), message()).await;
+    assert_eq!((status.as_u16(), code(&body)), (404, "WorkflowNotFound"), "a flow turned off");
+    client.delete_workflow("wf1").await.unwrap();
+    let (status, _, _) = post(url.clone(), message()).await;
+    assert_eq!(status.as_u16(), 404, "a deleted flow");
+    assert_eq!(client.stats().await.unwrap().activities_total, 1, "only the first post was accepted");
 }
 
 #[tokio::test]

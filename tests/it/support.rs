@@ -103,6 +103,7 @@ pub fn two_org_world() -> World {
         bots: vec![bot("app-a"), bot("app-b")],
         users: vec![],
         conversations: vec![channel(CONV_A, "tenant-a", "app-a"), channel(CONV_B, "tenant-b", "app-b")],
+        workflows: vec![],
     }
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::connector::error;
 use super::faults::{Latency, Route, Rule};
-use super::world::{Bot, Conversation, User, World};
+use super::world::{Bot, Conversation, User, Workflow, World};
 use super::{ActivityRecord, Sim, Stats};
 use teams_limits::Limits;
 
@@ -24,6 +24,7 @@ pub(super) fn router(sim: Sim) -> Router {
         .route("/_admin/world", get(world).put(replace_world))
         .route("/_admin/bots/{app_id}", put(put_bot).delete(delete_bot))
         .route("/_admin/users/{user_id}", put(put_user))
+        .route("/_admin/workflows/{id}", put(put_workflow).delete(delete_workflow))
         .route("/_admin/conversations/{id}", put(put_conversation).delete(delete_conversation))
         .route("/_admin/conversations/{id}/roster/{app_id}", put(add_to_roster).delete(remove_from_roster))
         .route("/_admin/faults", get(faults).post(add_fault).delete(clear_faults))
@@ -114,6 +115,18 @@ async fn put_bot(State(sim): State<Sim>, Path(app_id): Path<String>, Json(bot): 
 
 async fn delete_bot(State(sim): State<Sim>, Path(app_id): Path<String>) -> StatusCode {
     found(sim.lock().world.bots.remove(&app_id).is_some())
+}
+
+async fn put_workflow(State(sim): State<Sim>, Path(id): Path<String>, Json(workflow): Json<Workflow>) -> Response {
+    if workflow.id != id {
+        return mismatch("workflow", &id, &workflow.id);
+    }
+    sim.lock().world.workflows.insert(id, workflow);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn delete_workflow(State(sim): State<Sim>, Path(id): Path<String>) -> StatusCode {
+    found(sim.lock().world.workflows.remove(&id).is_some())
 }
 
 async fn put_user(State(sim): State<Sim>, Path(user_id): Path<String>, Json(user): Json<User>) -> Response {

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     ActivityFilter, ActivityRecord, Bot, ClockAdvance, Conversation, IssuedToken, Latency, Rule, Stats, Throttling, TokenSettings, User,
-    World,
+    Workflow, World,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,15 @@ impl SimClient {
 
     pub async fn put_bot(&self, bot: &Bot) -> Result<()> {
         self.put(&format!("/_admin/bots/{}", segment(&bot.app_id)), bot).await
+    }
+
+    pub async fn put_workflow(&self, workflow: &Workflow) -> Result<()> {
+        self.put(&format!("/_admin/workflows/{}", segment(&workflow.id)), workflow).await
+    }
+
+    /// Delete a workflow: its webhook answers 404 from then on.
+    pub async fn delete_workflow(&self, id: &str) -> Result<()> {
+        self.delete(&format!("/_admin/workflows/{}", segment(id))).await
     }
 
     pub async fn put_user(&self, user: &User) -> Result<()> {

@@ -30,6 +30,7 @@ pub(super) fn router(sim: Sim) -> Router {
         .route("/{root}/v3/conversations/{conversation}/activities", post(send))
         .route("/{root}/v3/conversations/{conversation}/activities/{activity}", post(targeted::<false>).put(targeted::<true>))
         .route("/{root}/v3/conversations/{conversation}/activities/{activity}/", put(targeted::<true>))
+        .route("/powerautomate/automations/direct/workflows/{workflow}/triggers/manual/paths/invoke", post(workflow))
         .layer(axum::middleware::map_response_with_state(sim.clone(), stamp))
         .with_state(sim)
 }
@@ -449,6 +450,86 @@ impl Sim {
             received_at: Utc::now(),
         });
         (status, axum::Json(json!({ "id": activity_id }))).into_response()
+    }
+}
+
+// ----- Workflows --------------------------------------------------------------
+
+/// A Workflows webhook's trigger: the signature in the query, a message with
+/// Adaptive Card attachments in the body; 202 once the flow's run is queued,
+/// with its run id in `x-ms-workflow-run-id`.
+async fn workflow(
+    State(sim): State<Sim>,
+    Path(id): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+    Extension(killer): Extension<ConnectionKiller>,
+    body: Bytes,
+) -> Response {
+    let after = match sim.inject(Route::Workflow, None, Some(&id), &killer).await {
+        Some(Injected::Answer(response)) => return response,
+        Some(Injected::After(action)) => Some(action),
+        None => None,
+    };
+    spoil(after, sim.trigger(&id, query.get("sig").map(String::as_str), &body)).await
+}
+
+impl Sim {
+    fn trigger(&self, id: &str, sig: Option<&str>, body: &Bytes) -> Response {
+        let Some(workflow) = self.lock().world.workflows.get(id).filter(|w| !w.disabled).cloned() else {
+            return error(StatusCode::NOT_FOUND, "WorkflowNotFound", format!("The workflow '{id}' could not be found."));
+        };
+        match sig {
+            None | Some("") => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "DirectApiAuthorizationRequired",
+                    "The request must be authenticated only by Shared Access scheme.",
+                );
+            }
+            Some(sig) if sig != workflow.sig => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "DirectApiInvalidAuthorizationSignature",
+                    "The provided authorization signature is not valid for this request.",
+                );
+            }
+            Some(_) => {}
+        }
+        if body.len() > MAX_ACTIVITY_BYTES {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                format!("The request content of {} bytes exceeds the limit of {MAX_ACTIVITY_BYTES} bytes.", body.len()),
+            );
+        }
+        let card: Value = match serde_json::from_slice(body) {
+            Ok(value) => value,
+            Err(err) => {
+                return error(StatusCode::BAD_REQUEST, "InvalidRequestContent", format!("The request content is not valid JSON: {err}"));
+            }
+        };
+        if let Some(reason) = invalid_activity(&card) {
+            return error(StatusCode::BAD_REQUEST, "InvalidRequestContent", reason);
+        }
+        let mut state = self.lock();
+        let run_id = format!("08584{:015}", state.next_seq + 1);
+        state.record(ActivityRecord {
+            seq: 0,
+            route: Route::Workflow,
+            activity_id: run_id.clone(),
+            app_id: String::new(),
+            authority: String::new(),
+            tenant_id: workflow.tenant_id,
+            conversation_id: workflow.conversation_id,
+            target_activity_id: None,
+            body: card,
+            received_at: Utc::now(),
+        });
+        let mut response = StatusCode::ACCEPTED.into_response();
+        if let Ok(value) = HeaderValue::from_str(&run_id) {
+            response.headers_mut().insert("x-ms-workflow-run-id", value);
+        }
+        response
     }
 }
 

@@ -15,6 +15,8 @@ pub enum Route {
     Reply,
     Update,
     CreateConversation,
+    /// A Workflows webhook's trigger (a rule's `conversation_id` names the workflow id).
+    Workflow,
 }
 
 /// What an injected fault does to one request.

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use admin::{ActivityFilter, ClockAdvance, IssuedToken, Throttling, TokenSettings};
 pub use faults::{Action, Latency, Route, Rule};
 pub use teams_limits::{Limits, Window};
-pub use world::{Bot, Conversation, ConversationKind, Tenant, User, World};
+pub use world::{Bot, Conversation, ConversationKind, Tenant, User, Workflow, World};
 
 /// Start-up options of the simulator (the world is separate).
 #[derive(Debug, Clone)]
@@ -197,6 +197,17 @@ impl Sim {
     }
 }
 
+/// The webhook URL of `workflow` on a simulator at `base_url`, in the form
+/// Power Automate gives it.
+pub fn workflow_url(base_url: &str, workflow: &Workflow) -> String {
+    format!(
+        "{}/powerautomate/automations/direct/workflows/{}/triggers/manual/paths/invoke?api-version=1&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig={}",
+        base_url.trim_end_matches('/'),
+        workflow.id,
+        workflow.sig
+    )
+}
+
 /// Lets a handler cut its own TCP connection (the `reset` fault).
 #[derive(Clone)]
 pub(crate) struct ConnectionKiller(Arc<Notify>);
@@ -276,6 +287,11 @@ impl Running {
     /// The service URL bots use with this simulator.
     pub fn service_url(&self) -> String {
         format!("http://{}/teams/", self.addr)
+    }
+
+    /// The webhook URL of `workflow` on this simulator, as Workflows gives it.
+    pub fn workflow_url(&self, workflow: &Workflow) -> String {
+        workflow_url(&self.base_url(), workflow)
     }
 
     pub fn client(&self) -> client::SimClient {

@@ -22,6 +22,27 @@ pub struct World {
     pub users: Vec<User>,
     #[serde(default)]
     pub conversations: Vec<Conversation>,
+    /// Teams Workflows webhooks (flows that post a card into a chat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workflows: Vec<Workflow>,
+}
+
+/// A Teams Workflows flow triggered by a webhook: `POST
+/// /powerautomate/automations/direct/workflows/{id}/triggers/manual/paths/invoke?...&sig={sig}`
+/// posts the card into `conversation_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Workflow {
+    pub id: String,
+    /// The signature the URL must carry.
+    pub sig: String,
+    pub tenant_id: String,
+    /// Where the flow posts its card (it need not be a conversation of the
+    /// world: the flow's owner chose it).
+    pub conversation_id: String,
+    /// The flow is turned off: its trigger answers 404, as a deleted one.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,6 +116,7 @@ pub(crate) struct Index {
     pub bots: HashMap<String, Bot>,
     pub users: HashMap<String, User>,
     pub conversations: HashMap<String, Conversation>,
+    pub workflows: HashMap<String, Workflow>,
 }
 
 impl Index {
@@ -104,6 +126,7 @@ impl Index {
             bots: world.bots.into_iter().map(|b| (b.app_id.clone(), b)).collect(),
             users: world.users.into_iter().map(|u| (u.id.clone(), u)).collect(),
             conversations: world.conversations.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            workflows: world.workflows.into_iter().map(|w| (w.id.clone(), w)).collect(),
         }
     }
 
@@ -119,6 +142,7 @@ impl Index {
             bots: sorted(&self.bots),
             users: sorted(&self.users),
             conversations: sorted(&self.conversations),
+            workflows: sorted(&self.workflows),
         }
     }
 
