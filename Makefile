@@ -2,7 +2,12 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help services demo test bench bench-smoke lint
+.PHONY: help services demo test bench bench-smoke lint previous
+
+# The previous landed version (N), which tests/it/upgrade.rs runs beside this
+# one (N+1) on one topology. Move it forward when a version lands
+# (docs/upgrading.md, "Rolling upgrade and rollback").
+PREVIOUS ?= 16d191b
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -14,7 +19,7 @@ demo: services ## Two organizations, one shared Teams integration: deliveries an
 	$(CARGO) build --workspace --bins --examples
 	./target/debug/examples/demo
 
-test: services ## Unit and integration tests against the real services and teams-sim
+test: services previous ## Unit and integration tests against the real services and teams-sim
 	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt pyyaml
 	$(CARGO) build --workspace --bins --examples
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
@@ -24,6 +29,20 @@ test: services ## Unit and integration tests against the real services and teams
 	@# The fleet tests alone and one at a time: worker processes against Teams' windows
 	@# must not share the two cores with other tests (run beside them, one missed its bound twice).
 	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide -- --test-threads=1
+
+# Built in this checkout's target directory, so that both versions share
+# their dependencies' builds; the next `cargo build` puts this version's
+# binary back in target/debug.
+previous: ## Build version N (PREVIOUS) of `herald` into target/previous/herald, for the upgrade test
+	@if [ "$$(cat target/previous/commit 2>/dev/null)" != "$$(git rev-parse $(PREVIOUS))" ]; then \
+	  set -e; rm -rf target/previous; mkdir -p target/previous/src; \
+	  git archive $(PREVIOUS) | tar -x -C target/previous/src; \
+	  echo "building herald $(PREVIOUS) (version N) into target/previous/herald"; \
+	  (cd target/previous/src && CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) build -q --bin herald); \
+	  cp target/debug/herald target/previous/herald; \
+	  rm -rf target/previous/src; \
+	  git rev-parse $(PREVIOUS) > target/previous/commit; \
+	fi
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
 	@bash scripts/services.sh --bench

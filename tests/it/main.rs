@@ -29,4 +29,5 @@ mod step;
 mod support;
 mod tenancy;
 mod tls;
+mod upgrade;
 mod workflows;
