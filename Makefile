@@ -19,9 +19,10 @@ demo: services ## Two organizations, one shared Teams integration: deliveries an
 	$(CARGO) build --workspace --bins --examples
 	./target/debug/examples/demo
 
-test: services previous ## Unit and integration tests against the real services and teams-sim
+test: services ## Unit and integration tests against the real services and teams-sim
 	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt pyyaml
 	$(CARGO) build --workspace --bins --examples
+	@$(MAKE) --no-print-directory previous
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
 	$(CARGO) test --test resilience --no-fail-fast
@@ -30,18 +31,19 @@ test: services previous ## Unit and integration tests against the real services 
 	@# must not share the two cores with other tests (run beside them, one missed its bound twice).
 	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide -- --test-threads=1
 
-# Built in this checkout's target directory, so that both versions share
-# their dependencies' builds; the next `cargo build` puts this version's
-# binary back in target/debug.
+# Built in this checkout's target directory with the same command as this
+# version's build, so that both share their dependencies' builds (features
+# unified alike); this version's binaries are then put back in target/debug.
 previous: ## Build version N (PREVIOUS) of `herald` into target/previous/herald, for the upgrade test
 	@if [ "$$(cat target/previous/commit 2>/dev/null)" != "$$(git rev-parse $(PREVIOUS))" ]; then \
 	  set -e; rm -rf target/previous; mkdir -p target/previous/src; \
 	  git archive $(PREVIOUS) | tar -x -C target/previous/src; \
 	  echo "building herald $(PREVIOUS) (version N) into target/previous/herald"; \
-	  (cd target/previous/src && CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) build -q --bin herald); \
+	  (cd target/previous/src && CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) build -q --workspace --bins --examples); \
 	  cp target/debug/herald target/previous/herald; \
 	  rm -rf target/previous/src; \
 	  git rev-parse $(PREVIOUS) > target/previous/commit; \
+	  $(CARGO) build -q --workspace --bins --examples; \
 	fi
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
