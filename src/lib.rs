@@ -30,6 +30,7 @@
 
 pub mod cli;
 pub mod dlq;
+pub mod gateway;
 pub mod http;
 pub mod job;
 pub mod metrics;

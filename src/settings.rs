@@ -36,6 +36,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub teams: TeamsSettings,
     pub http: HttpSettings,
+    pub gateway: GatewaySettings,
     pub dlq: DlqSettings,
     pub ledger: LedgerSettings,
     pub metrics: MetricsSettings,
@@ -113,6 +114,23 @@ pub struct SecretSettings {
     pub env_prefix: String,
     /// Empty: file references are refused.
     pub directory: String,
+}
+
+/// `herald gateway`, the messaging endpoint Teams sends its activities to
+/// (docs/gateway.md).
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewaySettings {
+    /// `host:port` it listens on (`POST /api/messages`, `/healthz`, `/metrics`).
+    pub listen: String,
+    /// The cloud (a key of `teams.clouds`) whose tokens it accepts.
+    pub cloud: String,
+    pub max_body_bytes: usize,
+    /// Leeway on a token's validity times.
+    pub clock_skew_secs: u64,
+    /// The signing keys are fetched again after this long.
+    pub key_refresh_hours: u64,
+    /// At most this often when a token names a key not fetched yet.
+    pub unknown_key_refresh_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -234,6 +252,12 @@ pub struct CloudSettings {
     /// with `.` allows every host under that domain. Empty: no webhooks.
     #[serde(default)]
     pub workflow_hosts: Vec<String>,
+    /// The OpenID metadata of the Bot Framework's tokens to bots (the
+    /// messaging endpoint's keys), and their issuer.
+    #[serde(default)]
+    pub openid_metadata: String,
+    #[serde(default)]
+    pub token_issuer: String,
 }
 
 /// The cloud of an org_integration that names none.

@@ -52,6 +52,22 @@ pub enum ConversationsCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Activities from Teams (`herald gateway`) that named no single
+    /// org_integration of their bot in their tenant, newest first.
+    Unclaimed {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register an unclaimed conversation for the org_integration that owns
+    /// it: refused unless that org_integration's bot and tenant are the
+    /// ones Teams named; the conversation's unclaimed activities are then
+    /// cleared.
+    Claim {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 /// One conversation of one org_integration.
@@ -140,6 +156,45 @@ pub async fn run(settings: &Settings, command: ConversationsCommand) -> anyhow::
             println!(
                 "quarantined {conversation} for {org}/{integration}; workers stop sending to it within {ttl} s (worker.resolution_cache_ttl_secs)"
             );
+        }
+        ConversationsCommand::Unclaimed { limit, json } => {
+            let list = store.unclaimed(limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<40} {:<38} {:<38} {:<24} MATCHED", "CONVERSATION", "BOT APP", "TENANT", "ACTIVITY");
+                for u in &list {
+                    let activity = u.event.clone().unwrap_or_else(|| u.activity_type.clone());
+                    println!("{:<40} {:<38} {:<38} {activity:<24} {}", u.conversation_id, u.app_id, u.tenant_id, u.matched);
+                }
+                println!(
+                    "{} unclaimed activit(ies); `herald conversations claim` registers one for the org_integration that owns it",
+                    list.len()
+                );
+            }
+        }
+        ConversationsCommand::Claim { target: Target { org, integration, conversation } } => {
+            let (Some(org_id), Some(integration_id)) = (OrganizationId::parse(org.clone()), IntegrationId::parse(integration.clone()))
+            else {
+                return Err(Usage("--org and --integration must not be blank".into()).into());
+            };
+            let Some(owner) = store.org_integration(&org_id, &integration_id).await? else {
+                anyhow::bail!("no org_integration for organization {org} and integration {integration}")
+            };
+            let named = store.unclaimed_of(&conversation).await?;
+            anyhow::ensure!(!named.is_empty(), "no unclaimed activity names {conversation}");
+            let fits = named.iter().any(|u| u.app_id == owner.bot.app_id && u.tenant_id == owner.tenant_id);
+            anyhow::ensure!(
+                fits,
+                "refused: Teams named {conversation} for bot {} in tenant {}, not {org}/{integration}'s bot {} in tenant {}",
+                named[0].app_id,
+                named[0].tenant_id,
+                owner.bot.app_id,
+                owner.tenant_id
+            );
+            store.put_conversation(&ConversationDoc::channel(&org, &integration, &conversation)).await?;
+            let cleared = store.clear_unclaimed(&conversation).await?;
+            println!("registered {conversation} for {org}/{integration}; {cleared} unclaimed activit(ies) cleared");
         }
         ConversationsCommand::Release { target: Target { org, integration, conversation } } => {
             let Some(found) = store.release(&org, &integration, &conversation).await? else {

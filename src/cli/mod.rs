@@ -40,6 +40,10 @@ pub enum Command {
     /// Consume jobs and deliver them (declares the topology and indexes first).
     /// Stops on SIGTERM/SIGINT after finishing in-flight jobs.
     Worker,
+    /// The Bot Framework messaging endpoint (POST /api/messages on
+    /// gateway.listen): Teams' signed activities keep the conversation
+    /// registry current (docs/gateway.md).
+    Gateway,
     /// Declare the RabbitMQ topology and the MongoDB indexes; safe to repeat.
     /// RabbitMQ fixes a queue's arguments when it is first declared: a queue
     /// declared by an earlier version or other settings (the delivery limit,
@@ -193,6 +197,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
             worker::run(settings, shutdown).await?;
+        }
+        Command::Gateway => {
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            crate::gateway::run(&settings, shutdown).await?;
         }
         Command::Setup { migrate } => return ops::setup(settings, migrate).await,
         Command::Enqueue(args) => enqueue::enqueue(&settings, *args).await?,

@@ -6,6 +6,7 @@
 //! through an intent-named operation of [`Store`].
 
 mod fleet;
+mod inbound;
 mod ledger;
 mod records;
 mod tenants;
@@ -23,6 +24,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use secrecy::ExposeSecret;
 
 pub use fleet::{Paced, PacedBy};
+pub use inbound::UnclaimedDoc;
 pub use ledger::{Claim, Lease};
 pub use records::*;
 pub use tenants::{ConversationFilter, SeedReport};

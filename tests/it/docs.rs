@@ -127,7 +127,8 @@ fn every_documented_setting_variable_metric_and_header_exists() {
     // `secrets.keys` is a map: its entries are the operator's key ids.
     let key_exists = |key: &str| figment.find_value(key).is_ok() || key.starts_with("secrets.keys.");
     let sections = ["worker.", "fleet.", "retry.", "teams.", "http.", "dlq.", "ledger.", "headers.", "secrets.", "telemetry.", "log."];
-    let metrics_source = [include_str!("../../src/metrics.rs"), include_str!("../../src/http.rs")].concat();
+    let metrics_source =
+        [include_str!("../../src/metrics.rs"), include_str!("../../src/http.rs"), include_str!("../../src/gateway/mod.rs")].concat();
     let headers_source = include_str!("../../src/rabbitmq/headers.rs");
     // Variables of the test suites and tools, not settings.
     let not_settings = [

@@ -8,6 +8,7 @@ mod failover;
 mod fleet;
 mod fleetwide;
 mod fuzz;
+mod gateway;
 mod handover;
 mod hostile;
 mod isolation;

@@ -32,6 +32,7 @@ pub(super) fn router(sim: Sim) -> Router {
         .route("/_admin/throttling", get(throttling).put(set_throttling))
         .route("/_admin/tokens", get(tokens).put(set_tokens).delete(revoke_tokens))
         .route("/_admin/clock", post(advance_clock))
+        .route("/_admin/sign", post(super::signing::sign_route))
         .with_state(sim)
 }
 

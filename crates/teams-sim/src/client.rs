@@ -67,6 +67,12 @@ impl SimClient {
         self.send(format!("POST {path}"), self.http.post(format!("{}{path}", self.base)).json(body)).await.map(drop)
     }
 
+    async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let what = format!("POST {path}");
+        let response = self.send(what.clone(), self.http.post(format!("{}{path}", self.base)).json(body)).await?;
+        response.json().await.map_err(|source| SimClientError::Http { what, source })
+    }
+
     async fn delete(&self, path: &str) -> Result<()> {
         self.send(format!("DELETE {path}"), self.http.delete(format!("{}{path}", self.base))).await.map(drop)
     }
@@ -113,6 +119,16 @@ impl SimClient {
     /// Delete a workflow: its webhook answers 404 from then on.
     pub async fn delete_workflow(&self, id: &str) -> Result<()> {
         self.delete(&format!("/_admin/workflows/{}", segment(id))).await
+    }
+
+    /// A token Teams would send with an activity for `request.app_id`.
+    pub async fn sign(&self, request: &super::SignRequest) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Signed {
+            token: String,
+        }
+        let signed: Signed = self.post_json("/_admin/sign", request).await?;
+        Ok(signed.token)
     }
 
     pub async fn put_user(&self, user: &User) -> Result<()> {

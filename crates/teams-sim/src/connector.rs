@@ -31,6 +31,8 @@ pub(super) fn router(sim: Sim) -> Router {
         .route("/{root}/v3/conversations/{conversation}/activities/{activity}", post(targeted::<false>).put(targeted::<true>))
         .route("/{root}/v3/conversations/{conversation}/activities/{activity}/", put(targeted::<true>))
         .route("/powerautomate/automations/direct/workflows/{workflow}/triggers/manual/paths/invoke", post(workflow))
+        .route("/v1/.well-known/openidconfiguration", axum::routing::get(super::signing::openid_configuration))
+        .route("/v1/.well-known/keys", axum::routing::get(super::signing::keys))
         .layer(axum::middleware::map_response_with_state(sim.clone(), stamp))
         .with_state(sim)
 }

@@ -9,6 +9,8 @@
 //! - `teams_limits`: Microsoft's published limits, enforced here as Teams does;
 //! - `faults`: injected statuses, hangs, resets and latency from a seed;
 //! - `connector`: the token endpoint and the Connector routes;
+//! - `signing`: the tokens Teams signs the activities it sends a bot with,
+//!   and the OpenID metadata that publishes their key;
 //! - `admin`: the inspection and admin API under `/_admin`;
 //! - `client`: a typed Rust client of the admin API for herald's tests.
 
@@ -16,6 +18,7 @@ mod admin;
 pub mod client;
 mod connector;
 pub mod faults;
+pub mod signing;
 pub mod world;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -33,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use admin::{ActivityFilter, ClockAdvance, IssuedToken, Throttling, TokenSettings};
 pub use faults::{Action, Latency, Route, Rule};
+pub use signing::SignRequest;
 pub use teams_limits::{Limits, Window};
 pub use world::{Bot, Conversation, ConversationKind, Tenant, User, Workflow, World};
 
@@ -89,6 +93,9 @@ pub struct Stats {
     pub tokens_issued: BTreeMap<String, u64>,
     pub throttled_total: u64,
     pub connections_reset: u64,
+    /// Requests for the signing keys (`/v1/.well-known/keys`).
+    #[serde(default)]
+    pub key_fetches: u64,
 }
 
 #[derive(Debug, Clone)]
