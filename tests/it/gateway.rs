@@ -187,3 +187,26 @@ async fn teams_own_events_correct_a_stale_record_and_the_next_alert_goes_out() {
     worker.stop().await;
     assert!(terminate(process).await.success());
 }
+
+/// The signing keys are fetched on the first request; a stream of tokens
+/// naming a key id Teams never published fetches them once more, not once
+/// per request (`gateway.unknown_key_refresh_secs`), and each is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_unknown_key_ids_does_not_hammer_the_metadata() {
+    let env = TestEnv::two_orgs().await;
+    let (process, base) = gateway(&env).await;
+    let service_url = env.sim.service_url();
+    let removal = update("membersRemoved", "app-a", "tenant-a", CONV_A, &service_url);
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"iss": "https://api.botframework.com", "aud": "app-a", "exp": now + 600, "serviceUrl": service_url});
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!("forger-key.pem")).unwrap();
+    for n in 0..5 {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(format!("made-up-{n}"));
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        assert_eq!(post(&base, &removal, Some(&token)).await, 401);
+    }
+    assert_eq!(env.sim.client().stats().await.unwrap().key_fetches, 2, "the first fetch, and one refresh for an unknown key id");
+    assert_eq!(status_of(&env, "org-a", CONV_A).await, ConversationStatus::Active);
+    assert!(terminate(process).await.success());
+}
