@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help services demo test bench bench-smoke lint previous
+.PHONY: help services cluster demo test bench bench-smoke lint previous
 
 # The previous landed version (N), which tests/it/upgrade.rs runs beside this
 # one (N+1) on one topology. Move it forward when a version lands
@@ -15,6 +15,9 @@ help: ## List the targets
 services: ## Install (if missing) and start RabbitMQ and SecantusDB, wait until both answer
 	@bash scripts/services.sh
 
+cluster: ## Also start a local three-node RabbitMQ cluster (127.0.0.1:5681-5683; scripts/cluster.sh)
+	@bash scripts/services.sh --cluster
+
 demo: services ## Two organizations, one shared Teams integration: deliveries and dead letters, end to end
 	$(CARGO) build --workspace --bins --examples
 	./target/debug/examples/demo
@@ -26,10 +29,13 @@ test: services ## Unit and integration tests against the real services and teams
 	BENCH_SCALE=smoke ./target/debug/examples/bench > /dev/null
 	$(CARGO) test --workspace --lib --bins --no-fail-fast
 	$(CARGO) test --test resilience --no-fail-fast
-	$(CARGO) test --test it --features fault-injection --no-fail-fast -- --skip fleetwide
+	$(CARGO) test --test it --features fault-injection --no-fail-fast -- --skip fleetwide --skip cluster::
 	@# The fleet tests alone and one at a time: worker processes against Teams' windows
 	@# must not share the two cores with other tests (run beside them, one missed its bound twice).
 	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide -- --test-threads=1
+	@# The node-loss test alone, on the three-node cluster (it stops nodes).
+	@bash scripts/services.sh --cluster
+	$(CARGO) test --test it --features fault-injection --no-fail-fast cluster:: -- --test-threads=1
 
 # Built in this checkout's target directory with the same command as this
 # version's build, so that both share their dependencies' builds (features

@@ -4,6 +4,9 @@
 #   SecantusDB (MongoDB wire protocol) on 127.0.0.1:27017, data under .services/
 # Installs what is missing, starts what is stopped, waits until each answers.
 # Used by `make services`, `make test`, `make demo`, `make bench` and CI.
+#   --cluster  also a three-node RabbitMQ cluster on 127.0.0.1:5681-5683
+#              (scripts/cluster.sh), for the node-loss test and the bench
+#   --bench    also the bench's tools (wrk)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -130,9 +133,17 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then
   apt_install faketime
 fi
 
-# --- optional tools ---------------------------------------------------------
-if [ "${1:-}" = "--bench" ] && ! command -v wrk >/dev/null 2>&1; then
-  say "installing wrk"
-  apt_install wrk
-fi
+# --- optional ---------------------------------------------------------------
+for option in "$@"; do
+  case "$option" in
+    --bench)
+      if ! command -v wrk >/dev/null 2>&1; then
+        say "installing wrk"
+        apt_install wrk
+      fi
+      ;;
+    --cluster) bash "$ROOT/scripts/cluster.sh" up ;;
+    *) die "unknown option $option (--bench, --cluster)" ;;
+  esac
+done
 say "ready"
