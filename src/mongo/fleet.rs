@@ -5,7 +5,8 @@
 //!
 //! Documents: `{_id: "worker/<id>", kind: "worker", expires_at}` for each
 //! worker, and `{_id: "<unit>", kind: "unit", owner, expires_at}` for the
-//! router (`router`) and each shard (`shard/<n>`). A worker's record also
+//! router (`router`) and each shard (`shard/<n>`); the router's also says
+//! through which broker node its holder consumes (`via`, `host:port`). A worker's record also
 //! carries its recent requests in its busiest conversations and tenants
 //! (`paced`, written at `paced_at`, of use until `paced_until`), for the
 //! worker that paces them next; it outlives the worker (a worker that stops
@@ -217,6 +218,35 @@ impl Store {
                 }
             }
             Ok(None)
+        })
+        .await
+    }
+
+    /// The broker node (`host:port`) through which `unit`'s last holder
+    /// said it consumes (`via`), if one said so.
+    pub async fn fleet_via(&self, unit: &str) -> Result<Option<String>, StoreError> {
+        self.bounded("fleet via", async {
+            self.read();
+            let found = self
+                .fleet()
+                .find_one(doc! { "_id": unit })
+                .projection(doc! { "via": 1 })
+                .await
+                .map_err(StoreError::new("read a fleet unit"))?;
+            Ok(found.and_then(|d| d.get_str("via").ok().map(str::to_owned)))
+        })
+        .await
+    }
+
+    /// Say that `worker`, holding `unit`, consumes through broker node `via`.
+    pub async fn fleet_set_via(&self, unit: &str, worker: &str, via: &str) -> Result<(), StoreError> {
+        self.bounded("fleet via", async {
+            self.write();
+            self.fleet()
+                .update_one(doc! { "_id": unit, "owner": worker }, doc! { "$set": { "via": via } })
+                .await
+                .map(drop)
+                .map_err(StoreError::new("note a fleet unit's broker node"))
         })
         .await
     }

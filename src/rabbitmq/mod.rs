@@ -107,6 +107,22 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     Connection::connect(url, properties).await.map_err(amqp("connect"))
 }
 
+/// `host:port` of an AMQP URL (the scheme's port if it names none).
+fn node_of(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => String::new(),
+    }
+}
+
+/// Whether a broker node (`host:port`, from [`Broker::connect_node`])
+/// accepts a TCP connection within a second: a node that crashed, stopped
+/// or paused itself (pause_minority) does not.
+pub async fn node_answers(node: &str) -> bool {
+    let connecting = tokio::net::TcpStream::connect(node);
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(1), connecting).await, Ok(Ok(_)))
+}
+
 /// Where a process starts in the list of broker URLs.
 static START: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
@@ -130,6 +146,12 @@ impl Broker {
     /// nodes, and the first that answers is used; a reconnect tries them
     /// all again, so a node's loss moves the worker to another.
     pub async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
+        self.connect_node(name).await.map(|(connection, _)| connection)
+    }
+
+    /// [`Broker::connect`], and the node connected to, as `host:port` (of
+    /// the URL that answered: a load balancer's address if the URL is one).
+    pub async fn connect_node(&self, name: &str) -> Result<(Connection, String), BrokerError> {
         let urls = crate::settings::amqp_urls(&self.url);
         let start = START.get_or_init(|| usize::from(uuid::Uuid::new_v4().as_bytes()[0]));
         let mut last = None;
@@ -144,7 +166,7 @@ impl Broker {
                 .connect()
                 .await;
             match connected {
-                Ok(connection) => return Ok(connection),
+                Ok(connection) => return Ok((connection, node_of(url))),
                 Err(err) => {
                     if urls.len() > 1 {
                         let shown = crate::settings::redact_url(&secrecy::SecretString::from(url.to_owned()));

@@ -321,7 +321,8 @@ impl Fleet {
             && let Some(claims) = self.store.fleet_claim(ROUTER, &self.id, self.lease).await?
         {
             info!(claims, "routing the work queue into the shards");
-            self.start(ROUTER.into(), move |consumers, stop| route(consumers, stop, claims));
+            let me = self.id.clone();
+            self.start(ROUTER.into(), move |consumers, stop| route(consumers, stop, claims, me));
         }
         Ok(())
     }
@@ -610,19 +611,28 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
 /// Route the work queue into the shards, in order, until `stop`: each job is
 /// published unchanged (body, properties, headers) to its shard and acked
 /// once the broker confirmed it.
-async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) -> Result<(), BrokerError> {
+async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64, me: String) -> Result<(), BrokerError> {
     let topology = &consumers.topology;
     let queue = topology.work_queue();
     let exchange = topology.shard_exchange();
     // Its own connection: routing adds eight frames to every job (deliver,
     // publish, confirm, ack), and one connection's frames all go through one
     // I/O thread, which the shards' consumers share.
-    let connection = Arc::new(consumers.broker.connect("herald router").await?);
+    let (connection, node) = consumers.broker.connect_node("herald router").await?;
+    let connection = Arc::new(connection);
     let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
     channel.basic_qos(consumers.intake_prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
-    if !alone_on(&channel, &queue, &stop).await? {
+    let store = &consumers.settler.pipeline.store;
+    let previous = store.fleet_via(ROUTER).await.unwrap_or_else(|err| {
+        warn!(error = %error_chain(&err), "could not read the broker node of the last router");
+        None
+    });
+    if !alone_on(&channel, &queue, previous.as_deref(), &stop).await? {
         let _ = connection.close(200, "stopped".into()).await;
         return Ok(());
+    }
+    if let Err(err) = store.fleet_set_via(ROUTER, &me, &node).await {
+        warn!(error = %error_chain(&err), "could not note this router's broker node; a next router waits for this one's consumer to go");
     }
     let publisher = Publisher::open(connection.clone()).await?;
     let mut consumer = channel
@@ -727,7 +737,14 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) 
 /// behind later jobs. (RabbitMQ's single-active-consumer flag would do this,
 /// but it cannot be added to an existing queue, and `fleet.shards = 0`
 /// needs every worker on the work queue.)
-async fn alone_on(channel: &lapin::Channel, queue: &str, stop: &CancellationToken) -> Result<bool, BrokerError> {
+///
+/// One consumer is not waited for: the last router's, when the broker node
+/// it consumed through (`previous`) is lost. A quorum queue still counts a
+/// consumer of a node that crashed until that node is back (it may only be
+/// cut off), but has returned its jobs, in order, at once: that consumer
+/// can take nothing more, and waiting for it would stop every delivery
+/// until the node returns.
+async fn alone_on(channel: &lapin::Channel, queue: &str, previous: Option<&str>, stop: &CancellationToken) -> Result<bool, BrokerError> {
     const POLL: Duration = Duration::from_millis(250);
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     for polls in 0_u64.. {
@@ -736,6 +753,15 @@ async fn alone_on(channel: &lapin::Channel, queue: &str, stop: &CancellationToke
             .await
             .map_err(rabbitmq::amqp(format!("inspect {queue}")))?;
         if declared.consumer_count() == 0 {
+            break;
+        }
+        // Once a second: the last router's node may be gone.
+        if declared.consumer_count() == 1
+            && polls % 4 == 0
+            && let Some(node) = previous.filter(|n| !n.is_empty())
+            && !rabbitmq::node_answers(node).await
+        {
+            warn!(queue = %queue, node, "the work queue's consumer is the last router's, on a broker node that does not answer; its jobs are back in the queue: routing");
             break;
         }
         if polls % 40 == 0 {
