@@ -1,3 +1,4 @@
+mod cluster;
 mod compose;
 mod demo;
 mod dlq;

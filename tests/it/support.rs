@@ -161,9 +161,8 @@ impl TestEnv {
         std::fs::create_dir_all(secrets_directory(&id)).expect("a secrets directory");
         let settings = Settings::from_figment(tweak(figment)).expect("test settings are valid");
         let store = Store::connect(&settings).await.expect("MongoDB answers (run `make services`)");
-        let connection = Arc::new(
-            rabbitmq::connect(settings.amqp_url.expose_secret(), "herald it").await.expect("RabbitMQ answers (run `make services`)"),
-        );
+        let connection =
+            Arc::new(rabbitmq::Broker::new(&settings).connect("herald it").await.expect("RabbitMQ answers (run `make services`)"));
         let topology = Topology::from(&settings);
         topology.declare(&connection).await.expect("topology declares");
         store.ensure_indexes().await.expect("indexes");
@@ -172,15 +171,17 @@ impl TestEnv {
         Self { id, settings, sim, store, connection, producer, topology, signer }
     }
 
-    /// A new broker connection and producer (after the broker restarted).
+    /// A new broker connection and producer (after the broker, or the node
+    /// connected to, restarted).
     pub async fn reconnect(&mut self) {
-        self.connection = Arc::new(rabbitmq::connect(AMQP_URL, "herald it").await.expect("RabbitMQ answers again"));
+        self.connection = Arc::new(rabbitmq::Broker::new(&self.settings).connect("herald it").await.expect("RabbitMQ answers again"));
         self.producer = Producer::on(&self.connection, &self.settings.topology_prefix).await.expect("producer");
     }
 
     /// Environment variables that point a `herald` process at this environment.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         vec![
+            ("HERALD_AMQP_URL".into(), self.settings.amqp_url.expose_secret().to_owned()),
             ("HERALD_TOPOLOGY_PREFIX".into(), self.settings.topology_prefix.clone()),
             ("HERALD_MONGODB_DATABASE".into(), self.settings.mongodb_database.clone()),
             ("HERALD_TEAMS__CLOUDS__PUBLIC__TOKEN_ENDPOINT".into(), self.sim.base_url()),
@@ -442,7 +443,7 @@ impl Drop for TestEnv {
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
             runtime.block_on(async move {
-                if let Ok(connection) = rabbitmq::connect(AMQP_URL, "herald it cleanup").await
+                if let Ok(connection) = rabbitmq::Broker::new(&settings).connect("herald it cleanup").await
                     && let Ok(channel) = connection.create_channel().await
                 {
                     for queue in topology.queues() {

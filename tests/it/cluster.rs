@@ -1,0 +1,345 @@
+//! The loss of a RabbitMQ node (issue 35), on the local three-node cluster
+//! (`scripts/cluster.sh`, started by `scripts/services.sh --cluster`): three
+//! workers, each given the three nodes in `amqp_url`, drain 20,000 jobs of
+//! 20 organizations. Meanwhile the node holding the work queue's leader is
+//! stopped (a clean shutdown, as for maintenance) and comes back; then the
+//! node the router's connection is on (a worker's) crashes (SIGKILL) and
+//! comes back. One node at a time: three nodes keep a majority with one
+//! lost, not with two (with two lost, no quorum queue accepts or delivers
+//! until one returns).
+//!
+//! What must hold: every job posted exactly once or dead-lettered with a
+//! reason, none lost; a job posted twice only where its ledger record
+//! counts it `unconfirmed`; delivery resumes within 15 s of each loss: the
+//! longest time without a post after it, and the time until the fleet is
+//! whole again (every worker that lost its node reconnected, the router
+//! and every shard held, each of their queues consumed), both printed. The
+//! workers' prefetch is small (32), so that what they hold cannot hide a
+//! pause of the broker's.
+//!
+//! Run alone (`make test` does): it stops nodes of the cluster, and its
+//! workers must not share the two cores with other tests.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use figment::providers::Serialized;
+use herald::mongo::DeliveryState;
+use herald::rabbitmq::Publisher;
+use teams_sim as sim;
+
+use crate::fleet::{self, burst};
+use crate::support::*;
+
+const JOBS: usize = 20_000;
+const TENANTS: usize = 20;
+/// The longest a node's loss may stop delivery.
+const RESUME_WITHIN: Duration = Duration::from_secs(15);
+/// Posts after a loss that show delivery resumed: more than the workers
+/// hold prefetched on nodes that stayed up (those go on while the queues
+/// elect new leaders), so that the pause is behind them.
+const RESUMED_AFTER: usize = 2_500;
+/// Jobs published per second, below what the workers post: the queues stay
+/// short, so a stop of routing or of a shard shows as a pause of posts.
+const PUBLISH_RATE: usize = 350;
+/// Jobs that must still be waiting when a node is lost, or the loss came
+/// too late to test anything.
+const LEFT_AT_LOSS: usize = 4_000;
+
+async fn cluster(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+    let out = tokio::process::Command::new("bash").arg(script).args(args).output().await.expect("bash runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "cluster.sh {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// The node number (1..=3) of `herald-N@localhost`.
+fn node_number(node: &str) -> u8 {
+    node.strip_prefix("herald-").and_then(|n| n.split('@').next()).and_then(|n| n.parse().ok()).expect("a cluster node name")
+}
+
+/// Ask the management API of any node that answers.
+async fn management(path: &str) -> serde_json::Value {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    for port in 15681..=15683 {
+        let answer = http.get(format!("http://127.0.0.1:{port}/api/{path}")).basic_auth("guest", Some("guest")).send().await;
+        if let Ok(answer) = answer
+            && answer.status().is_success()
+            && let Ok(value) = answer.json().await
+        {
+            return value;
+        }
+    }
+    panic!("no node of the cluster answers GET /api/{path}");
+}
+
+/// Jobs published a second time after their confirms failed.
+type Republished = usize;
+
+/// A producer that publishes `jobs` at `PUBLISH_RATE` per second, as a
+/// producer on a cluster should: through any node that answers, each batch
+/// confirmed, and a batch whose confirms did not all come (its node was
+/// lost) published again on a new connection (herald posts a job id once).
+async fn publish_steadily(settings: herald::settings::Settings, exchange: String, jobs: Vec<(String, Vec<u8>)>) -> Republished {
+    use herald::rabbitmq::{Broker, ROUTING_KEY};
+    let broker = Broker::new(&settings);
+    let mut republished = 0;
+    let mut publisher: Option<Publisher> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for batch in jobs.chunks(PUBLISH_RATE / 10) {
+        tick.tick().await;
+        for attempt in 0.. {
+            assert!(attempt < 100, "the producer could not publish through any node for 100 attempts");
+            if publisher.is_none() {
+                publisher = match broker.connect("herald it producer").await {
+                    Ok(connection) => Publisher::open(std::sync::Arc::new(connection)).await.ok(),
+                    Err(_) => None,
+                };
+            }
+            let Some(open) = &publisher else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut confirmed = true;
+            let messages: Vec<(std::sync::Arc<str>, &[u8], lapin::BasicProperties)> = batch
+                .iter()
+                .map(|(id, body)| {
+                    let properties =
+                        lapin::BasicProperties::default().with_content_type("application/json".into()).with_message_id(id.as_str().into());
+                    (std::sync::Arc::from(ROUTING_KEY), body.as_slice(), properties)
+                })
+                .collect();
+            let sent = open.start_all(&exchange, messages).await;
+            for pending in sent {
+                match pending {
+                    Ok(pending) => confirmed &= pending.confirmed().await.is_ok(),
+                    Err(_) => confirmed = false,
+                }
+            }
+            if confirmed {
+                break;
+            }
+            republished += batch.len();
+            publisher = None;
+        }
+    }
+    republished
+}
+
+/// Posts counted by the simulator.
+async fn posted(env: &TestEnv) -> usize {
+    env.sim.client().stats().await.map(|s| s.activities_total as usize).unwrap_or(0)
+}
+
+async fn wait_for_posts(env: &TestEnv, what: &str, n: usize) {
+    eventually(what, Duration::from_secs(60), || async { (posted(env).await >= n).then_some(()) }).await;
+}
+
+/// The workers' reconnects, summed.
+async fn reconnects(workers: &[ObservedWorker]) -> f64 {
+    let mut sum = 0.0;
+    for worker in workers {
+        sum += worker.metric("herald_broker_reconnects_total").await;
+    }
+    sum
+}
+
+/// Connections named `name` on `node`, by the management API.
+async fn workers_on(node: u8, name: &str) -> usize {
+    let connections = management("connections").await;
+    connections
+        .as_array()
+        .expect("a list of connections")
+        .iter()
+        .filter(|c| c["client_properties"]["connection_name"] == name)
+        .filter(|c| c["node"].as_str().map(node_number) == Some(node))
+        .count()
+}
+
+/// Wait until the fleet is whole again after a node's loss: the workers
+/// reconnected `due` times in all, together they hold the router and every
+/// shard, and the broker counts a consumer on each of those queues (a
+/// passive declare); how long that took since `since`.
+async fn consumed_again(env: &mut TestEnv, workers: &[ObservedWorker], due: f64, since: std::time::Instant) -> Duration {
+    let queues = env.topology.pending_queues();
+    let shards = f64::from(env.topology.shards);
+    loop {
+        assert!(since.elapsed() < Duration::from_secs(120), "the fleet was not whole again within 120 s");
+        let mut router = 0.0;
+        let mut held = 0.0;
+        for worker in workers {
+            let page = worker.metrics().await;
+            router += metric(&page, "herald_fleet_units_held{unit=\"router\"}");
+            held += metric(&page, "herald_fleet_units_held{unit=\"shard\"}");
+        }
+        let mut whole = router == 1.0 && held == shards && reconnects(workers).await >= due;
+        for queue in &queues {
+            if !whole {
+                break;
+            }
+            let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+            let declared = tokio::time::timeout(Duration::from_secs(2), async {
+                let channel = env.connection.create_channel().await?;
+                let declared = channel.queue_declare(queue.as_str().into(), passive, Default::default()).await;
+                let _ = channel.close(200, "".into()).await;
+                declared
+            })
+            .await;
+            whole = matches!(declared, Ok(Ok(ref q)) if q.consumer_count() > 0);
+            // The node this test was connected to is gone, or the queue has no leader yet.
+            if matches!(declared, Ok(Err(_)) | Err(_)) && !env.connection.status().connected() {
+                env.reconnect().await;
+            }
+        }
+        if whole {
+            return since.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The longest stretch without a post from `from` to `to`.
+fn pause(posts: &[DateTime<Utc>], from: DateTime<Utc>, to: DateTime<Utc>) -> Duration {
+    let mut last = from;
+    let mut longest = chrono::Duration::zero();
+    for at in posts.iter().filter(|at| **at > from && **at <= to) {
+        longest = longest.max(*at - last);
+        last = *at;
+    }
+    longest.to_std().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
+    let urls = cluster(&["urls"]).await.trim().to_owned();
+    cluster(&["up"]).await;
+    let (world, _, _) = fleet::fleet(TENANTS, burst::PER_TENANT, "");
+    let mut env =
+        TestEnv::with(world, sim::Options { throttling: false, ..Default::default() }, |f| f.merge(Serialized::default("amqp_url", &urls)))
+            .await;
+    let (_, integrations, conversations) = fleet::fleet(TENANTS, burst::PER_TENANT, &env.sim.service_url());
+    env.seed(&integrations, &conversations).await;
+    env.sim.client().set_latency(sim::Latency::Fixed { ms: 2 }).await.unwrap();
+
+    // Every job is in the cluster before the workers start.
+    let jobs = burst::plan(JOBS, 0, TENANTS, 35);
+    let publishing = tokio::spawn(publish_steadily(
+        env.settings.clone(),
+        env.topology.jobs_exchange(),
+        jobs.iter().map(|j| (j.job_id.clone(), j.body.clone())).collect(),
+    ));
+    let settings = [("HERALD_LOG__FILTER", "warn"), ("HERALD_WORKER__PREFETCH", "32")];
+    let workers: Vec<ObservedWorker> = (0..3).map(|_| env.observed_worker(&settings)).collect();
+
+    // 1. The node holding the work queue's leader stops, and comes back.
+    wait_for_posts(&env, "the first jobs posted", 2_000).await;
+    let leader = management(&format!("queues/%2f/{}", env.topology.work_queue())).await["leader"].as_str().unwrap().to_owned();
+    let stopped = node_number(&leader);
+    let at_stop = posted(&env).await;
+    assert!(JOBS - at_stop >= LEFT_AT_LOSS, "only {} jobs were left when the leader's node stopped", JOBS - at_stop);
+    let due = reconnects(&workers).await + workers_on(stopped, "herald worker").await as f64;
+    let stopping = std::time::Instant::now();
+    cluster(&["stop", &stopped.to_string()]).await;
+    let stop = Utc::now();
+    let first_whole = consumed_again(&mut env, &workers, due, stopping).await;
+    wait_for_posts(&env, "delivery to resume after the leader's node stopped", at_stop + RESUMED_AFTER).await;
+    let resumed = Utc::now();
+    cluster(&["up"]).await;
+
+    // 2. The node the router consumes through crashes, and comes back. A
+    // quorum queue counts a consumer of a crashed node until the node is
+    // back: the next router must not wait for it.
+    let mut crashed = None;
+    for _ in 0..50 {
+        crashed = futures_util::future::join_all((1..=3).map(|n| async move { (n, workers_on(n, "herald router").await) }))
+            .await
+            .into_iter()
+            .find(|(_, on)| *on > 0)
+            .map(|(n, _)| n);
+        if crashed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let crashed = crashed.expect("the router's connection, on a node of the cluster");
+    let at_crash = posted(&env).await;
+    assert!(JOBS - at_crash >= LEFT_AT_LOSS, "only {} jobs were left when the router's node crashed", JOBS - at_crash);
+    let due = reconnects(&workers).await + workers_on(crashed, "herald worker").await.max(1) as f64;
+    let crashing = std::time::Instant::now();
+    cluster(&["kill", &crashed.to_string()]).await;
+    let crash = Utc::now();
+    let second_whole = consumed_again(&mut env, &workers, due, crashing).await;
+    wait_for_posts(&env, "delivery to resume after the router's node crashed", at_crash + RESUMED_AFTER).await;
+    let resumed_again = Utc::now();
+    cluster(&["up"]).await;
+
+    let republished = publishing.await.expect("the producer ran");
+
+    // Every job settled: posted, or dead-lettered with a reason.
+    env.reconnect().await;
+    let ids: HashSet<&str> = jobs.iter().map(|j| j.job_id.as_str()).collect();
+    let settled = [DeliveryState::Sent, DeliveryState::DeadLettered, DeliveryState::Unconfirmed];
+    let ledger = eventually("every job settled", Duration::from_secs(300), || async {
+        let ledger = env.store.list_deliveries(&Default::default(), 2 * JOBS as i64).await.ok()?;
+        let done = ledger.iter().filter(|d| settled.contains(&d.state) && ids.contains(d.job_id.as_str())).count();
+        (done == JOBS).then_some(ledger)
+    })
+    .await;
+    env.drained().await;
+    let reconnects = reconnects(&workers).await;
+    for worker in workers {
+        worker.stop().await;
+    }
+
+    let records = env.sim.client().all_activities().await.unwrap();
+    let mut posts: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        *posts.entry(title(record)).or_default() += 1;
+    }
+    let unconfirmed: HashSet<&str> = ledger.iter().filter(|d| d.state == DeliveryState::Unconfirmed).map(|d| d.job_id.as_str()).collect();
+    let dead_lettered: HashSet<&str> =
+        ledger.iter().filter(|d| d.state == DeliveryState::DeadLettered).map(|d| d.job_id.as_str()).collect();
+    let dead = if dead_lettered.is_empty() && unconfirmed.is_empty() {
+        Vec::new()
+    } else {
+        env.dead_letters(dead_lettered.len() + unconfirmed.len()).await
+    };
+    let mut lost = 0;
+    let mut twice = Vec::new();
+    for job in &jobs {
+        let id = job.job_id.as_str();
+        match posts.get(&format!("burst {id}")).copied().unwrap_or(0) {
+            1 => {}
+            0 if dead.iter().any(|d| d.message_id.as_deref() == Some(id) && d.reason.is_some()) => {}
+            0 => lost += 1,
+            _ if unconfirmed.contains(id) => {}
+            _ => twice.push(id),
+        }
+    }
+    assert_eq!(lost, 0, "{lost} jobs neither posted nor dead-lettered with a reason");
+    assert!(twice.is_empty(), "{} jobs posted twice outside an unconfirmed state: {:?}", twice.len(), &twice[..twice.len().min(5)]);
+
+    let mut times: Vec<DateTime<Utc>> = records.iter().map(|r| r.received_at).collect();
+    times.sort();
+    let first_pause = pause(&times, stop, resumed);
+    let second_pause = pause(&times, crash, resumed_again);
+    eprintln!(
+        "{JOBS} jobs, 3 workers, 3 nodes: herald-{stopped} (the work queue's leader) stopped at {at_stop} posted: \
+         longest without a post {first_pause:?}, fleet whole again after {first_whole:?}; \
+         herald-{crashed} (the router's) killed at {at_crash} posted: {second_pause:?}, {second_whole:?}; \
+         {} dead-lettered, {} unconfirmed, {reconnects} reconnects; the producer published {republished} again",
+        dead_lettered.len(),
+        unconfirmed.len()
+    );
+    for (what, took) in [
+        ("no post after the leader's node stopped", first_pause),
+        ("the fleet not whole after the leader's node stopped", first_whole),
+        ("no post after the router's node crashed", second_pause),
+        ("the fleet not whole after the router's node crashed", second_whole),
+    ] {
+        assert!(took < RESUME_WITHIN, "{what} for {took:?}");
+    }
+    assert!(reconnects >= 1.0, "a worker connected to a lost node reconnects (counted {reconnects})");
+}
