@@ -28,7 +28,8 @@ die() { printf 'cluster: ERROR: %s\n' "$*" >&2; exit 1; }
 node() { echo "herald-$1@localhost"; }
 amqp_port() { echo $((5680 + $1)); }
 ctl() { local n=$1; shift; rabbitmqctl -q -n "$(node "$n")" "$@"; }
-running() { ctl "$1" status >/dev/null 2>&1; }
+# The node's Erlang VM answers (its rabbit app may be paused: pause_minority).
+running() { ctl "$1" eval 'ok.' >/dev/null 2>&1; }
 
 configure() {
   command -v rabbitmq-server >/dev/null 2>&1 || die "rabbitmq-server is not installed (run scripts/services.sh first)"
@@ -98,7 +99,7 @@ case "${1:-}" in
   up) up ;;
   stop) ctl "${2:?node number}" stop >/dev/null 2>&1 || die "could not stop $(node "$2")" ;;
   kill)
-    pid=$(cat "$DATA/herald-${2:?node number}.pid" 2>/dev/null) || die "no pid file for $(node "$2")"
+    pid=$(ctl "${2:?node number}" eval 'list_to_integer(os:getpid()).' 2>/dev/null) || die "$(node "$2") is not running"
     kill -KILL "$pid"
     # epmd forgets the node once its VM is gone; wait so that `up` restarts it.
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 0.1; done

@@ -66,13 +66,18 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<(
     } else {
         vec![job_from_flags(&args)?]
     };
-    let connection = crate::rabbitmq::Broker::new(settings).connect("herald producer").await?;
-    let producer = Producer::on(&std::sync::Arc::new(connection), &settings.topology_prefix).await?;
+    let mut producer = Healing::connect(settings).await?;
     if let [job] = jobs.as_slice() {
         println!("{}", producer.publish(job).await.with_context(|| format!("publishing job {}", job.id))?);
         return Ok(());
     }
-    let mut pace = args.rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(r.max(1)))));
+    // Batches of a tenth of a second's jobs (at least one), or of 256 as
+    // fast as the broker confirms them.
+    let (batch, mut pace) = match args.rate.map(|r| r.max(1)) {
+        Some(rate) if rate >= 10 => (rate as usize / 10, Some(tokio::time::interval(Duration::from_millis(100)))),
+        Some(rate) => (1, Some(tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate))))),
+        None => (256, None),
+    };
     let bar = ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("enqueueing [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
@@ -80,14 +85,106 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<(
             .progress_chars("=> "),
     );
     let started = std::time::Instant::now();
-    for job in &jobs {
+    for chunk in jobs.chunks(batch) {
         if let Some(pace) = pace.as_mut() {
             pace.tick().await;
         }
-        producer.publish(job).await.with_context(|| format!("publishing job {}", job.id))?;
-        bar.inc(1);
+        producer.publish_all(chunk).await?;
+        bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     eprintln!("enqueued {} job(s) in {:.1} s, each confirmed by the broker", jobs.len(), started.elapsed().as_secs_f64());
+    if producer.again > 0 {
+        eprintln!("{} job(s) published again: the broker connection was lost, or the broker nacked, before their confirm", producer.again);
+    }
     Ok(())
+}
+
+/// How long a job is tried again through new connections before enqueue
+/// gives up: a cluster elects new queue leaders within seconds.
+const HEAL_FOR: Duration = Duration::from_secs(60);
+
+/// A producer that outlives its broker connection: a publish whose confirm
+/// did not come because the connection was lost (its node stopped, say) is
+/// published again, with the same job id, through a new connection to any
+/// node of `amqp_url`; a nack (the broker could not take the job) is
+/// published again too. Herald posts a job id once, so a copy that did
+/// reach the queue is not posted twice. An unroutable job is not retried:
+/// the topology is missing, and `herald setup` is the remedy.
+struct Healing {
+    broker: crate::rabbitmq::Broker,
+    prefix: String,
+    connection: std::sync::Arc<lapin::Connection>,
+    producer: Producer,
+    /// Publishes made again after a lost connection.
+    again: u64,
+}
+
+impl Healing {
+    async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        let broker = crate::rabbitmq::Broker::new(settings);
+        let connection = std::sync::Arc::new(broker.connect("herald producer").await?);
+        let producer = Producer::on(&connection, &settings.topology_prefix).await?;
+        Ok(Self { broker, prefix: settings.topology_prefix.clone(), connection, producer, again: 0 })
+    }
+
+    async fn publish(&mut self, job: &Job) -> anyhow::Result<crate::job::JobId> {
+        self.publish_all(std::slice::from_ref(job)).await?;
+        Ok(job.id)
+    }
+
+    /// Publish `jobs`, again until each is confirmed (for up to `HEAL_FOR`).
+    async fn publish_all(&mut self, jobs: &[Job]) -> anyhow::Result<()> {
+        let giving_up = std::time::Instant::now() + HEAL_FOR;
+        let mut pending: Vec<&Job> = jobs.iter().collect();
+        loop {
+            let owned: Vec<Job> = pending.iter().map(|job| (*job).clone()).collect();
+            let results = self.producer.publish_all(&owned).await;
+            let mut failed = Vec::new();
+            let mut last = None;
+            for (job, result) in pending.iter().zip(results) {
+                match result {
+                    Ok(_) => {}
+                    // The topology is missing: not the broker's passing state.
+                    Err(err @ crate::rabbitmq::BrokerError::Unroutable { .. }) => {
+                        return Err(anyhow::Error::new(err).context(format!("publishing job {}", job.id)));
+                    }
+                    Err(err) => {
+                        failed.push(*job);
+                        last = Some(err);
+                    }
+                }
+            }
+            let Some(err) = last else { return Ok(()) };
+            let connected = self.connection.status().connected();
+            if std::time::Instant::now() > giving_up
+                || (connected && !matches!(err, crate::rabbitmq::BrokerError::Nacked { .. } | crate::rabbitmq::BrokerError::NotSent { .. }))
+            {
+                return Err(anyhow::Error::new(err).context(format!("publishing job {}", failed[0].id)));
+            }
+            tracing::warn!(jobs = failed.len(), error = %crate::text::error_chain(&err), "the broker did not confirm these jobs; publishing them again");
+            self.again += failed.len() as u64;
+            pending = failed;
+            if connected {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let reconnected = async {
+                    let connection = std::sync::Arc::new(self.broker.connect("herald producer").await?);
+                    let producer = Producer::on(&connection, &self.prefix).await?;
+                    Ok::<_, crate::rabbitmq::BrokerError>((connection, producer))
+                };
+                match reconnected.await {
+                    Ok((connection, producer)) => {
+                        (self.connection, self.producer) = (connection, producer);
+                        break;
+                    }
+                    Err(err) if std::time::Instant::now() > giving_up => return Err(err.into()),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
 }

@@ -1,15 +1,17 @@
 //! The loss of a RabbitMQ node (issue 35), on the local three-node cluster
 //! (`scripts/cluster.sh`, started by `scripts/services.sh --cluster`): three
 //! workers, each given the three nodes in `amqp_url`, drain 20,000 jobs of
-//! 20 organizations. Meanwhile the node holding the work queue's leader is
+//! 20 organizations, which `herald enqueue --stdin` (given the three nodes
+//! too) publishes at 350 per second. Meanwhile the node holding the work queue's leader is
 //! stopped (a clean shutdown, as for maintenance) and comes back; then the
 //! node the router's connection is on (a worker's) crashes (SIGKILL) and
 //! comes back. One node at a time: three nodes keep a majority with one
 //! lost, not with two (with two lost, no quorum queue accepts or delivers
 //! until one returns).
 //!
-//! What must hold: every job posted exactly once or dead-lettered with a
-//! reason, none lost; a job posted twice only where its ledger record
+//! What must hold: the producer publishes every job (again, with its id,
+//! where the node it published through was lost before the confirm); every
+//! job posted exactly once or dead-lettered with a reason, none lost; a job posted twice only where its ledger record
 //! counts it `unconfirmed`; delivery resumes within 15 s of each loss: the
 //! longest time without a post after it, and the time until the fleet is
 //! whole again (every worker that lost its node reconnected, the router
@@ -26,7 +28,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use figment::providers::Serialized;
 use herald::mongo::DeliveryState;
-use herald::rabbitmq::Publisher;
 use teams_sim as sim;
 
 use crate::fleet::{self, burst};
@@ -40,8 +41,9 @@ const RESUME_WITHIN: Duration = Duration::from_secs(15);
 /// hold prefetched on nodes that stayed up (those go on while the queues
 /// elect new leaders), so that the pause is behind them.
 const RESUMED_AFTER: usize = 2_500;
-/// Jobs published per second, below what the workers post: the queues stay
-/// short, so a stop of routing or of a shard shows as a pause of posts.
+/// Jobs `herald enqueue` publishes per second, below what the workers post:
+/// the queues stay short, so a stop of routing or of a shard shows as a
+/// pause of posts.
 const PUBLISH_RATE: usize = 350;
 /// Jobs that must still be waiting when a node is lost, or the loss came
 /// too late to test anything.
@@ -73,59 +75,6 @@ async fn management(path: &str) -> serde_json::Value {
         }
     }
     panic!("no node of the cluster answers GET /api/{path}");
-}
-
-/// Jobs published a second time after their confirms failed.
-type Republished = usize;
-
-/// A producer that publishes `jobs` at `PUBLISH_RATE` per second, as a
-/// producer on a cluster should: through any node that answers, each batch
-/// confirmed, and a batch whose confirms did not all come (its node was
-/// lost) published again on a new connection (herald posts a job id once).
-async fn publish_steadily(settings: herald::settings::Settings, exchange: String, jobs: Vec<(String, Vec<u8>)>) -> Republished {
-    use herald::rabbitmq::{Broker, ROUTING_KEY};
-    let broker = Broker::new(&settings);
-    let mut republished = 0;
-    let mut publisher: Option<Publisher> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    for batch in jobs.chunks(PUBLISH_RATE / 10) {
-        tick.tick().await;
-        for attempt in 0.. {
-            assert!(attempt < 100, "the producer could not publish through any node for 100 attempts");
-            if publisher.is_none() {
-                publisher = match broker.connect("herald it producer").await {
-                    Ok(connection) => Publisher::open(std::sync::Arc::new(connection)).await.ok(),
-                    Err(_) => None,
-                };
-            }
-            let Some(open) = &publisher else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            let mut confirmed = true;
-            let messages: Vec<(std::sync::Arc<str>, &[u8], lapin::BasicProperties)> = batch
-                .iter()
-                .map(|(id, body)| {
-                    let properties =
-                        lapin::BasicProperties::default().with_content_type("application/json".into()).with_message_id(id.as_str().into());
-                    (std::sync::Arc::from(ROUTING_KEY), body.as_slice(), properties)
-                })
-                .collect();
-            let sent = open.start_all(&exchange, messages).await;
-            for pending in sent {
-                match pending {
-                    Ok(pending) => confirmed &= pending.confirmed().await.is_ok(),
-                    Err(_) => confirmed = false,
-                }
-            }
-            if confirmed {
-                break;
-            }
-            republished += batch.len();
-            publisher = None;
-        }
-    }
-    republished
 }
 
 /// Posts counted by the simulator.
@@ -225,11 +174,25 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
 
     // Every job is in the cluster before the workers start.
     let jobs = burst::plan(JOBS, 0, TENANTS, 35);
-    let publishing = tokio::spawn(publish_steadily(
-        env.settings.clone(),
-        env.topology.jobs_exchange(),
-        jobs.iter().map(|j| (j.job_id.clone(), j.body.clone())).collect(),
-    ));
+    // The producer: `herald enqueue`, given the three nodes too.
+    let producer_log = std::env::temp_dir().join(format!("herald-it-{}-enqueue.log", env.id));
+    let mut producer = env
+        .herald_command(&["enqueue", "--stdin", "--rate", &PUBLISH_RATE.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&producer_log).expect("a log file"))
+        .spawn()
+        .expect("herald enqueue starts");
+    let mut lines = Vec::with_capacity(JOBS * 300);
+    for job in &jobs {
+        lines.extend_from_slice(&job.body);
+        lines.push(b'\n');
+    }
+    let mut stdin = producer.stdin.take().expect("a pipe");
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(&lines).await.expect("enqueue reads its jobs");
+    });
     let settings = [("HERALD_LOG__FILTER", "warn"), ("HERALD_WORKER__PREFETCH", "32")];
     let workers: Vec<ObservedWorker> = (0..3).map(|_| env.observed_worker(&settings)).collect();
 
@@ -275,7 +238,12 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
     let resumed_again = Utc::now();
     cluster(&["up"]).await;
 
-    let republished = publishing.await.expect("the producer ran");
+    let produced = tokio::time::timeout(Duration::from_secs(120), producer.wait()).await.expect("enqueue ends").unwrap();
+    let said = std::fs::read_to_string(&producer_log).unwrap_or_default();
+    assert!(produced.success(), "herald enqueue failed: {said}");
+    let _ = std::fs::remove_file(&producer_log);
+    assert!(said.contains(&format!("enqueued {JOBS} job(s)")), "{said}");
+    let republished = said.lines().find(|l| l.contains("published again")).unwrap_or("none published again").to_owned();
 
     // Every job settled: posted, or dead-lettered with a reason.
     env.reconnect().await;
@@ -329,7 +297,7 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
         "{JOBS} jobs, 3 workers, 3 nodes: herald-{stopped} (the work queue's leader) stopped at {at_stop} posted: \
          longest without a post {first_pause:?}, fleet whole again after {first_whole:?}; \
          herald-{crashed} (the router's) killed at {at_crash} posted: {second_pause:?}, {second_whole:?}; \
-         {} dead-lettered, {} unconfirmed, {reconnects} reconnects; the producer published {republished} again",
+         {} dead-lettered, {} unconfirmed, {reconnects} reconnects; herald enqueue: {republished}",
         dead_lettered.len(),
         unconfirmed.len()
     );
