@@ -23,6 +23,7 @@ demo: services ## Two organizations, one shared Teams integration: deliveries an
 	./target/debug/examples/demo
 
 test: services ## Unit and integration tests against the real services and teams-sim
+	@bash scripts/cluster.sh up
 	python3 -m pip install -q --disable-pip-version-check -r examples/python/requirements.txt pyyaml
 	$(CARGO) build --workspace --bins --examples
 	@$(MAKE) --no-print-directory previous
@@ -34,7 +35,6 @@ test: services ## Unit and integration tests against the real services and teams
 	@# must not share the two cores with other tests (run beside them, one missed its bound twice).
 	$(CARGO) test --test it --features fault-injection --no-fail-fast fleetwide -- --test-threads=1
 	@# The node-loss test alone, on the three-node cluster (it stops nodes).
-	@bash scripts/services.sh --cluster
 	$(CARGO) test --test it --features fault-injection --no-fail-fast cluster:: -- --test-threads=1
 
 # Built in this checkout's target directory with the same command as this
@@ -53,7 +53,7 @@ previous: ## Build version N (PREVIOUS) of `herald` into target/previous/herald,
 	fi
 
 bench: ## The benchmark (release build, real services, throttling off); writes bench/results/latest.md
-	@bash scripts/services.sh --bench
+	@bash scripts/services.sh --bench --cluster
 	$(CARGO) build --release --workspace --bins --examples
 	./target/release/examples/bench
 

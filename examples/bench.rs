@@ -4,9 +4,10 @@
 //! `BENCH_SCALE=smoke` runs every phase at a small size (part of `make test`,
 //! so the benchmark cannot rot); the default is the full run of issue 8.
 //! `BENCH_PHASES=drain,naive` runs only the phases named (drain, naive,
-//! floor, latency, mix, throttled, replay, soak, oversized, burst; naive and floor need
+//! floor, latency, mix, throttled, replay, soak, oversized, burst, cluster; naive and floor need
 //! drain) and prints their rows without touching the report: for profiling
-//! one phase.
+//! one phase. The `cluster` phase needs the local three-node cluster
+//! (`scripts/services.sh --cluster`, which `make bench` runs).
 
 mod fleet;
 #[path = "support/mod.rs"]
@@ -55,6 +56,9 @@ struct Scale {
     /// the size of each in MiB (phase 6b).
     oversized: usize,
     oversized_mib: usize,
+    /// Jobs of the node-loss phase, and the rate `herald enqueue` publishes them at.
+    cluster_jobs: usize,
+    cluster_rate: u32,
 }
 
 const FULL: Scale = Scale {
@@ -73,6 +77,8 @@ const FULL: Scale = Scale {
     burst_hot: 1_000,
     oversized: 200,
     oversized_mib: 100,
+    cluster_jobs: 20_000,
+    cluster_rate: 800,
 };
 const SMOKE: Scale = Scale {
     name: "smoke",
@@ -90,6 +96,8 @@ const SMOKE: Scale = Scale {
     burst_hot: 150,
     oversized: 10,
     oversized_mib: 4,
+    cluster_jobs: 1_000,
+    cluster_rate: 200,
 };
 
 fn free_port() -> u16 {
@@ -364,6 +372,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if only.wants("burst") {
         burst(&env, &scale, &mut rows).await?;
+    }
+    if only.wants("cluster") {
+        cluster(&env, &scale, &mut rng, &mut guard, &mut rows).await?;
     }
     env.tear_down().await;
     let _ = std::fs::remove_file(&world_path);
@@ -1070,6 +1081,142 @@ async fn burst(env: &Env, scale: &Scale, rows: &mut Rows) -> anyhow::Result<()> 
         ));
         env.sim.set_throttling(&sim::Throttling { enabled: false, limits: None }).await?;
     }
+    Ok(())
+}
+
+/// Phase 9: the loss of a RabbitMQ node (issue 35), on the local three-node
+/// cluster (`scripts/cluster.sh`). Three workers, given the three nodes,
+/// deliver jobs that `herald enqueue` publishes steadily; once a quarter are
+/// posted, the node holding the work queue's leader is killed (SIGKILL) and
+/// then started again. The pause: the longest time without a post after the
+/// kill, until as many jobs again were posted.
+async fn cluster(env: &Env, scale: &Scale, rng: &mut fastrand::Rng, guard: &mut Guard, rows: &mut Rows) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
+    let cluster = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new("bash").arg(&script).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "cluster.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    cluster(&["up"])?;
+    let urls = cluster(&["urls"])?;
+    let prefix = format!("{}-cluster", env.prefix);
+    let settings = Settings::from_figment(
+        Settings::defaults()
+            .merge(Serialized::default("amqp_url", &urls))
+            .merge(Serialized::default("topology_prefix", &prefix))
+            .merge(Serialized::default("mongodb_database", &env.database)),
+    )?;
+    let connection = rabbitmq::Broker::new(&settings).connect("herald bench").await?;
+    let topology = Topology::from(&settings);
+    topology.declare(&connection).await?;
+    let _ = connection.close(200, "".into()).await;
+    let on_cluster = [("HERALD_AMQP_URL", urls.as_str()), ("HERALD_TOPOLOGY_PREFIX", prefix.as_str())];
+
+    let jobs = random_jobs(rng, scale, scale.cluster_jobs);
+    let ids: std::collections::HashSet<String> = jobs.iter().map(|(id, _)| format!("alert {id}")).collect();
+    let n = jobs.len() as u64;
+    let before = env.sim.stats().await?.activities_total;
+    let posted = || async { Ok::<_, anyhow::Error>(env.sim.stats().await?.activities_total - before) };
+    let producer_log = std::env::temp_dir().join(format!("{prefix}-enqueue.log"));
+    let mut producer = Command::new(binary("herald")?)
+        .args(["enqueue", "--stdin", "--rate", &scale.cluster_rate.to_string()])
+        .envs(env.worker_env(0))
+        .envs(on_cluster)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&producer_log)?)
+        .spawn()?;
+    let mut stdin = producer.stdin.take().context("enqueue's stdin")?;
+    let feeding = std::thread::spawn(move || {
+        use std::io::Write as _;
+        for (_, body) in &jobs {
+            stdin.write_all(body)?;
+            stdin.write_all(b"\n")?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    // Their logs (warnings and errors) stay in the temporary directory if the phase fails.
+    let logs: Vec<std::path::PathBuf> = (0..3).map(|i| std::env::temp_dir().join(format!("{prefix}-worker-{i}.log"))).collect();
+    for log in &logs {
+        let log = std::fs::File::create(log)?;
+        let worker =
+            Command::new(binary("herald")?).arg("worker").envs(env.worker_env(free_port())).envs(on_cluster).stderr(log).spawn()?;
+        guard.0.push(worker);
+    }
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let mut leader = None;
+    for port in 15681..=15683 {
+        let url = format!("http://127.0.0.1:{port}/api/queues/%2f/{}", topology.work_queue());
+        if let Ok(answer) = http.get(url).basic_auth("guest", Some("guest")).send().await
+            && let Ok(queue) = answer.json::<serde_json::Value>().await
+            && let Some(node) = queue["leader"].as_str()
+        {
+            leader = node.strip_prefix("herald-").and_then(|n| n.split('@').next()).map(str::to_owned);
+            break;
+        }
+    }
+    let leader = leader.context("the work queue's leader, from the management API")?;
+    let pid = cluster(&["pid", &leader])?;
+    wait_for("a quarter of the jobs posted", Duration::from_secs(600), || async { Ok(posted().await? >= n / 4) }).await?;
+    let at_kill = posted().await?;
+    anyhow::ensure!(at_kill + n / 4 <= n, "{at_kill} of {n} jobs were posted before the kill: too few left to see a pause");
+    let killed = chrono::Utc::now();
+    anyhow::ensure!(Command::new("kill").args(["-KILL", &pid]).status()?.success(), "could not kill herald-{leader} (pid {pid})");
+    wait_for("delivery to go on after the kill", Duration::from_secs(120), || async { Ok(posted().await? >= at_kill + n / 4) }).await?;
+    let resumed = chrono::Utc::now();
+    cluster(&["up"])?;
+    wait_for("every job posted", Duration::from_secs(600), || async { Ok(posted().await? >= n) }).await?;
+    feeding.join().map_err(|_| anyhow::anyhow!("the feeding thread panicked"))??;
+    let produced = producer.wait()?;
+    let said = std::fs::read_to_string(&producer_log).unwrap_or_default();
+    anyhow::ensure!(produced.success(), "herald enqueue failed: {said}");
+    let _ = std::fs::remove_file(&producer_log);
+    let again = said.lines().find(|l| l.contains("published again")).map(str::to_owned);
+    for _ in 0..3 {
+        stop_last(guard);
+    }
+    for log in &logs {
+        let _ = std::fs::remove_file(log);
+    }
+
+    let records = env.sim.all_activities().await?;
+    let mut posts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut after: Vec<chrono::DateTime<chrono::Utc>> = Vec::new();
+    for record in &records {
+        let title = record.body["attachments"][0]["content"]["body"][0]["text"].as_str().unwrap_or_default();
+        if ids.contains(title) {
+            *posts.entry(title).or_default() += 1;
+            if record.received_at > killed && record.received_at <= resumed {
+                after.push(record.received_at);
+            }
+        }
+    }
+    after.sort();
+    let mut last = killed;
+    let mut pause = chrono::Duration::zero();
+    for at in after {
+        pause = pause.max(at - last);
+        last = at;
+    }
+    let pause = pause.to_std().unwrap_or_default().as_secs_f64();
+    let once = posts.len() == ids.len() && posts.values().all(|c| *c == 1);
+    if let Ok(channel) = rabbitmq::Broker::new(&settings).connect("herald bench").await?.create_channel().await {
+        for queue in topology.queues() {
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+    }
+    rows.push((
+        format!(
+            "the loss of a RabbitMQ node: 3-node cluster, 3 workers, {n} jobs published by `herald enqueue` at {}/s; the work queue leader's node (herald-{leader}) killed at {at_kill} posted, started again",
+            scale.cluster_rate
+        ),
+        format!(
+            "longest without a post after the kill {pause:.2} s; every job posted once: {}{}",
+            if once { "yes" } else { "**no**" },
+            again.map(|a| format!("; enqueue: {a}")).unwrap_or_default()
+        ),
+        verdict(pause < 15.0 && once, "delivery resumes within 15 s, nothing lost or doubled (issue 35)"),
+    ));
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 #   cluster.sh up        start the nodes that are stopped, join them, wait (idempotent)
 #   cluster.sh stop N    stop node N cleanly (rabbitmqctl stop)
 #   cluster.sh kill N    kill node N's Erlang VM with SIGKILL (a crash)
+#   cluster.sh pid N     print the process id of node N's Erlang VM
 #   cluster.sh urls      print the three AMQP URLs, comma-separated (herald's amqp_url)
 #
 # `scripts/services.sh --cluster` runs `up` after the other services.
@@ -105,6 +106,7 @@ case "${1:-}" in
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 0.1; done
     die "$(node "$2") (pid $pid) still runs"
     ;;
+  pid) ctl "${2:?node number}" eval 'list_to_integer(os:getpid()).' 2>/dev/null || die "$(node "$2") is not running" ;;
   urls) urls ;;
-  *) die "usage: cluster.sh up | stop N | kill N | urls" ;;
+  *) die "usage: cluster.sh up | stop N | kill N | pid N | urls" ;;
 esac

@@ -200,12 +200,12 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
     wait_for_posts(&env, "the first jobs posted", 2_000).await;
     let leader = management(&format!("queues/%2f/{}", env.topology.work_queue())).await["leader"].as_str().unwrap().to_owned();
     let stopped = node_number(&leader);
+    let due = reconnects(&workers).await + workers_on(stopped, "herald worker").await as f64;
     let at_stop = posted(&env).await;
     assert!(JOBS - at_stop >= LEFT_AT_LOSS, "only {} jobs were left when the leader's node stopped", JOBS - at_stop);
-    let due = reconnects(&workers).await + workers_on(stopped, "herald worker").await as f64;
     let stopping = std::time::Instant::now();
-    cluster(&["stop", &stopped.to_string()]).await;
     let stop = Utc::now();
+    cluster(&["stop", &stopped.to_string()]).await;
     let first_whole = consumed_again(&mut env, &workers, due, stopping).await;
     wait_for_posts(&env, "delivery to resume after the leader's node stopped", at_stop + RESUMED_AFTER).await;
     let resumed = Utc::now();
@@ -227,12 +227,14 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let crashed = crashed.expect("the router's connection, on a node of the cluster");
+    let due = reconnects(&workers).await + workers_on(crashed, "herald worker").await.max(1) as f64;
+    let pid = cluster(&["pid", &crashed.to_string()]).await.trim().to_owned();
     let at_crash = posted(&env).await;
     assert!(JOBS - at_crash >= LEFT_AT_LOSS, "only {} jobs were left when the router's node crashed", JOBS - at_crash);
-    let due = reconnects(&workers).await + workers_on(crashed, "herald worker").await.max(1) as f64;
     let crashing = std::time::Instant::now();
-    cluster(&["kill", &crashed.to_string()]).await;
     let crash = Utc::now();
+    let killed = tokio::process::Command::new("kill").args(["-KILL", &pid]).status().await.expect("kill runs");
+    assert!(killed.success(), "could not kill herald-{crashed} (pid {pid})");
     let second_whole = consumed_again(&mut env, &workers, due, crashing).await;
     wait_for_posts(&env, "delivery to resume after the router's node crashed", at_crash + RESUMED_AFTER).await;
     let resumed_again = Utc::now();
