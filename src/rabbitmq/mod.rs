@@ -352,3 +352,25 @@ impl Pending {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_the_host_and_port_of_its_url() {
+        assert_eq!(node_of("amqp://guest:guest@127.0.0.1:5682/%2f"), "127.0.0.1:5682");
+        assert_eq!(node_of("amqps://herald:pw@rmq-0.rmq.svc/%2f"), "rmq-0.rmq.svc:5671");
+        assert_eq!(node_of("amqp://rmq-1"), "rmq-1:5672");
+        assert_eq!(node_of("http://not-amqp"), "");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_refuses_connections_does_not_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap().to_string();
+        assert!(node_answers(&open).await);
+        drop(listener);
+        assert!(!node_answers(&open).await, "nothing listens on {open} any more");
+    }
+}
