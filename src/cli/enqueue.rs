@@ -68,7 +68,7 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<(
     };
     let mut producer = Healing::connect(settings).await?;
     if let [job] = jobs.as_slice() {
-        println!("{}", producer.publish(job).await.with_context(|| format!("publishing job {}", job.id))?);
+        println!("{}", producer.publish(job).await?);
         return Ok(());
     }
     // Batches of a tenth of a second's jobs (at least one), or of 256 as
@@ -105,12 +105,12 @@ pub async fn enqueue(settings: &Settings, args: EnqueueArgs) -> anyhow::Result<(
 const HEAL_FOR: Duration = Duration::from_secs(60);
 
 /// A producer that outlives its broker connection: a publish whose confirm
-/// did not come because the connection was lost (its node stopped, say) is
-/// published again, with the same job id, through a new connection to any
-/// node of `amqp_url`; a nack (the broker could not take the job) is
-/// published again too. Herald posts a job id once, so a copy that did
-/// reach the queue is not posted twice. An unroutable job is not retried:
-/// the topology is missing, and `herald setup` is the remedy.
+/// did not come (the connection was lost with its node, or the broker
+/// nacked) is published again, with the same job id, through a new
+/// connection to any node of `amqp_url`. Herald posts a job id once, so a copy that did
+/// reach the queue is not posted twice. A job the broker refused for good
+/// (unroutable, no such exchange, no permission) is not retried: `herald
+/// setup` or the broker's permissions are the remedy.
 struct Healing {
     broker: crate::rabbitmq::Broker,
     prefix: String,
@@ -141,34 +141,31 @@ impl Healing {
             let owned: Vec<Job> = pending.iter().map(|job| (*job).clone()).collect();
             let results = self.producer.publish_all(&owned).await;
             let mut failed = Vec::new();
-            let mut last = None;
+            let mut first = None;
             for (job, result) in pending.iter().zip(results) {
                 match result {
                     Ok(_) => {}
-                    // The topology is missing: not the broker's passing state.
-                    Err(err @ crate::rabbitmq::BrokerError::Unroutable { .. }) => {
+                    // The topology is missing, or the user may not publish:
+                    // not the broker's passing state.
+                    Err(err) if crate::rabbitmq::refused_for_good(&err) => {
                         return Err(anyhow::Error::new(err).context(format!("publishing job {}", job.id)));
                     }
                     Err(err) => {
                         failed.push(*job);
-                        last = Some(err);
+                        first.get_or_insert(err);
                     }
                 }
             }
-            let Some(err) = last else { return Ok(()) };
-            let connected = self.connection.status().connected();
-            if std::time::Instant::now() > giving_up
-                || (connected && !matches!(err, crate::rabbitmq::BrokerError::Nacked { .. } | crate::rabbitmq::BrokerError::NotSent { .. }))
-            {
+            let Some(err) = first else { return Ok(()) };
+            if std::time::Instant::now() > giving_up {
                 return Err(anyhow::Error::new(err).context(format!("publishing job {}", failed[0].id)));
             }
             tracing::warn!(jobs = failed.len(), error = %crate::text::error_chain(&err), "the broker did not confirm these jobs; publishing them again");
             self.again += failed.len() as u64;
             pending = failed;
-            if connected {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
+            // On a new connection, whatever failed: the old one may look
+            // open after its node went away.
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.connection.close(200, "publishing again".into())).await;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let reconnected = async {

@@ -78,6 +78,19 @@ pub(crate) fn not_found(err: &lapin::Error) -> bool {
     soft_error(err, lapin::protocol::AMQPSoftError::NOTFOUND)
 }
 
+/// A publish the broker answered for good: the message reached no queue,
+/// or the exchange does not exist or may not be written (404, 403).
+/// Publishing it again changes nothing until the topology or the
+/// permissions are fixed.
+pub(crate) fn refused_for_good(err: &BrokerError) -> bool {
+    use lapin::protocol::AMQPSoftError::{ACCESSREFUSED, NOTFOUND};
+    match err {
+        BrokerError::Unroutable { .. } => true,
+        BrokerError::Amqp { source, .. } => soft_error(source, NOTFOUND) || soft_error(source, ACCESSREFUSED),
+        _ => false,
+    }
+}
+
 fn soft_error(err: &lapin::Error, which: lapin::protocol::AMQPSoftError) -> bool {
     matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if *e.kind() == lapin::protocol::AMQPErrorKind::Soft(which))
 }
