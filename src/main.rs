@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         match run(cli).await {
             Ok(code) => code,
             Err(err) => {
-                eprintln!("herald: error: {err:#}");
+                eprintln!("herald: error: {}", herald::text::causes(err.as_ref()));
                 exit_code(&err)
             }
         }

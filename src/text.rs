@@ -28,6 +28,13 @@ pub fn field(text: &str) -> String {
 /// An error with its causes, each once, bounded to [`MAX_FIELD_BYTES`]: for
 /// `x-herald-error` and log lines.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    field(&causes(err))
+}
+
+/// An error with its causes joined by `: `, each once: a cause whose text
+/// its error already quotes is not repeated. Unbounded, for the CLI's last
+/// word.
+pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -38,7 +45,7 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         }
         source = cause.source();
     }
-    field(&text)
+    text
 }
 
 #[cfg(test)]
@@ -55,5 +62,15 @@ mod tests {
         assert!(cut.starts_with("éé"));
         assert_eq!(field(&"x".repeat(150_000)).len(), MAX_FIELD_BYTES);
         assert_eq!(clip("abcdef", 0), "… [6 bytes]");
+    }
+
+    #[test]
+    fn a_cause_already_quoted_is_written_once() {
+        let io = std::io::Error::other("no exchange 'p.jobs'");
+        let quoting = anyhow::Error::new(io).context("confirm failed: no exchange 'p.jobs'").context("publishing job 7");
+        assert_eq!(causes(quoting.as_ref()), "publishing job 7: confirm failed: no exchange 'p.jobs'");
+        let plain = anyhow::Error::new(std::io::Error::other("refused")).context("connecting");
+        assert_eq!(causes(plain.as_ref()), "connecting: refused");
+        assert_eq!(error_chain(anyhow::anyhow!("{}", "x".repeat(5000)).as_ref()).len(), MAX_FIELD_BYTES);
     }
 }
