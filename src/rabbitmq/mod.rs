@@ -73,7 +73,7 @@ pub(crate) fn precondition_failed(err: &lapin::Error) -> bool {
     soft_error(err, lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
 }
 
-/// The broker has no such queue (404 NOT_FOUND).
+/// The broker has no such queue or exchange (404 NOT_FOUND).
 pub(crate) fn not_found(err: &lapin::Error) -> bool {
     soft_error(err, lapin::protocol::AMQPSoftError::NOTFOUND)
 }
@@ -83,10 +83,9 @@ pub(crate) fn not_found(err: &lapin::Error) -> bool {
 /// Publishing it again changes nothing until the topology or the
 /// permissions are fixed.
 pub(crate) fn refused_for_good(err: &BrokerError) -> bool {
-    use lapin::protocol::AMQPSoftError::{ACCESSREFUSED, NOTFOUND};
     match err {
         BrokerError::Unroutable { .. } => true,
-        BrokerError::Amqp { source, .. } => soft_error(source, NOTFOUND) || soft_error(source, ACCESSREFUSED),
+        BrokerError::Amqp { source, .. } => not_found(source) || soft_error(source, lapin::protocol::AMQPSoftError::ACCESSREFUSED),
         _ => false,
     }
 }

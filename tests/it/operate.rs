@@ -179,6 +179,28 @@ async fn doctor_finds_a_dropped_index_and_setup_restores_it() {
     client.shutdown().await;
 }
 
+/// `herald enqueue` before `herald setup`: the broker has no exchange to
+/// take the job, which no reconnection fixes, so enqueue fails at once
+/// (rather than publishing again for a minute), naming the job and the
+/// broker's reason once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_without_the_topology_fails_at_once_naming_the_job() {
+    let env = TestEnv::two_orgs().await;
+    let prefix = format!("{}-not-set-up", env.settings.topology_prefix);
+    let mut command =
+        env.herald_command(&["enqueue", "--org", "org-a", "--integration", INTEGRATION, "--conversation", "c-1", "--title", "t"]);
+    command.env("HERALD_TOPOLOGY_PREFIX", &prefix);
+    // Publishing again would go on for 60 s (HEAL_FOR).
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), command.output())
+        .await
+        .expect("enqueue still publishing again after 30 s: a missing exchange must fail at once")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = stderr(&out).lines().find(|l| l.starts_with("herald: error:")).map(str::to_owned).unwrap_or_default();
+    assert!(line.contains("publishing job ") && line.contains(&format!("no exchange '{prefix}.jobs'")), "{}", stderr(&out));
+    assert_eq!(line.matches("no exchange").count(), 1, "the broker's reason once: {line}");
+}
+
 /// Week-one metrics: queue depths and the age of the work queue's head,
 /// polled; outcomes per organization only for the organizations named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
