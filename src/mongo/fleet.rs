@@ -222,28 +222,36 @@ impl Store {
         .await
     }
 
-    /// The broker node (`host:port`) through which `unit`'s last holder
-    /// said it consumes (`via`), if one said so.
-    pub async fn fleet_via(&self, unit: &str) -> Result<Option<String>, StoreError> {
-        self.bounded("fleet via", async {
+    /// The broker nodes (`host:port`) through which holders of `unit`
+    /// consumed and did not say they stopped (`vias`): a holder's consumer
+    /// may still be counted there, by a node that lost it.
+    pub async fn fleet_vias(&self, unit: &str) -> Result<Vec<String>, StoreError> {
+        self.bounded("fleet vias", async {
             self.read();
             let found = self
                 .fleet()
                 .find_one(doc! { "_id": unit })
-                .projection(doc! { "via": 1 })
+                .projection(doc! { "vias": 1 })
                 .await
                 .map_err(StoreError::new("read a fleet unit"))?;
-            Ok(found.and_then(|d| d.get_str("via").ok().map(str::to_owned)))
+            let vias = found.as_ref().and_then(|d| d.get_array("vias").ok());
+            Ok(vias.into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect())
         })
         .await
     }
 
-    /// Say that `worker`, holding `unit`, consumes through broker node `via`.
-    pub async fn fleet_set_via(&self, unit: &str, worker: &str, via: &str) -> Result<(), StoreError> {
-        self.bounded("fleet via", async {
+    /// Note that a holder of `unit` consumes through broker node `via`
+    /// (`consuming`), or that its consumer there is gone (not `consuming`).
+    pub async fn fleet_note_via(&self, unit: &str, via: &str, consuming: bool) -> Result<(), StoreError> {
+        self.bounded("fleet vias", async {
             self.write();
+            let update = if consuming {
+                doc! { "$addToSet": { "vias": via } }
+            } else {
+                doc! { "$pull": { "vias": via } }
+            };
             self.fleet()
-                .update_one(doc! { "_id": unit, "owner": worker }, doc! { "$set": { "via": via } })
+                .update_one(doc! { "_id": unit }, update)
                 .await
                 .map(drop)
                 .map_err(StoreError::new("note a fleet unit's broker node"))

@@ -321,8 +321,7 @@ impl Fleet {
             && let Some(claims) = self.store.fleet_claim(ROUTER, &self.id, self.lease).await?
         {
             info!(claims, "routing the work queue into the shards");
-            let me = self.id.clone();
-            self.start(ROUTER.into(), move |consumers, stop| route(consumers, stop, claims, me));
+            self.start(ROUTER.into(), move |consumers, stop| route(consumers, stop, claims));
         }
         Ok(())
     }
@@ -611,7 +610,7 @@ fn start(consumers: &Arc<Consumers>, channel: &Arc<Channel>, jobs: &mut JoinSet<
 /// Route the work queue into the shards, in order, until `stop`: each job is
 /// published unchanged (body, properties, headers) to its shard and acked
 /// once the broker confirmed it.
-async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64, me: String) -> Result<(), BrokerError> {
+async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64) -> Result<(), BrokerError> {
     let topology = &consumers.topology;
     let queue = topology.work_queue();
     let exchange = topology.shard_exchange();
@@ -623,16 +622,16 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64, 
     let channel = connection.create_channel().await.map_err(rabbitmq::amqp("open routing channel"))?;
     channel.basic_qos(consumers.intake_prefetch, BasicQosOptions::default()).await.map_err(rabbitmq::amqp("set prefetch"))?;
     let store = &consumers.settler.pipeline.store;
-    let previous = store.fleet_via(ROUTER).await.unwrap_or_else(|err| {
-        warn!(error = %error_chain(&err), "could not read the broker node of the last router");
-        None
+    let previous = store.fleet_vias(ROUTER).await.unwrap_or_else(|err| {
+        warn!(error = %error_chain(&err), "could not read the broker nodes of the last routers");
+        Vec::new()
     });
-    if !alone_on(&channel, &queue, previous.as_deref(), &stop).await? {
+    if !alone_on(&channel, &queue, &previous, &stop).await? {
         let _ = connection.close(200, "stopped".into()).await;
         return Ok(());
     }
-    if let Err(err) = store.fleet_set_via(ROUTER, &me, &node).await {
-        warn!(error = %error_chain(&err), "could not note this router's broker node; a next router waits for this one's consumer to go");
+    if let Err(err) = store.fleet_note_via(ROUTER, &node, true).await {
+        warn!(error = %error_chain(&err), "could not note this router's broker node; if that node is lost, a next router waits for it to return");
     }
     let publisher = Publisher::open(connection.clone()).await?;
     let mut consumer = channel
@@ -726,7 +725,13 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64, 
     }
     let _ = channel.close(200, "stopped".into()).await;
     publisher.close().await;
-    let _ = connection.close(200, "stopped".into()).await;
+    // The broker answered the close: this router's consumer is gone from
+    // its node, and a next router need not allow for it.
+    if connection.close(200, "stopped".into()).await.is_ok()
+        && let Err(err) = store.fleet_note_via(ROUTER, &node, false).await
+    {
+        warn!(error = %error_chain(&err), "could not note that this router stopped consuming");
+    }
     result
 }
 
@@ -738,13 +743,15 @@ async fn route(consumers: Arc<Consumers>, stop: CancellationToken, claims: i64, 
 /// but it cannot be added to an existing queue, and `fleet.shards = 0`
 /// needs every worker on the work queue.)
 ///
-/// One consumer is not waited for: the last router's, when the broker node
-/// it consumed through (`previous`) is lost. A quorum queue still counts a
-/// consumer of a node that crashed until that node is back (it may only be
-/// cut off), but has returned its jobs, in order, at once: that consumer
-/// can take nothing more, and waiting for it would stop every delivery
-/// until the node returns.
-async fn alone_on(channel: &lapin::Channel, queue: &str, previous: Option<&str>, stop: &CancellationToken) -> Result<bool, BrokerError> {
+/// Consumers of earlier routers on lost broker nodes are not waited for. A
+/// quorum queue still counts a consumer of a node that crashed until that
+/// node is back (it may only be cut off), but has returned its jobs, in
+/// order, at once: that consumer can take nothing more, and waiting for it
+/// would stop every delivery until the node returns. `previous` are the
+/// nodes earlier routers consumed through and did not close cleanly (one
+/// such consumer each at most): as many consumers as of those nodes do not
+/// answer are allowed for.
+async fn alone_on(channel: &lapin::Channel, queue: &str, previous: &[String], stop: &CancellationToken) -> Result<bool, BrokerError> {
     const POLL: Duration = Duration::from_millis(250);
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     for polls in 0_u64.. {
@@ -752,20 +759,21 @@ async fn alone_on(channel: &lapin::Channel, queue: &str, previous: Option<&str>,
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await
             .map_err(rabbitmq::amqp(format!("inspect {queue}")))?;
-        if declared.consumer_count() == 0 {
+        let consumers = declared.consumer_count();
+        if consumers == 0 {
             break;
         }
-        // Once a second: the last router's node may be gone.
-        if declared.consumer_count() == 1
-            && polls % 4 == 0
-            && let Some(node) = previous.filter(|n| !n.is_empty())
-            && !rabbitmq::node_answers(node).await
-        {
-            warn!(queue = %queue, node, "the work queue's consumer is the last router's, on a broker node that does not answer; its jobs are back in the queue: routing");
-            break;
+        // Once a second: an earlier router's node may be gone.
+        if polls % 4 == 0 && !previous.is_empty() {
+            let answers = futures_util::future::join_all(previous.iter().map(|node| rabbitmq::node_answers(node))).await;
+            let lost: Vec<&str> = previous.iter().zip(answers).filter(|(_, answers)| !answers).map(|(node, _)| node.as_str()).collect();
+            if consumers as usize <= lost.len() {
+                warn!(queue = %queue, consumers, lost = ?lost, "the work queue's consumers are earlier routers', on broker nodes that do not answer; their jobs are back in the queue: routing");
+                break;
+            }
         }
         if polls % 40 == 0 {
-            warn!(queue = %queue, consumers = declared.consumer_count(), "the work queue still has a consumer (a router that outlived its lease, or a worker with fleet.shards = 0); routing starts when it is gone");
+            warn!(queue = %queue, consumers, "the work queue still has a consumer (a router that outlived its lease, or a worker with fleet.shards = 0); routing starts when it is gone");
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
