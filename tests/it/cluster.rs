@@ -2,9 +2,12 @@
 //! (`scripts/cluster.sh`, started by `scripts/services.sh --cluster`): three
 //! workers, each given the three nodes in `amqp_url`, drain 20,000 jobs of
 //! 20 organizations, which `herald enqueue --stdin` (given the three nodes
-//! too) publishes at 350 per second. Meanwhile the node holding the work queue's leader is
-//! stopped (a clean shutdown, as for maintenance) and comes back; then the
-//! node the router's connection is on (a worker's) crashes (SIGKILL) and
+//! too) publishes at 350 per second. Meanwhile the node holding the work
+//! queue's leader is stopped (a clean shutdown, as for maintenance) and
+//! comes back; then the node the router's connection is on (a worker's)
+//! crashes (SIGKILL), and while it is down the worker now routing stops (a
+//! rolling restart), so that the next router must allow for the lost
+//! node's consumer though the last router was elsewhere; then the node
 //! comes back. One node at a time: three nodes keep a majority with one
 //! lost, not with two (with two lost, no quorum queue accepts or delivers
 //! until one returns).
@@ -194,7 +197,7 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
         stdin.write_all(&lines).await.expect("enqueue reads its jobs");
     });
     let settings = [("HERALD_LOG__FILTER", "warn"), ("HERALD_WORKER__PREFETCH", "32")];
-    let workers: Vec<ObservedWorker> = (0..3).map(|_| env.observed_worker(&settings)).collect();
+    let mut workers: Vec<ObservedWorker> = (0..3).map(|_| env.observed_worker(&settings)).collect();
 
     // 1. The node holding the work queue's leader stops, and comes back.
     wait_for_posts(&env, "the first jobs posted", 2_000).await;
@@ -238,6 +241,28 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
     let second_whole = consumed_again(&mut env, &workers, due, crashing).await;
     wait_for_posts(&env, "delivery to resume after the router's node crashed", at_crash + RESUMED_AFTER).await;
     let resumed_again = Utc::now();
+
+    // 3. While that node is still down (its router's consumer still
+    // counted), the worker now routing stops, as in a rolling restart: the
+    // next router must allow for the lost node's consumer, not only for the
+    // last router's.
+    let mut routing = None;
+    for (n, worker) in workers.iter().enumerate() {
+        if worker.metric("herald_fleet_units_held{unit=\"router\"}").await == 1.0 {
+            routing = Some(n);
+        }
+    }
+    let routing = workers.swap_remove(routing.expect("a worker routing"));
+    let stopped_reconnects = routing.metric("herald_broker_reconnects_total").await;
+    let at_restart = posted(&env).await;
+    assert!(JOBS - at_restart >= LEFT_AT_LOSS / 2, "only {} jobs were left when the routing worker stopped", JOBS - at_restart);
+    routing.stop().await;
+    wait_for_posts(
+        &env,
+        "delivery to resume after the routing worker stopped, its node's lost consumer still counted",
+        at_restart + RESUMED_AFTER / 2,
+    )
+    .await;
     cluster(&["up"]).await;
 
     let produced = tokio::time::timeout(Duration::from_secs(120), producer.wait()).await.expect("enqueue ends").unwrap();
@@ -258,7 +283,7 @@ async fn losing_a_node_of_three_loses_no_job_and_delivery_resumes() {
     })
     .await;
     env.drained().await;
-    let reconnects = reconnects(&workers).await;
+    let reconnects = reconnects(&workers).await + stopped_reconnects;
     for worker in workers {
         worker.stop().await;
     }
